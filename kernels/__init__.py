@@ -1,0 +1,1 @@
+"""Triton kernels of protonorm (imported as ``protonorm.kernels``); each module holds one op and its launcher."""

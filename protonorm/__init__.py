@@ -1,0 +1,41 @@
+"""protonorm: fast drop-in running mean/std normalizers for RL, compatible with ProtoMotions' API.
+
+    from protonorm import RunningMeanStd, RewardRunningMeanStd, combine_moments
+"""
+import sys as _sys
+
+from . import backends
+from .normalizer import (
+    RewardRunningMeanStd,
+    RunningMeanStd,
+    combine_moments,
+    materialize_lazy_running_stats_from_state_dict,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "RunningMeanStd",
+    "RewardRunningMeanStd",
+    "combine_moments",
+    "materialize_lazy_running_stats_from_state_dict",
+    "sync",
+    "backends",
+]
+
+
+def sync(module, fabric=None):
+    """Merge the statistics that every deferred-sync normalizer in ``module`` recorded since the last sync, across
+    all ranks, with one collective. Every rank must call it at the same point. See docs/DISTRIBUTED.md."""
+    from .distributed import sync as _sync
+
+    return _sync(module, fabric)
+
+
+def _announce_missing_extension():
+    _, reason = backends.load("cpp")
+    if reason is not None:
+        _sys.stderr.write(f"protonorm: C++ CPU extension unavailable ({reason}); CPU tensors use the torch path.\n")
+
+
+_announce_missing_extension()

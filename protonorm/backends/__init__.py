@@ -1,0 +1,72 @@
+"""Backend registry and the ``auto`` rule.
+
+``auto`` follows the device of each call's tensor: ``triton`` for CUDA tensors when Triton imports, ``cpp``
+for CPU tensors when the compiled extension ``protonorm._C`` loaded, ``torch`` otherwise. An explicit name
+must be able to run on the tensor's device, or the call raises. ``PROTONORM_BACKEND`` replaces ``auto``.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .base import Backend
+
+NAMES = ("torch", "cpp", "triton")
+CHOICES = ("auto",) + NAMES
+ENV_VAR = "PROTONORM_BACKEND"
+
+_loaded: Dict[str, Tuple[Optional[Backend], Optional[str]]] = {}
+
+
+def load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
+    """``(backend, None)`` if ``name`` imports, else ``(None, one-line reason)``; cached."""
+    if name not in _loaded:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}_backend")
+            _loaded[name] = (module.BACKEND, getattr(module, "UNAVAILABLE_REASON", None))
+        except Exception as exc:  # an optional dependency missing or broken
+            _loaded[name] = (None, f"{type(exc).__name__}: {exc}")
+        if _loaded[name][1] is not None:
+            _loaded[name] = (None, _loaded[name][1])
+    return _loaded[name]
+
+
+def check_choice(choice: Optional[str]) -> str:
+    """Validate a ``backend=`` argument (None means the environment's choice or ``auto``)."""
+    if choice is None or choice == "auto":
+        choice = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+        where = f"environment variable {ENV_VAR}"
+    else:
+        where = "backend="
+    if choice not in CHOICES:
+        raise ValueError(f"{where} must be one of {CHOICES}, got {choice!r}")
+    return choice
+
+
+def available(device: torch.device) -> Dict[str, Optional[str]]:
+    """Every backend name mapped to None (usable on ``device``) or the reason it is not."""
+    result = {}
+    for name in NAMES:
+        backend, reason = load(name)
+        result[name] = reason if backend is None else backend.supports(device)
+    return result
+
+
+def resolve(choice: str, device: torch.device) -> Backend:
+    """The backend that runs a call on ``device`` for a validated ``choice``."""
+    if choice == "auto":
+        preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
+        backend, _ = load(preferred)
+        if backend is not None and backend.supports(device) is None:
+            return backend
+        return load("torch")[0]
+    backend, reason = load(choice)
+    if backend is None:
+        raise RuntimeError(f"backend {choice!r} is not available: {reason}")
+    reason = backend.supports(device)
+    if reason is not None:
+        raise ValueError(f"backend {choice!r} cannot run on a {device.type} tensor: {reason}")
+    return backend

@@ -1,0 +1,96 @@
+"""The interface every compute backend implements, and small helpers they share.
+
+A backend works on 2-D views: ``x`` is ``[B, D]`` with ``x.stride(1) == 1`` (any row stride), the running
+statistics are flat float64 ``[D]`` tensors plus int64 0-d ``count`` / ``dropped`` counters, all on the
+device of ``x``. Moments travel as float64 *parts* (see :mod:`protonorm.reference`). No method may read a
+tensor value on the host.
+
+``workspace`` is a dict owned by the caller (one per normalizer and purpose); a backend may keep
+buffers in it across calls, so steady-state calls allocate nothing but their outputs. Parts returned
+from a workspace stay valid until the next call that is handed the same dict.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class Backend:
+    """Base class: subclasses override every method below."""
+
+    name: str = "?"
+
+    def supports(self, device: torch.device) -> Optional[str]:
+        """None if this backend can run on ``device``, otherwise a one-line reason why not."""
+        raise NotImplementedError
+
+    def moments(self, x: Tensor, mask: Optional[Tensor], workspace: dict) -> Tensor:
+        """Parts ``[K, 2 + 2D]`` of the rows of ``x`` (``mask``: optional bool ``[B]``, False = ignore)."""
+        raise NotImplementedError
+
+    def merge(
+        self,
+        parts: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        count: Tensor,
+        dropped: Tensor,
+        ema_decay: Optional[float],
+    ) -> None:
+        """Reduce ``parts`` in a fixed order and fold them into the running statistics, in place."""
+        raise NotImplementedError
+
+    def combine(self, parts: Tensor) -> Tensor:
+        """Reduce ``[K, W]`` parts to one ``[1, W]`` part (a fresh tensor)."""
+        raise NotImplementedError
+
+    def normalize(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        epsilon: float,
+        clamp_value: Optional[float],
+        un_norm: bool,
+        center: bool,
+        out: Tensor,
+    ) -> None:
+        """Write ``reference.normalize(x, ...)`` into ``out`` (``[B, D]``, contiguous, dtype as reference)."""
+        raise NotImplementedError
+
+    def normalize_moments(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        epsilon: float,
+        clamp_value: Optional[float],
+        out: Tensor,
+        workspace: dict,
+    ) -> Tensor:
+        """``normalize(x, un_norm=False, center=True)`` into ``out`` *and* the parts of ``x``, in one read."""
+        raise NotImplementedError
+
+    def reward_moments(
+        self, reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float, workspace: dict
+    ) -> Tensor:
+        """Update ``discounted`` ([B, D]) in place with ``reference.discounted_return_update`` and return the
+        parts of its new value. ``reward`` is ``[B, D]``; ``terminated`` is ``[B]`` of any dtype (bool, int or
+        float; nonzero = reset)."""
+        raise NotImplementedError
+
+
+def workspace_buffer(workspace: dict, key, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A buffer cached in ``workspace`` under ``key``; reallocated only when shape, dtype or device change."""
+    buf = workspace.get(key)
+    if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != device:
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        workspace[key] = buf
+    return buf
+
+
+def normalized_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Result dtype of ``normalize``: what upstream's ``x - mean.float()`` gives."""
+    return torch.promote_types(dtype, torch.float32)

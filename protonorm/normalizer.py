@@ -1,0 +1,504 @@
+"""The normalizer modules: drop-ins for ProtoMotions' ``RunningMeanStd`` and ``RewardRunningMeanStd``.
+
+They keep upstream's constructor arguments, buffers (``mean``/``var`` float64, ``count`` int64), state_dict keys,
+lazy shape and methods, and add keyword-only extras after upstream's arguments. All arithmetic happens in a backend
+(see :mod:`protonorm.backends`), chosen per call from the tensor's device; this file validates input, owns the
+buffers and routes calls. Nothing here reads a tensor value on the host, except ``nonfinite="raise"``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+import weakref
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from . import backends, reference
+from .backends.base import Backend, normalized_dtype
+
+NONFINITE_POLICIES = ("drop", "raise")
+SYNC_MODES = ("per_call", "deferred")
+_STAT_KEYS = ("mean", "var", "count")
+
+
+def _resolve_default_device(device):
+    """Upstream defaults to ``cuda:0``; on a machine without CUDA fall back to the CPU instead of failing."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        warnings.warn(f"protonorm: device {device!r} requested but CUDA is not available; using the CPU", stacklevel=3)
+        return "cpu"
+    return device
+
+
+def _is_exporting() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+class RunningMeanStd(nn.Module):
+    """Running mean and variance of a stream of ``[B, *shape]`` batches, with normalize / un-normalize.
+
+    Args (upstream's, same order and defaults):
+        fabric: None, a Lightning ``Fabric``, a ``torch.distributed`` process group, or an object with
+            ``world_size``, ``global_rank`` and ``all_gather``; with ``world_size > 1`` every rank's batch enters
+            the statistics.
+        shape: feature shape; None infers it from the first input (``x.shape[1:]``).
+        epsilon: added to the variance inside the square root.
+        device: where the buffers are created (``cuda:0`` falls back to the CPU when CUDA is absent).
+        clamp_value: if set, normalized values are clamped to ``[-clamp_value, clamp_value]``.
+        ema_decay: None for all-time (Welford) statistics; a float in (0, 1) for exponential moving averages of
+            the batch mean and the within-batch variance (``count`` is then left untouched).
+
+    Keyword-only extras:
+        backend: ``"auto"`` (default; or the ``PROTONORM_BACKEND`` environment variable), ``"torch"``,
+            ``"cpp"`` or ``"triton"``.
+        nonfinite: ``"drop"`` (default) leaves rows holding NaN/inf out of the statistics and counts them in the
+            ``nonfinite_rows`` buffer; ``"raise"`` raises ``ValueError`` instead (this reads a value on the host,
+            so it synchronizes the device on every record).
+        sync: ``"per_call"`` (default) merges all ranks on every record; ``"deferred"`` records locally and
+            merges at :func:`protonorm.sync`.
+    """
+
+    def __init__(
+        self,
+        fabric=None,
+        shape: Optional[Tuple[int, ...]] = None,
+        epsilon: float = 1e-5,
+        device="cuda:0",
+        clamp_value: Optional[float] = None,
+        ema_decay: Optional[float] = None,
+        *,
+        backend: str = "auto",
+        nonfinite: str = "drop",
+        sync: str = "per_call",
+    ):
+        super().__init__()
+        _check_arguments(epsilon, clamp_value, ema_decay, nonfinite, sync)
+        self.fabric = fabric
+        self.epsilon = epsilon
+        self.clamp_value = clamp_value
+        self.ema_decay = ema_decay
+        self.shape = shape
+        self.device = device
+        self.backend = backends.check_choice(backend)
+        self.nonfinite = nonfinite
+        self.sync = sync
+        self._initialized = False
+        self._lazy_device = None
+        self._reset_transient_state()
+        if shape is not None:
+            shape = _as_shape(shape)
+            self._create_buffers(shape, _resolve_default_device(device))
+            self._initialized = True
+
+    # ----------------------------------------------------------------------------------------- state
+    def _create_buffers(self, shape, device) -> None:
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64, device=device))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64, device=device))
+        self.register_buffer("count", torch.ones((), dtype=torch.long, device=device))
+        # Rows left out for holding NaN/inf. Not persistent: upstream's state_dict keys stay exactly mean/var/count.
+        self.register_buffer("nonfinite_rows", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.shape = shape
+        self._reset_transient_state()
+
+    def _reset_transient_state(self) -> None:
+        # Per-call caches: buffers reused across calls, the moments stashed by a training-mode normalize, and the
+        # distributed module's per-normalizer state. None of it is part of the statistics.
+        self._workspace_record: dict = {}
+        self._workspace_stash: dict = {}
+        self._stash = None
+        self._sync_state = None
+
+    def _lazy_init(self, x: Tensor) -> None:
+        if not self._initialized:
+            if x.dim() == 0:
+                raise ValueError("expected a batch of shape [B, *features], got a 0-d tensor")
+            self._create_buffers(tuple(x.shape[1:]), x.device)
+            self._initialized = True
+
+    def _flat_stats(self):
+        """``(mean [D], var [D], count, nonfinite_rows)``: the views backends work on."""
+        return self.mean.view(-1), self.var.view(-1), self.count, self.nonfinite_rows
+
+    @property
+    def num_features(self) -> int:
+        return math.prod(self.mean.shape)
+
+    def __getstate__(self):
+        # Caches hold weak references (unpicklable) and scratch buffers; a pickled module starts without them.
+        state = self.__dict__.copy()
+        for key in ("_workspace_record", "_workspace_stash", "_stash", "_sync_state"):
+            state[key] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._reset_transient_state()
+
+    def _apply(self, fn, recurse=True):
+        # model.half()/.double()/.to(dtype) on a parent must not round the float64 statistics or the int64
+        # count: every buffer keeps its dtype and follows only the device change.
+        def keep_dtype(t):
+            out = fn(t)
+            return out if out.dtype == t.dtype else t.to(device=out.device)
+
+        if not self._initialized:
+            # A lazy module has no buffers yet; remember where the model was moved, so a checkpoint loaded
+            # later materializes its statistics there.
+            self._lazy_device = fn(torch.empty(0, device=self._lazy_device or "cpu")).device
+        return super()._apply(keep_dtype, recurse)
+
+    def to(self, *args, **kwargs):
+        """Move the buffers (their dtypes never change) and remember the device, like upstream's ``to(device)``."""
+        device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
+        if device is not None:
+            super().to(device=device, non_blocking=non_blocking)
+            self.device = device
+            if isinstance(getattr(self, "discounted_reward", None), Tensor):
+                self.discounted_reward = self.discounted_reward.to(device)
+            self._reset_transient_state()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        entry = state_dict.get(prefix + "mean")
+        if isinstance(entry, Tensor):
+            # Validate every key before creating or copying anything: a failed load leaves the module as it was.
+            shape = tuple(self.mean.shape) if self._initialized else tuple(entry.shape)
+            problems = _state_dict_problems(state_dict, prefix, shape)
+            if problems:
+                error_msgs.extend(problems)
+                return
+            if not self._initialized:
+                self._create_buffers(shape, self._lazy_device or entry.device)
+                self._initialized = True
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if entry is not None:
+            self.shape = tuple(self.mean.shape)
+        self._reset_transient_state()
+
+    # ----------------------------------------------------------------------------------------- routing
+    def _backend_for(self, x: Tensor) -> Backend:
+        return backends.resolve(self.backend, x.device)
+
+    def _rows(self, arr: Tensor, what: str) -> Tensor:
+        """``arr`` as ``[B, D]`` rows for recording; raises if its feature shape is not this module's."""
+        shape = tuple(self.mean.shape)
+        if arr.dim() == 0:
+            raise ValueError(f"{what}: expected a batch of shape [B, *{shape}], got a 0-d tensor")
+        features = tuple(arr.shape[1:])
+        d = self.num_features
+        if features != shape and not (d == 1 and arr.dim() == 1):
+            raise ValueError(
+                f"{what}: expected a batch of shape [B, *{shape}], got {tuple(arr.shape)} "
+                f"(feature shape {features} differs from {shape})"
+            )
+        if arr.device != self.mean.device:
+            raise ValueError(
+                f"{what}: the input is on {arr.device} but the statistics are on {self.mean.device}; "
+                f"move the module with .to({arr.device!s})"
+            )
+        return _as_rows(arr, d)
+
+    def _elementwise_rows(self, arr: Tensor, what: str) -> Tensor:
+        """``arr`` as ``[N, D]`` for normalize, which broadcasts like upstream: trailing dims must be the shape."""
+        shape = tuple(self.mean.shape)
+        d = self.num_features
+        if d != 1 and tuple(arr.shape[arr.dim() - len(shape):]) != shape:
+            raise ValueError(
+                f"{what}: expected a tensor whose trailing dimensions are {shape}, got {tuple(arr.shape)}"
+            )
+        if arr.device != self.mean.device:
+            raise ValueError(
+                f"{what}: the input is on {arr.device} but the statistics are on {self.mean.device}; "
+                f"move the module with .to({arr.device!s})"
+            )
+        return _as_rows(arr, d)
+
+    def _fold(self, parts: Tensor, backend: Backend) -> None:
+        """Merge recorded moments into the statistics (all ranks' when distributed)."""
+        check = self._raise_if_nonfinite if self.nonfinite == "raise" else None
+        if self.fabric is not None and not _is_compiling():
+            from . import distributed
+
+            if distributed.world_size(self.fabric) > 1:
+                distributed.fold_parts(self, parts, backend, check)
+                return
+        if check is not None:
+            check(parts)
+        mean, var, count, dropped = self._flat_stats()
+        backend.merge(parts, mean, var, count, dropped, self.ema_decay)
+
+    @staticmethod
+    def _raise_if_nonfinite(parts: Tensor) -> None:
+        dropped = int(parts[:, reference.DROPPED_COL].sum().item())  # the documented sync of nonfinite="raise"
+        if dropped:
+            raise ValueError(
+                f"record: expected finite values, got {dropped} row(s) holding NaN or inf "
+                "(statistics left unchanged; pass nonfinite='drop' to skip such rows instead)"
+            )
+
+    # ----------------------------------------------------------------------------------------- public API
+    @torch.no_grad()
+    def update_from_moments(self, batch_mean: Tensor, batch_var: Tensor, batch_count) -> None:
+        """Fold externally computed moments (population variance) of ``batch_count`` rows into the statistics."""
+        mean = self.mean
+        batch_mean = torch.as_tensor(batch_mean, dtype=torch.float64, device=mean.device)
+        batch_var = torch.as_tensor(batch_var, dtype=torch.float64, device=mean.device)
+        n = torch.as_tensor(batch_count, device=mean.device).to(torch.float64)
+        for name, value in (("batch_mean", batch_mean), ("batch_var", batch_var)):
+            if value.shape != mean.shape and value.numel() != 1:
+                raise ValueError(f"update_from_moments: expected {name} of shape {tuple(mean.shape)}, got {tuple(value.shape)}")
+        d = self.num_features
+        batch_mean = batch_mean.expand(mean.shape).reshape(d)
+        batch_m2 = batch_var.expand(mean.shape).reshape(d) * n
+        parts = reference.pack_parts(n, torch.zeros((), device=mean.device), batch_mean, batch_m2)
+        flat_mean, flat_var, count, dropped = self._flat_stats()
+        backends.resolve("torch", mean.device).merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
+        self._sync_state = None
+
+    def maybe_clamp(self, x: Tensor) -> Tensor:
+        return x if self.clamp_value is None else torch.clamp(x, -self.clamp_value, self.clamp_value)
+
+    def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:
+        """``clamp((arr - mean) / sqrt(var + epsilon))``; ``un_norm=True`` clamps ``arr`` then maps it back.
+
+        In training mode the batch's moments are computed in the same pass, so that a following
+        ``record_moments`` of the same, unmodified tensor costs only the merge.
+        """
+        self._lazy_init(arr)
+        return self._normalize(arr, un_norm, center=True)
+
+    def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
+        if _is_exporting():
+            # Traced / exported graphs (ProtoMotions exports its actor to ONNX) get the plain reference math.
+            return reference.normalize(arr, self.mean, self.var, self.epsilon, self.clamp_value, un_norm, center)
+        if not arr.is_floating_point():
+            arr = arr.float()
+        x = self._elementwise_rows(arr, "normalize")
+        out = torch.empty(arr.shape, dtype=normalized_dtype(arr.dtype), device=arr.device)
+        if arr.numel() == 0:
+            return out
+        backend = self._backend_for(x)
+        mean, var, _, _ = self._flat_stats()
+        out_rows = out.view(-1, x.shape[1])
+        stash = self.training and center and not un_norm and not _is_compiling() and x.shape[1] == self.num_features
+        if stash and tuple(arr.shape[1:]) == tuple(self.mean.shape):
+            parts = backend.normalize_moments(x, mean, var, self.epsilon, self.clamp_value, out_rows, self._workspace_stash)
+            self._stash = (weakref.ref(arr), arr._version, parts, backend)
+        else:
+            backend.normalize(x, mean, var, self.epsilon, self.clamp_value, un_norm, center, out_rows)
+        return out
+
+    @torch.no_grad()
+    def record_moments(self, arr: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Fold the moments of the ``[B, *shape]`` batch ``arr`` over dim 0 into the statistics.
+
+        ``mask`` (optional, ``[B]`` bool): rows where it is False are ignored and not counted.
+        """
+        self._lazy_init(arr)
+        x = self._rows(arr, "record_moments")
+        if mask is not None:
+            mask = _check_mask(mask, x)
+        if x.shape[0] == 0:
+            return
+        parts, backend = self._take_stash(arr, mask)
+        if parts is None:
+            backend = self._backend_for(x)
+            parts = backend.moments(x, mask, self._workspace_record)
+        self._fold(parts, backend)
+
+    def _take_stash(self, arr: Tensor, mask: Optional[Tensor]):
+        """The moments a training-mode ``normalize`` computed for this very tensor, if it is unchanged since."""
+        stash, self._stash = self._stash, None
+        if stash is None or mask is not None or _is_compiling():
+            return None, None
+        ref, version, parts, backend = stash
+        if ref() is arr and arr._version == version:
+            return parts, backend
+        return None, None
+
+
+class RewardRunningMeanStd(RunningMeanStd):
+    """Scale-only normalizer of discounted returns (upstream's reward normalizer; note its argument order).
+
+    ``record_reward(reward, terminated)`` updates ``discounted_reward = discounted_reward * gamma + reward``
+    (restarted at ``reward`` where ``terminated``) and records its moments across environments; ``normalize``
+    divides by ``sqrt(var + epsilon)`` without shifting by the mean.
+    """
+
+    def __init__(
+        self,
+        fabric,
+        shape: Tuple[int, ...],
+        gamma: float,
+        epsilon: float = 1e-5,
+        clamp_value: Optional[float] = None,
+        device="cuda:0",
+        ema_decay: Optional[float] = None,
+        *,
+        backend: str = "auto",
+        nonfinite: str = "drop",
+        sync: str = "per_call",
+    ):
+        if not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
+            raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
+        super().__init__(
+            fabric, shape, epsilon, device, clamp_value, ema_decay, backend=backend, nonfinite=nonfinite, sync=sync
+        )
+        self.gamma = gamma
+        self.discounted_reward: Optional[Tensor] = None
+
+    @torch.no_grad()
+    def record_reward(self, reward: Tensor, terminated: Tensor) -> None:
+        """Advance the discounted returns by one environment step and record them."""
+        self._lazy_init(reward)
+        rows = self._rows(reward, "record_reward")
+        if not isinstance(terminated, Tensor):
+            terminated = torch.as_tensor(terminated, device=reward.device)
+        elif terminated.device != reward.device:
+            raise ValueError(f"record_reward: expected terminated on {reward.device} like reward, got {terminated.device}")
+        if terminated.numel() != rows.shape[0] or (terminated.dim() > 0 and terminated.shape[0] != rows.shape[0]):
+            raise ValueError(
+                f"record_reward: expected terminated with one entry per environment ({rows.shape[0]}), "
+                f"got shape {tuple(terminated.shape)}"
+            )
+        if rows.shape[0] == 0:
+            return
+        previous = self.discounted_reward
+        if previous is not None and previous.shape != reward.shape:
+            raise ValueError(
+                f"record_reward: expected reward of shape {tuple(previous.shape)} like the previous steps, "
+                f"got {tuple(reward.shape)}"
+            )
+        backend = self._backend_for(rows)
+        if previous is None:
+            dtype = normalized_dtype(reward.dtype)
+            self.discounted_reward = reward.to(dtype=dtype, copy=True).contiguous()
+            parts = backend.moments(_as_rows(self.discounted_reward, rows.shape[1]), None, self._workspace_record)
+        else:
+            discounted = _as_rows(previous, rows.shape[1])
+            parts = backend.reward_moments(rows, terminated.reshape(-1), discounted, float(self.gamma), self._workspace_record)
+        self._fold(parts, backend)
+
+    def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:
+        """``clamp(arr / sqrt(var + epsilon))``; ``un_norm=True`` clamps ``arr`` then multiplies back."""
+        self._lazy_init(arr)
+        return self._normalize(arr, un_norm, center=False)
+
+
+def materialize_lazy_running_stats_from_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Give every lazy normalizer in ``model`` whose ``<name>.mean`` is in ``state_dict`` its buffers, shaped like
+    that entry, before ``model.load_state_dict``; leave the others alone (upstream's helper).
+
+    protonorm's modules also materialize themselves inside ``load_state_dict``; this stays for callers that
+    follow upstream's sequence.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, RunningMeanStd) and not module._initialized:
+            key = f"{name}.mean" if name else "mean"
+            if key in state_dict:
+                entry = state_dict[key]
+                module._create_buffers(tuple(entry.shape), entry.device)
+                module._initialized = True
+
+
+def combine_moments(means, vars, counts):
+    """Merge lists of per-group moments pairwise (tree order): ``(mean, var, count)`` with an exact int64 count.
+
+    ``counts`` may be Python ints, tensors, or one tensor. The merge runs in float64 and the result keeps the
+    dtype upstream would give (``promote_types(mean dtype, float32)``); no value is read on the host.
+    """
+    if len(means) == 0 or len(means) != len(vars) or len(means) != len(counts):
+        raise ValueError(
+            f"combine_moments: expected non-empty lists of equal length, got {len(means)} means, "
+            f"{len(vars)} vars, {len(counts)} counts"
+        )
+    first = torch.as_tensor(means[0])
+    device = first.device
+    out_dtype = torch.promote_types(first.dtype, torch.float32)
+    mean = torch.stack([torch.as_tensor(m, device=device).to(torch.float64) for m in means])
+    var = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in vars])
+    if isinstance(counts, Tensor):
+        count_i64 = counts.to(device=device).reshape(-1).to(torch.int64)
+    else:
+        count_i64 = torch.stack([torch.as_tensor(c, device=device).reshape(()).to(torch.int64) for c in counts])
+    feature_shape = mean.shape[1:]
+    k = mean.shape[0]
+    mean2, var2 = mean.reshape(k, -1), var.reshape(k, -1)
+    n = count_i64.to(torch.float64)
+    parts = torch.cat([n[:, None], torch.zeros_like(n)[:, None], mean2, var2 * n[:, None]], dim=1)
+    _, _, combined_mean, combined_m2 = reference.split_parts(reference.combine_parts(parts))
+    total = count_i64.sum()
+    safe_total = torch.where(total > 0, total, torch.ones_like(total)).to(torch.float64)
+    combined_var = (combined_m2[0] / safe_total).clamp(min=0.0)
+    return (
+        combined_mean[0].reshape(feature_shape).to(out_dtype),
+        combined_var.reshape(feature_shape).to(out_dtype),
+        total,
+    )
+
+
+# --------------------------------------------------------------------------------------------- helpers
+def _as_shape(shape) -> Tuple[int, ...]:
+    if isinstance(shape, int):
+        shape = (shape,)
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape: expected a tuple of ints, got {shape!r}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape: expected non-negative sizes, got {shape}")
+    return shape
+
+
+def _as_rows(arr: Tensor, d: int) -> Tensor:
+    rows = arr.reshape(-1, d) if arr.dim() != 2 or arr.shape[1] != d else arr
+    return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
+
+
+def _state_dict_problems(state_dict, prefix: str, shape) -> list:
+    expected = {"mean": shape, "var": shape, "count": ()}
+    problems = []
+    for key, want in expected.items():
+        entry = state_dict.get(prefix + key)
+        if entry is None:
+            continue
+        if not isinstance(entry, Tensor):
+            problems.append(f"{prefix}{key}: expected a tensor, got {type(entry).__name__}")
+        elif tuple(entry.shape) != tuple(want):
+            problems.append(
+                f"size mismatch for {prefix}{key}: expected shape {tuple(want)}, got {tuple(entry.shape)} in the checkpoint"
+            )
+        elif entry.is_complex() or entry.dtype == torch.bool or (key != "count" and not entry.is_floating_point()):
+            problems.append(f"{prefix}{key}: expected a real {'number' if key == 'count' else 'floating-point'} tensor, got {entry.dtype}")
+    return problems
+
+
+def _check_mask(mask: Tensor, x: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask: expected a bool tensor of shape [{x.shape[0]}], got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask: expected dtype torch.bool, got {mask.dtype}")
+    if tuple(mask.shape) != (x.shape[0],):
+        raise ValueError(f"mask: expected shape [{x.shape[0]}] (one entry per row), got {tuple(mask.shape)}")
+    if mask.device != x.device:
+        raise ValueError(f"mask: expected a tensor on {x.device}, got one on {mask.device}")
+    return mask
+
+
+def _check_arguments(epsilon, clamp_value, ema_decay, nonfinite, sync) -> None:
+    if not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
+    if clamp_value is not None and (not isinstance(clamp_value, (int, float)) or not clamp_value > 0):
+        raise ValueError(f"clamp_value: expected None or a number > 0, got {clamp_value!r}")
+    if ema_decay is not None and (not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0):
+        raise ValueError(f"ema_decay: expected None or a number in (0, 1), got {ema_decay!r}")
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"nonfinite: expected one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    if sync not in SYNC_MODES:
+        raise ValueError(f"sync: expected one of {SYNC_MODES}, got {sync!r}")

@@ -1,0 +1,163 @@
+"""The pure-torch reference math: batch moments, Chan merge, EMA, normalize / clamp / un_norm.
+
+Every backend must agree with these functions; they are written for clarity, not speed, and they are
+what runs under ``torch.jit.trace`` / ONNX export and where no compiled backend is available.
+
+Moments travel between stages as *parts*: a float64 tensor of shape ``[K, 2 + 2 * D]`` whose rows are
+independent partial results over disjoint sets of rows of a batch::
+
+    part[0]            n        number of rows that entered the statistics (an exact integer in float64)
+    part[1]            dropped  rows left out because they held a NaN or an inf
+    part[2 : 2+D]      mean     per-feature mean of those rows
+    part[2+D : 2+2D]   m2       per-feature sum of squared deviations from that mean
+
+A part with ``n == 0`` is the neutral element. Parts are merged with Chan et al.'s pairwise formula.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+N_COL = 0
+DROPPED_COL = 1
+HEADER = 2
+
+
+def parts_width(num_features: int) -> int:
+    return HEADER + 2 * num_features
+
+
+def split_parts(parts: Tensor):
+    """View ``parts`` as ``(n [K], dropped [K], mean [K, D], m2 [K, D])``."""
+    d = (parts.shape[-1] - HEADER) // 2
+    return parts[:, N_COL], parts[:, DROPPED_COL], parts[:, HEADER : HEADER + d], parts[:, HEADER + d :]
+
+
+def pack_parts(n: Tensor, dropped: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
+    """Pack 1-row moments (``n``/``dropped`` 0-d or [1], ``mean``/``m2`` [D]) into a ``[1, 2 + 2D]`` part."""
+    f64 = torch.float64
+    return torch.cat(
+        [n.reshape(1).to(f64), dropped.reshape(1).to(f64), mean.reshape(-1).to(f64), m2.reshape(-1).to(f64)]
+    ).unsqueeze(0)
+
+
+def batch_moments(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Moments over dim 0 of a ``[B, D]`` batch, as one part.
+
+    Rows whose ``mask`` entry is False are ignored; rows holding a non-finite value are left out and
+    counted in ``dropped``. Accumulation is in float64 whatever the input dtype, with a two-pass
+    variance so large offsets lose nothing.
+    """
+    xf = x.to(torch.float64)
+    finite = torch.isfinite(xf).all(dim=1)
+    considered = torch.ones_like(finite) if mask is None else mask.reshape(-1).to(torch.bool)
+    valid = finite & considered
+    dropped = (considered & ~finite).sum()
+    n = valid.sum().to(torch.float64)
+    xv = torch.where(valid[:, None], xf, torch.zeros((), dtype=torch.float64, device=x.device))
+    mean = xv.sum(dim=0) / n.clamp(min=1.0)
+    dev = torch.where(valid[:, None], xv - mean, torch.zeros((), dtype=torch.float64, device=x.device))
+    m2 = (dev * dev).sum(dim=0)
+    return pack_parts(n, dropped, mean, m2)
+
+
+def chan_merge(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor):
+    """Merge two sets of moments (float64). Either side may be empty (n == 0)."""
+    n = n_a + n_b
+    safe_n = torch.where(n > 0, n, torch.ones_like(n))
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / safe_n)
+    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe_n)
+    return n, mean, m2
+
+
+def combine_parts(parts: Tensor) -> Tensor:
+    """Reduce ``[K, W]`` parts to one ``[1, W]`` part, pairwise (tree order, deterministic)."""
+    n, dropped, mean, m2 = split_parts(parts)
+    ns, means, m2s = list(n.unbind(0)), list(mean.unbind(0)), list(m2.unbind(0))
+    while len(ns) > 1:
+        nxt = ([], [], [])
+        for i in range(0, len(ns) - 1, 2):
+            merged = chan_merge(ns[i], means[i], m2s[i], ns[i + 1], means[i + 1], m2s[i + 1])
+            for lst, v in zip(nxt, merged):
+                lst.append(v)
+        if len(ns) % 2:
+            nxt[0].append(ns[-1])
+            nxt[1].append(means[-1])
+            nxt[2].append(m2s[-1])
+        ns, means, m2s = nxt
+    return pack_parts(ns[0], dropped.sum(), means[0], m2s[0])
+
+
+def merge_into_running(
+    parts: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    dropped: Tensor,
+    ema_decay: Optional[float],
+) -> None:
+    """Fold ``parts`` into the running statistics, in place.
+
+    ``mean``/``var`` are float64 ``[D]``, ``count`` and ``dropped`` int64 0-d. Welford mode (``ema_decay``
+    None) merges with Chan's formula and adds the batch count exactly; EMA mode moves mean and var towards
+    the batch mean and the batch's population variance and leaves ``count`` alone. A batch with no valid
+    row leaves the statistics bit-for-bit unchanged.
+    """
+    n_b, dropped_b, mean_b, m2_b = split_parts(combine_parts(parts))
+    n_b, dropped_b, mean_b, m2_b = n_b[0], dropped_b[0], mean_b[0], m2_b[0]
+    has_rows = n_b > 0
+    if ema_decay is not None:
+        d = float(ema_decay)
+        batch_var = m2_b / n_b.clamp(min=1.0)
+        new_mean = d * mean + (1.0 - d) * mean_b
+        new_var = d * var + (1.0 - d) * batch_var
+    else:
+        n_a = count.to(torch.float64)
+        n, new_mean, m2 = chan_merge(n_a, mean, var * n_a, n_b, mean_b, m2_b)
+        new_var = (m2 / torch.where(n > 0, n, torch.ones_like(n))).clamp(min=0.0)
+        count.add_(n_b.to(torch.int64))
+    mean.copy_(torch.where(has_rows, new_mean, mean))
+    var.copy_(torch.where(has_rows, new_var, var))
+    dropped.add_(dropped_b.to(torch.int64))
+
+
+def _clamp(x: Tensor, clamp_value: Optional[float]) -> Tensor:
+    # torch.clamp keeps NaN as NaN, which is what every backend must do too.
+    return x if clamp_value is None else torch.clamp(x, -clamp_value, clamp_value)
+
+
+def normalize(
+    x: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    epsilon: float,
+    clamp_value: Optional[float],
+    un_norm: bool = False,
+    center: bool = True,
+) -> Tensor:
+    """``clamp((x - mean) / sqrt(var + eps))`` with the statistics rounded to float32 first, as upstream.
+
+    ``un_norm`` clamps ``x`` first, then maps back: ``x * sqrt(var + eps) + mean``. ``center=False`` is the
+    reward normalizer's scale-only variant (no mean shift either way). Broadcasts like upstream; the result
+    dtype is ``promote_types(x.dtype, float32)``.
+    """
+    std = torch.sqrt(var.float() + epsilon)
+    if not un_norm:
+        y = (x - mean.float()) / std if center else x / std
+        return _clamp(y, clamp_value)
+    y = _clamp(x, clamp_value) * std
+    return y + mean.float() if center else y
+
+
+def discounted_return_update(discounted: Tensor, reward: Tensor, terminated: Tensor, gamma: float) -> Tensor:
+    """``discounted * gamma + reward``, restarted at ``reward`` where ``terminated`` is nonzero.
+
+    For finite returns this equals upstream's ``discounted * gamma * (1 - terminated) + reward``; unlike it, a
+    reset also clears a non-finite return, so one bad reward cannot disable an environment forever.
+    """
+    carried = discounted * gamma
+    carried = torch.where(terminated != 0, torch.zeros_like(carried), carried)
+    return carried + reward
