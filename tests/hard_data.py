@@ -1,0 +1,59 @@
+"""Hard input streams and their numpy float64 ground truth, shared by the accuracy tests of every backend."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# name -> (feature shape, batch sizes of the stream, how to fill a batch)
+STREAMS = {
+    "offset1e4_tiny_spread": ((7,), [64, 1, 33, 64], lambda g, b, s: 1e4 + 1e-2 * g.standard_normal((b, *s))),
+    "offset1e6_unit_spread": ((5,), [64, 17, 64], lambda g, b, s: 1e6 + g.standard_normal((b, *s))),
+    "mixed_offsets": ((3,), [40, 40], lambda g, b, s: np.array([1e4, -1e5, 1e6]) + g.standard_normal((b, *s))),
+    "constant_columns": ((4,), [16, 16, 1], lambda g, b, s: np.broadcast_to(np.array([3.0, -2.5, 0.0, 7e5]), (b, *s))),
+    "single_feature": ((1,), [1, 1, 9, 100], lambda g, b, s: 50.0 + 0.1 * g.standard_normal((b, *s))),
+    "odd_features": ((33,), [1, 31, 65], lambda g, b, s: g.standard_normal((b, *s)) * 3 + 10),
+    "three_d_features": ((2, 3), [8, 5, 1], lambda g, b, s: g.standard_normal((b, *s)) + 100.0),
+}
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+# float16 tops out at 65504: streams with larger offsets are not representable in it.
+_BEYOND_FP16 = {"offset1e6_unit_spread", "mixed_offsets", "constant_columns"}
+STREAM_CASES = [
+    (name, dtype) for name in sorted(STREAMS) for dtype in DTYPES if not (dtype == torch.float16 and name in _BEYOND_FP16)
+]
+
+# Relative bounds promised for the running statistics against float64 truth on the same (already rounded) data.
+MEAN_RTOL = 1e-7
+VAR_RTOL = 1e-6
+
+
+def make_stream(name: str, dtype: torch.dtype, seed: int = 0):
+    """The batches of stream ``name`` as tensors of ``dtype`` (values rounded to that dtype once)."""
+    shape, sizes, fill = STREAMS[name]
+    g = np.random.default_rng(seed)
+    return [torch.from_numpy(np.array(fill(g, b, shape), dtype=np.float64)).to(dtype) for b in sizes], shape
+
+
+def truth(batches, with_prior: bool = True):
+    """float64 mean, population variance and count of all rows of ``batches``, optionally merged with upstream's
+    prior pseudo-sample (mean 0, var 1, count 1), computed in numpy by the direct two-pass formula."""
+    data = np.concatenate([b.to(torch.float64).numpy() for b in batches], axis=0)
+    n = data.shape[0]
+    mean = data.mean(axis=0)
+    m2 = ((data - mean) ** 2).sum(axis=0)
+    if not with_prior:
+        return mean, m2 / n, n
+    total = n + 1
+    merged_mean = mean * n / total
+    merged_m2 = 1.0 + m2 + mean**2 * n / total
+    return merged_mean, merged_m2 / total, total
+
+
+def assert_close_rel(actual: torch.Tensor, expected: np.ndarray, rtol: float, what: str, floor: float = 1e-300):
+    """|actual - expected| <= rtol * max(|expected|, floor), elementwise."""
+    a = actual.detach().to(torch.float64).cpu().numpy()
+    e = np.asarray(expected, dtype=np.float64)
+    err = np.abs(a - e)
+    bound = rtol * np.maximum(np.abs(e), floor)
+    worst = np.max(err / np.maximum(np.abs(e), floor)) if err.size else 0.0
+    assert np.all(err <= bound), f"{what}: relative error {worst:.3e} exceeds {rtol:.0e}\nactual={a}\nexpected={e}"

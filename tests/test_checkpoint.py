@@ -1,0 +1,149 @@
+"""Checkpoints load both ways with upstream's module, and the same call sequence gives upstream's results."""
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import protonorm
+from protonorm import RewardRunningMeanStd, RunningMeanStd
+
+import upstream as upstream_locator
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    return upstream_locator.load()
+
+
+def _batches(seed, n=6, d=5, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(int(torch.randint(1, 40, (1,), generator=g)), d, generator=g) * 2 + offset for _ in range(n)]
+
+
+def _roundtrip(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf)
+
+
+def _assert_stats_close(a, b, rtol):
+    # Upstream computes batch moments in float32 and merges with float32 counts; ours are float64 with exact
+    # counts, so on well-conditioned data the two agree to float32 accuracy of the batch moments.
+    torch.testing.assert_close(a.mean, b.mean, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(a.var, b.var, rtol=rtol, atol=rtol)
+    assert int(a.count) == int(b.count)
+
+
+@pytest.mark.parametrize("ema", [None, 0.99], ids=["welford", "ema"])
+def test_obs_checkpoint_loads_both_ways_and_evolves_alike(upstream, ema, backend_name):
+    up = upstream.RunningMeanStd(None, (5,), device="cpu", clamp_value=5.0, ema_decay=ema)
+    for x in _batches(0):
+        up.record_moments(x)
+    ours = RunningMeanStd(None, (5,), device="cpu", clamp_value=5.0, ema_decay=ema, backend=backend_name)
+    ours.load_state_dict(_roundtrip(up.state_dict()), strict=True)
+    assert torch.equal(ours.mean, up.mean) and torch.equal(ours.var, up.var) and torch.equal(ours.count, up.count)
+    for x in _batches(1):
+        up.record_moments(x)
+        ours.record_moments(x)
+    _assert_stats_close(ours, up, rtol=1e-6)
+    obs = torch.randn(7, 5) * 3
+    torch.testing.assert_close(ours.eval().normalize(obs), up.normalize(obs), rtol=1e-6, atol=1e-6)
+    back = upstream.RunningMeanStd(None, (5,), device="cpu", ema_decay=ema)
+    back.load_state_dict(_roundtrip(ours.state_dict()), strict=True)
+    assert torch.equal(back.mean, ours.mean) and torch.equal(back.count, ours.count)
+    assert back.count.dtype == torch.int64 and back.mean.dtype == torch.float64
+
+
+@pytest.mark.parametrize("ema", [None, 0.99], ids=["welford", "ema"])
+def test_reward_checkpoint_loads_both_ways_and_evolves_alike(upstream, ema, backend_name):
+    up = upstream.RewardRunningMeanStd(None, (1,), 0.99, clamp_value=5.0, device="cpu", ema_decay=ema)
+    ours = RewardRunningMeanStd(None, (1,), 0.99, clamp_value=5.0, device="cpu", ema_decay=ema, backend=backend_name)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        rew, done = torch.rand(16, generator=g), (torch.rand(16, generator=g) < 0.2)
+        up.record_reward(rew, done)
+    ours.load_state_dict(_roundtrip(up.state_dict()), strict=True)
+    ours.discounted_reward = up.discounted_reward.clone()  # a plain attribute on both sides, never checkpointed
+    for _ in range(5):
+        rew, done = torch.rand(16, generator=g), (torch.rand(16, generator=g) < 0.2)
+        up.record_reward(rew, done)
+        ours.record_reward(rew, done)
+    torch.testing.assert_close(ours.discounted_reward, up.discounted_reward, rtol=1e-6, atol=1e-6)
+    _assert_stats_close(ours, up, rtol=1e-6)
+    buf = torch.randn(3, 16)
+    torch.testing.assert_close(ours.normalize(buf), up.normalize(buf), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.normalize(buf, un_norm=True), up.normalize(buf, un_norm=True), rtol=1e-6, atol=1e-6)
+    back = upstream.RewardRunningMeanStd(None, (1,), 0.99, device="cpu", ema_decay=ema)
+    back.load_state_dict(_roundtrip(ours.state_dict()), strict=True)
+    assert torch.equal(back.var, ours.var) and torch.equal(back.count, ours.count)
+
+
+class _Agent(nn.Module):
+    def __init__(self, norm_cls):
+        super().__init__()
+        self.actor_norm = norm_cls(None, device="cpu")  # lazy, as ProtoMotions builds them
+        self.critic = nn.Sequential(nn.Linear(3, 3))
+        self.critic_norm = norm_cls(None, device="cpu")
+
+
+def test_lazy_model_checkpoints_with_upstream_helper(upstream):
+    source = _Agent(upstream.RunningMeanStd)
+    source.actor_norm.record_moments(torch.randn(8, 3) + 2)
+    source.critic_norm.record_moments(torch.randn(4, 3) - 2)
+    state = _roundtrip(source.state_dict())
+    target = _Agent(RunningMeanStd)
+    protonorm.materialize_lazy_running_stats_from_state_dict(target, state)
+    assert target.actor_norm._initialized and target.actor_norm.mean.shape == (3,)
+    target.load_state_dict(state, strict=True)
+    assert torch.equal(target.critic_norm.mean, source.critic_norm.mean)
+    # protonorm's lazy modules also load without the helper
+    direct = _Agent(RunningMeanStd)
+    direct.load_state_dict(state, strict=True)
+    assert torch.equal(direct.actor_norm.var, source.actor_norm.var) and direct.actor_norm._initialized
+    assert tuple(direct.actor_norm.shape) == (3,)
+    # and back into upstream's, through its own helper
+    back = _Agent(upstream.RunningMeanStd)
+    back_state = _roundtrip(direct.state_dict())
+    upstream.materialize_lazy_running_stats_from_state_dict(back, back_state)
+    back.load_state_dict(back_state, strict=True)
+    assert torch.equal(back.actor_norm.count, source.actor_norm.count)
+
+
+def test_lazy_module_loads_onto_the_device_it_was_moved_to():
+    model = _Agent(RunningMeanStd).to("cpu")
+    state = {"actor_norm.mean": torch.zeros(3, dtype=torch.float64), "actor_norm.var": torch.ones(3, dtype=torch.float64),
+             "actor_norm.count": torch.tensor(7)}
+    model.load_state_dict(state, strict=False)
+    assert model.actor_norm.mean.device.type == "cpu" and int(model.actor_norm.count) == 7
+    assert not model.critic_norm._initialized
+
+
+def test_mismatched_checkpoint_is_rejected_before_anything_is_copied():
+    m = RunningMeanStd(None, (3,), device="cpu")
+    m.record_moments(torch.randn(5, 3))
+    before = (m.mean.clone(), m.var.clone(), m.count.clone())
+    bad = {"mean": torch.zeros(4, dtype=torch.float64), "var": torch.ones(4, dtype=torch.float64), "count": torch.tensor(99)}
+    with pytest.raises(RuntimeError, match=r"size mismatch for mean: expected shape \(3,\), got \(4,\)"):
+        m.load_state_dict(bad)
+    assert torch.equal(m.count, before[2]) and torch.equal(m.mean, before[0]) and torch.equal(m.var, before[1])
+    lazy = RunningMeanStd(None, device="cpu")
+    with pytest.raises(RuntimeError, match="size mismatch for var"):
+        lazy.load_state_dict({"mean": torch.zeros(2, dtype=torch.float64), "var": torch.ones(3, dtype=torch.float64),
+                              "count": torch.tensor(1)})
+    assert not lazy._initialized
+
+
+def test_count_beyond_float32_precision_survives_a_checkpoint(upstream):
+    ours = RunningMeanStd(None, (1,), device="cpu")
+    ours.count.fill_(2**24 + 1)
+    ours.record_moments(torch.ones(3, 1))
+    assert int(ours.count) == 2**24 + 4
+    up = upstream.RunningMeanStd(None, (1,), device="cpu")
+    up.load_state_dict(ours.state_dict())
+    assert int(up.count) == 2**24 + 4
+    up.record_moments(torch.ones(3, 1))
+    assert int(up.count) != 2**24 + 7  # upstream's float32 counts round; protonorm's do not
+    ours.record_moments(torch.ones(3, 1))
+    assert int(ours.count) == 2**24 + 7

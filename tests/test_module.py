@@ -1,0 +1,472 @@
+"""The public modules on every backend that runs here: accuracy, API behaviour, bad input, host syncs."""
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import protonorm
+from protonorm import RewardRunningMeanStd, RunningMeanStd, backends
+from protonorm.diagnostics import HostSyncCounter
+
+from conftest import CPU_BACKENDS
+from hard_data import MEAN_RTOL, STREAM_CASES, VAR_RTOL, assert_close_rel, make_stream, truth
+
+
+def make(shape=None, backend="torch", **kwargs):
+    return RunningMeanStd(None, shape, device="cpu", backend=backend, **kwargs)
+
+
+def stats(m):
+    return m.mean.clone(), m.var.clone(), m.count.clone()
+
+
+def assert_stats_equal(a, b):
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+
+
+def test_backends_present():
+    # CI builds the C++ extension and installs triton: every backend must run on CPU tensors there.
+    reasons = backends.available(torch.device("cpu"))
+    assert reasons["torch"] is None
+    missing = {name: why for name, why in reasons.items() if why is not None}
+    assert not missing, f"backends unavailable on CPU: {missing}"
+
+
+# ------------------------------------------------------------------------------------------------ accuracy
+@pytest.mark.parametrize("stream,dtype", [c for c in STREAM_CASES if c[1] in (torch.float32, torch.bfloat16)])
+def test_stream_accuracy_through_module(backend_name, stream, dtype):
+    batches, shape = make_stream(stream, dtype)
+    m = make(shape, backend_name)
+    m.count.zero_()  # no prior pseudo-sample: the statistics must equal the data's own
+    for b in batches:
+        m.record_moments(b)
+    t_mean, t_var, t_count = truth(batches, with_prior=False)
+    assert_close_rel(m.mean.reshape(-1), t_mean.reshape(-1), MEAN_RTOL, "mean", floor=1e-12)
+    assert_close_rel(m.var.reshape(-1), t_var.reshape(-1), VAR_RTOL, "var", floor=1e-12)
+    assert int(m.count) == t_count
+
+
+def test_long_stream_matches_numpy(backend_name):
+    g = torch.Generator().manual_seed(3)
+    m = make((5,), backend_name, ema_decay=None)
+    batches = [torch.randn(97, 5, generator=g) * 0.05 + 2e4 for _ in range(300 if backend_name != "triton" else 40)]
+    for b in batches:
+        m.record_moments(b)
+    t_mean, t_var, t_count = truth(batches)
+    assert_close_rel(m.mean, t_mean, MEAN_RTOL, "mean")
+    assert_close_rel(m.var, t_var, VAR_RTOL, "var")
+    assert int(m.count) == t_count
+
+
+def test_count_is_exact_past_float32_precision():
+    m = make((1,))
+    chunk = 2**22 + 1
+    for _ in range(5):
+        m.record_moments(torch.ones(chunk, 1))
+    assert m.count.dtype == torch.int64 and int(m.count) == 5 * chunk + 1  # > 2^24, not representable in float32
+
+
+@pytest.mark.parametrize("ema", [None, 0.99])
+def test_backends_agree_with_reference(backend_name, ema):
+    g = torch.Generator().manual_seed(0)
+    ref, m = make((7,), "torch", ema_decay=ema, clamp_value=3.0), make((7,), backend_name, ema_decay=ema, clamp_value=3.0)
+    for b in (1, 7, 64):
+        x = torch.randn(b, 7, generator=g) * 4 + 10
+        out_ref, out = ref.normalize(x), m.normalize(x)
+        torch.testing.assert_close(out, out_ref, rtol=1e-6, atol=1e-6)  # float32 output, ~1 ulp of rsqrt vs div
+        ref.record_moments(x)
+        m.record_moments(x)
+    torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.var, ref.var, rtol=1e-10, atol=1e-12)
+    assert torch.equal(m.count, ref.count)
+
+
+# ------------------------------------------------------------------------------------------------ upstream API
+def test_buffers_and_state_dict_keys_match_upstream():
+    m = make((3,))
+    assert m.mean.dtype == torch.float64 and torch.equal(m.mean, torch.zeros(3, dtype=torch.float64))
+    assert m.var.dtype == torch.float64 and torch.equal(m.var, torch.ones(3, dtype=torch.float64))
+    assert m.count.dtype == torch.int64 and m.count.shape == () and int(m.count) == 1
+    assert list(m.state_dict()) == ["mean", "var", "count"]
+    assert m._initialized and m.shape == (3,) and m.epsilon == 1e-5 and m.clamp_value is None and m.ema_decay is None
+
+
+def test_positional_arguments_follow_upstream_order():
+    m = RunningMeanStd(None, (2,), 1e-3, "cpu", 4.0, 0.5)
+    assert (m.epsilon, m.device, m.clamp_value, m.ema_decay) == (1e-3, "cpu", 4.0, 0.5)
+    r = RewardRunningMeanStd(None, (1,), 0.9, 1e-4, 5.0, "cpu", 0.99)
+    assert (r.gamma, r.epsilon, r.clamp_value, r.device, r.ema_decay) == (0.9, 1e-4, 5.0, "cpu", 0.99)
+    assert r.discounted_reward is None
+
+
+def test_lazy_shape_from_first_input(backend_name):
+    m = make(None, backend_name)
+    assert not m._initialized and "mean" not in m.state_dict()
+    x = torch.randn(6, 2, 3)
+    m.normalize(x)
+    assert m._initialized and tuple(m.shape) == (2, 3) and m.mean.shape == (2, 3) and m.mean.device == x.device
+
+
+def test_fabric_attribute_can_be_reassigned():
+    m = make((2,))
+    m.fabric = None
+    m.record_moments(torch.ones(3, 2))
+    assert int(m.count) == 4
+
+
+def test_to_returns_self_and_records_device():
+    m = make((2,))
+    assert m.to("cpu") is m and m.device == torch.device("cpu")
+
+
+def test_parent_dtype_casts_keep_float64_statistics():
+    model = nn.Sequential(nn.Linear(2, 2))
+    model.norm = make((2,))
+    model.norm.record_moments(torch.tensor([[1e6 + 0.125, 1.0], [1e6, 3.0]]))
+    before = stats(model.norm)
+    model.half()
+    assert model.norm.mean.dtype == torch.float64 and model.norm.count.dtype == torch.int64
+    assert_stats_equal(stats(model.norm), before)
+
+
+def test_deepcopy_and_pickle_are_independent(backend_name):
+    m = make((4,), backend_name).train()
+    x = torch.randn(8, 4)
+    m.normalize(x)  # leaves a stash with a weak reference behind
+    clone = copy.deepcopy(m)
+    clone.record_moments(torch.randn(5, 4))
+    assert int(m.count) == 1 and int(clone.count) == 6
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert_stats_equal(stats(loaded), stats(m))
+    assert pickle.loads(pickle.dumps(m)).backend == m.backend
+
+
+def test_default_cuda_device_falls_back_to_cpu_with_warning():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the fallback cannot happen")  # pragma: no cover
+    with pytest.warns(UserWarning, match="CUDA is not available"):
+        m = RunningMeanStd(None, (2,))
+    assert m.mean.device.type == "cpu"
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_update_from_moments_matches_recording(ema):
+    x = torch.randn(10, 3, dtype=torch.float64)
+    a, b = make((3,), ema_decay=ema), make((3,), ema_decay=ema)
+    a.record_moments(x)
+    b.update_from_moments(x.mean(0), x.var(0, unbiased=False), 10)
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(a.var, b.var, rtol=1e-12, atol=1e-14)
+    assert torch.equal(a.count, b.count)
+
+
+def test_maybe_clamp():
+    assert torch.equal(make((1,), clamp_value=2.0).maybe_clamp(torch.tensor([-3.0, 1.0, 3.0])), torch.tensor([-2.0, 1.0, 2.0]))
+    x = torch.tensor([100.0])
+    assert make((1,)).maybe_clamp(x) is x
+
+
+@pytest.mark.parametrize("dtype,expected", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                            (torch.float16, torch.float32), (torch.float64, torch.float64)])
+def test_normalize_output_dtype_is_upstreams(backend_name, dtype, expected):
+    m = make((3,), backend_name).eval()
+    assert m.normalize(torch.randn(4, 3).to(dtype)).dtype == expected
+
+
+def test_normalize_broadcasts_leading_dims_and_unbatched_input(backend_name):
+    m = make((3,), backend_name, clamp_value=5.0).eval()
+    m.record_moments(torch.randn(50, 3) * 2 + 1)
+    x = torch.randn(4, 5, 3)
+    torch.testing.assert_close(m.normalize(x), m.normalize(x.reshape(20, 3)).reshape(4, 5, 3), rtol=0, atol=0)
+    torch.testing.assert_close(m.normalize(x[0, 0]), m.normalize(x[:1, 0])[0], rtol=0, atol=0)
+    torch.testing.assert_close(m.normalize(m.normalize(x), un_norm=True), x, rtol=1e-5, atol=1e-5)
+
+
+def test_strided_rows(backend_name):
+    wide = torch.randn(33, 11) * 3 + 7
+    view = wide[:, 2:9]  # row stride 11, last stride 1
+    a, b = make((7,), backend_name), make((7,), "torch")
+    a.record_moments(view)
+    b.record_moments(view.contiguous())
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(a.var, b.var, rtol=1e-10, atol=1e-12)
+    a.eval(), b.eval()
+    torch.testing.assert_close(a.normalize(view), b.normalize(view.contiguous()), rtol=1e-6, atol=1e-6)
+    col = wide.t()[:7]  # last stride 11: copied, not misread
+    torch.testing.assert_close(a.normalize(col.t()), b.normalize(col.t().contiguous()), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ EMA and reward
+def test_ema_mode_leaves_count_untouched(backend_name):
+    m = make((2,), backend_name, ema_decay=0.5)
+    m.record_moments(torch.tensor([[2.0, 4.0], [4.0, 8.0]]))
+    torch.testing.assert_close(m.mean, torch.tensor([1.5, 3.0], dtype=torch.float64))
+    torch.testing.assert_close(m.var, torch.tensor([1.0, 2.5], dtype=torch.float64))
+    assert int(m.count) == 1
+
+
+def test_reward_normalizer_semantics(backend_name):
+    r = RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend=backend_name, clamp_value=100.0)
+    ref = RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend="torch", clamp_value=100.0)
+    rewards = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([1.0, 1.0, 1.0]), torch.tensor([0.0, 4.0, 2.0])]
+    dones = [torch.tensor([False, False, False]), torch.tensor([True, False, False]), torch.tensor([0.0, 0.0, 1.0])]
+    returns = torch.zeros(3)
+    seen = []
+    for rew, done in zip(rewards, dones):
+        returns = torch.where(done.bool(), torch.zeros(3), returns * 0.5) + rew if seen else rew.clone()
+        seen.append(returns.clone())
+        r.record_reward(rew, done)
+        ref.record_reward(rew, done)
+    torch.testing.assert_close(r.discounted_reward, seen[-1])
+    all_returns = torch.cat(seen).double()
+    t_mean, t_var, t_count = truth([all_returns[:, None]])
+    torch.testing.assert_close(r.mean, torch.from_numpy(t_mean), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(r.var, torch.from_numpy(t_var), rtol=1e-10, atol=1e-12)
+    assert int(r.count) == t_count
+    buf = torch.randn(4, 3)  # (steps, envs): scale only, no mean shift
+    expected = buf / torch.sqrt(r.var.float() + r.epsilon)
+    torch.testing.assert_close(r.normalize(buf), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(r.normalize(buf, un_norm=True), buf * torch.sqrt(r.var.float() + r.epsilon), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(r.normalize(buf[..., None]), expected[..., None], rtol=1e-6, atol=1e-7)
+    assert "discounted_reward" not in r.state_dict()
+
+
+# ------------------------------------------------------------------------------------------------ fused two-call path
+def test_normalize_then_record_reuses_moments_and_matches_separate_calls(backend_name):
+    g = torch.Generator().manual_seed(1)
+    fused, plain = make((9,), backend_name, clamp_value=5.0).train(), make((9,), backend_name, clamp_value=5.0).eval()
+    for _ in range(3):
+        x = torch.randn(40, 9, generator=g) * 2 + 3
+        y_fused = fused.normalize(x)
+        assert fused._stash is not None
+        fused.record_moments(x)
+        assert fused._stash is None  # consumed
+        y_plain = plain.normalize(x)
+        plain.record_moments(x)
+        torch.testing.assert_close(y_fused, y_plain, rtol=0, atol=0)
+    torch.testing.assert_close(fused.mean, plain.mean, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(fused.var, plain.var, rtol=1e-11, atol=1e-13)
+    assert torch.equal(fused.count, plain.count)
+
+
+def test_in_place_change_between_normalize_and_record_is_noticed(backend_name):
+    m, ref = make((3,), backend_name).train(), make((3,), "torch")
+    x = torch.zeros(4, 3)
+    m.normalize(x)
+    x.add_(10.0)  # bumps the version counter: the stashed moments no longer describe x
+    m.record_moments(x)
+    ref.record_moments(x)
+    torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=0)
+
+
+def test_record_after_normalize_of_another_tensor_recomputes(backend_name):
+    m, ref = make((3,), backend_name).train(), make((3,), "torch")
+    a, b = torch.zeros(4, 3), torch.ones(4, 3)
+    m.normalize(a)
+    m.record_moments(b)
+    m.record_moments(b)  # the same tensor twice counts twice, as upstream
+    ref.record_moments(b)
+    ref.record_moments(b)
+    assert torch.equal(m.count, ref.count) and torch.equal(m.mean, ref.mean)
+
+
+# ------------------------------------------------------------------------------------------------ non-finite, mask, empty
+def test_nonfinite_rows_are_dropped_and_counted(backend_name):
+    x = torch.randn(10, 4)
+    x[2, 1] = float("nan")
+    x[7, 3] = float("-inf")
+    m, ref = make((4,), backend_name), make((4,), "torch")
+    m.record_moments(x)
+    ref.record_moments(torch.cat([x[:2], x[3:7], x[8:]]))
+    assert int(m.count) == 9 and int(m.nonfinite_rows) == 2
+    torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.var, ref.var, rtol=1e-10, atol=1e-12)
+    assert "nonfinite_rows" not in m.state_dict()
+
+
+def test_nonfinite_raise_leaves_statistics_untouched(backend_name):
+    m = make((2,), backend_name, nonfinite="raise")
+    m.record_moments(torch.randn(5, 2))
+    before = stats(m)
+    with pytest.raises(ValueError, match="1 row"):
+        m.record_moments(torch.tensor([[1.0, float("inf")], [0.0, 0.0]]))
+    assert_stats_equal(stats(m), before)
+
+
+def test_mask_ignores_rows(backend_name):
+    x = torch.randn(12, 3)
+    mask = torch.arange(12) % 3 != 0
+    m, ref = make((3,), backend_name), make((3,), "torch")
+    m.record_moments(x, mask=mask)
+    ref.record_moments(x[mask])
+    assert int(m.count) == 9 and int(m.nonfinite_rows) == 0
+    torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
+    m.record_moments(x, mask=torch.zeros(12, dtype=torch.bool))
+    assert int(m.count) == 9
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_empty_batch_is_a_noop(backend_name, ema):
+    m = make((3,), backend_name, ema_decay=ema)
+    m.record_moments(torch.randn(4, 3))
+    before = stats(m)
+    m.record_moments(torch.empty(0, 3))
+    assert_stats_equal(stats(m), before)
+    assert m.normalize(torch.empty(0, 3)).shape == (0, 3)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def _bad_calls():
+    return [
+        ("feature shape", lambda m: m.record_moments(torch.randn(4, 5)), ValueError, r"\(3,\)"),
+        ("3-D record", lambda m: m.record_moments(torch.randn(2, 4, 3)), ValueError, "feature shape"),
+        ("0-d", lambda m: m.record_moments(torch.tensor(1.0)), ValueError, "0-d"),
+        ("normalize shape", lambda m: m.normalize(torch.randn(4, 5)), ValueError, "trailing dimensions"),
+        ("mask dtype", lambda m: m.record_moments(torch.randn(4, 3), mask=torch.ones(4)), TypeError, "bool"),
+        ("mask length", lambda m: m.record_moments(torch.randn(4, 3), mask=torch.ones(3, dtype=torch.bool)), ValueError, r"\[4\]"),
+        ("moments shape", lambda m: m.update_from_moments(torch.zeros(2), torch.ones(3), 4), ValueError, "batch_mean"),
+    ]
+
+
+@pytest.mark.parametrize("what,call,error,pattern", _bad_calls(), ids=[c[0] for c in _bad_calls()])
+def test_bad_input_raises_and_leaves_statistics(backend_name, what, call, error, pattern):
+    m = make((3,), backend_name)
+    m.record_moments(torch.randn(6, 3))
+    before = stats(m)
+    with pytest.raises(error, match=pattern):
+        call(m)
+    assert_stats_equal(stats(m), before)
+
+
+def test_reward_bad_terminated_raises_and_leaves_statistics():
+    r = RewardRunningMeanStd(None, (1,), 0.99, device="cpu")
+    r.record_reward(torch.ones(4), torch.zeros(4))
+    before = stats(r)
+    with pytest.raises(ValueError, match="one entry per environment"):
+        r.record_reward(torch.ones(4), torch.zeros(3))
+    with pytest.raises(ValueError, match="like the previous steps"):
+        r.record_reward(torch.ones(5), torch.zeros(5))
+    assert_stats_equal(stats(r), before)
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        ({"clamp_value": 0.0}, "clamp_value"),
+        ({"clamp_value": -1.0}, "clamp_value"),
+        ({"epsilon": -1e-8}, "epsilon"),
+        ({"ema_decay": 0.0}, "ema_decay"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"backend": "cuda"}, "backend"),
+        ({"nonfinite": "ignore"}, "nonfinite"),
+        ({"sync": "sometimes"}, "sync"),
+    ],
+)
+def test_constructor_rejects_out_of_range_arguments(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        RunningMeanStd(None, (2,), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("gamma", [-0.1, 1.5])
+def test_reward_rejects_gamma_out_of_range(gamma):
+    with pytest.raises(ValueError, match="gamma"):
+        RewardRunningMeanStd(None, (1,), gamma, device="cpu")
+
+
+# ------------------------------------------------------------------------------------------------ backend choice
+def test_environment_variable_selects_backend(monkeypatch):
+    monkeypatch.setenv("PROTONORM_BACKEND", "torch")
+    assert make((2,), backend="auto").backend == "torch"
+    monkeypatch.setenv("PROTONORM_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="PROTONORM_BACKEND"):
+        make((2,), backend="auto")
+
+
+def test_auto_picks_cpp_for_cpu_tensors_when_built():
+    chosen = backends.resolve("auto", torch.device("cpu")).name
+    assert chosen == ("cpp" if "cpp" in CPU_BACKENDS else "torch")
+
+
+def test_triton_on_cpu_requires_the_interpreter(monkeypatch):
+    if "triton" not in CPU_BACKENDS:
+        pytest.fail("triton must be installed for the test suite")
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        make((2,), "triton").record_moments(torch.ones(2, 2))
+
+
+# ------------------------------------------------------------------------------------------------ host syncs
+def test_hot_calls_make_no_host_sync(backend_name):
+    m = make((5,), backend_name, clamp_value=5.0, ema_decay=None).train()
+    r = RewardRunningMeanStd(None, (1,), 0.99, device="cpu", backend=backend_name, clamp_value=5.0)
+    x = torch.randn(16, 5)
+    m.record_moments(x)  # lazy caches warmed outside the guard
+    with HostSyncCounter(strict=True):
+        for _ in range(2):
+            y = m.normalize(x)
+            m.record_moments(x)
+            m.record_moments(x, mask=torch.ones(16, dtype=torch.bool))
+            m.eval()
+            m.normalize(y, un_norm=True)
+            m.train()
+            r.record_reward(torch.randn(8), torch.zeros(8, dtype=torch.bool))
+            r.normalize(torch.randn(3, 8))
+        protonorm.combine_moments([m.mean, m.mean], [m.var, m.var], [m.count, 3])
+
+
+# ------------------------------------------------------------------------------------------------ tracing and export
+class _Actor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = make((4,), clamp_value=5.0)
+        self.norm.record_moments(torch.randn(32, 4) * 3 + 1)
+        self.linear = nn.Linear(4, 2)
+
+    def forward(self, obs):
+        return self.linear(self.norm.normalize(obs))
+
+
+def test_jit_trace_of_normalize():
+    actor = _Actor().eval()
+    obs = torch.randn(6, 4)
+    traced = torch.jit.trace(actor, obs)
+    torch.testing.assert_close(traced(obs * 2), actor(obs * 2))
+
+
+def test_onnx_export_of_normalize(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    actor = _Actor().eval()
+    path = tmp_path / "actor.onnx"
+    torch.onnx.export(actor, (torch.randn(6, 4),), str(path), dynamo=False, input_names=["obs"])
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert any(node.op_type in ("Sqrt", "Div") for node in model.graph.node)
+
+
+def test_compile_fullgraph_normalize_and_record(backend_name):
+    if backend_name == "triton":
+        pytest.skip("covered by the Triton tests: compiling interpreted kernels is too slow for this suite")
+    m = make((6,), backend_name, clamp_value=5.0).train()
+    ref = make((6,), "torch", clamp_value=5.0)
+
+    def step(x):
+        y = m.normalize(x)
+        m.record_moments(x)
+        return y
+
+    compiled = torch.compile(step, fullgraph=True, backend="eager" if backend_name != "torch" else "inductor")
+    for i in range(3):
+        x = torch.randn(10, 6) + i
+        y = compiled(x)
+        torch.testing.assert_close(y, ref.normalize(x), rtol=1e-6, atol=1e-6)
+        ref.record_moments(x)
+    torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
+    assert torch.equal(m.count, ref.count)

@@ -1,0 +1,147 @@
+"""The pure-torch reference math against numpy float64, and combine_moments' algebraic properties."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protonorm import combine_moments, reference
+
+from hard_data import MEAN_RTOL, STREAM_CASES, VAR_RTOL, assert_close_rel, make_stream, truth
+
+
+def _running(batches, d, with_prior=True, ema=None):
+    mean = torch.zeros(d, dtype=torch.float64)
+    var = torch.ones(d, dtype=torch.float64)
+    count = torch.tensor(1 if with_prior else 0)
+    dropped = torch.tensor(0)
+    for b in batches:
+        reference.merge_into_running(reference.batch_moments(b.reshape(b.shape[0], -1)), mean, var, count, dropped, ema)
+    return mean, var, count, dropped
+
+
+@pytest.mark.parametrize("stream,dtype", STREAM_CASES)
+@pytest.mark.parametrize("with_prior", [True, False], ids=["prior", "no_prior"])
+def test_stream_matches_numpy(stream, dtype, with_prior):
+    batches, shape = make_stream(stream, dtype)
+    mean, var, count, dropped = _running(batches, int(np.prod(shape)), with_prior)
+    t_mean, t_var, t_count = truth(batches, with_prior)
+    # The bounds hold for every input dtype because accumulation is float64 and the truth is taken on the
+    # same rounded values; bf16/fp16 input is not allowed to lose accuracy.
+    assert_close_rel(mean, t_mean.reshape(-1), MEAN_RTOL, "mean", floor=1e-12)
+    assert_close_rel(var, t_var.reshape(-1), VAR_RTOL, "var", floor=1e-12)
+    assert int(count) == t_count and int(dropped) == 0
+
+
+def test_batch_moments_masks_and_drops_rows():
+    x = torch.arange(12, dtype=torch.float32).reshape(6, 2)
+    x[1, 0] = float("nan")
+    x[4, 1] = float("inf")
+    mask = torch.tensor([True, True, True, False, True, True])
+    n, dropped, mean, m2 = reference.split_parts(reference.batch_moments(x, mask))
+    kept = x[[0, 2, 5]].double()
+    assert n.item() == 3 and dropped.item() == 2  # the masked row is ignored, not counted as dropped
+    torch.testing.assert_close(mean[0], kept.mean(0), rtol=0, atol=0)
+    torch.testing.assert_close(m2[0], ((kept - kept.mean(0)) ** 2).sum(0), rtol=1e-15, atol=0)
+
+
+def test_empty_merge_is_bit_exact_noop():
+    mean, var = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
+    count, dropped = torch.tensor(12345), torch.tensor(0)
+    before = (mean.clone(), var.clone(), count.clone())
+    empty = reference.batch_moments(torch.full((3, 5), float("nan")))
+    for ema in (None, 0.9):
+        reference.merge_into_running(empty, mean, var, count, dropped, ema)
+        assert torch.equal(mean, before[0]) and torch.equal(var, before[1]) and torch.equal(count, before[2])
+    assert int(dropped) == 6
+
+
+def test_ema_follows_batch_mean_and_population_variance():
+    x = torch.tensor([[1.0, 10.0], [3.0, 14.0]])
+    mean, var = torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    count, dropped = torch.tensor(7), torch.tensor(0)
+    reference.merge_into_running(reference.batch_moments(x), mean, var, count, dropped, 0.75)
+    torch.testing.assert_close(mean, torch.tensor([0.25 * 2.0, 0.25 * 12.0], dtype=torch.float64))
+    torch.testing.assert_close(var, torch.tensor([0.75 + 0.25 * 1.0, 0.75 + 0.25 * 4.0], dtype=torch.float64))
+    assert int(count) == 7
+
+
+def test_normalize_matches_upstream_formula():
+    x = torch.randn(9, 4) * 3
+    mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.1
+    y = reference.normalize(x, mean, var, 1e-5, 2.0)
+    expected = torch.clamp((x - mean.float()) / torch.sqrt(var.float() + 1e-5), -2.0, 2.0)
+    assert torch.equal(y, expected)
+    back = reference.normalize(y, mean, var, 1e-5, 2.0, un_norm=True)
+    assert torch.equal(back, torch.clamp(y, -2.0, 2.0) * torch.sqrt(var.float() + 1e-5) + mean.float())
+    assert torch.isnan(reference.normalize(torch.tensor([[float("nan")] * 4]), mean, var, 1e-5, 2.0)).all()
+
+
+def test_discounted_return_resets_and_recovers_from_nonfinite():
+    d = torch.tensor([1.0, float("nan"), 2.0])
+    r = torch.tensor([0.5, 0.5, 0.5])
+    t = torch.tensor([0.0, 1.0, 1.0])
+    out = reference.discounted_return_update(d, r, t, 0.9)
+    torch.testing.assert_close(out, torch.tensor([1.4, 0.5, 0.5]))
+
+
+# ----------------------------------------------------------------------------------------------- combine_moments
+def _groups(draw_sizes, d, seed):
+    g = np.random.default_rng(seed)
+    return [g.standard_normal((n, d)) * g.uniform(0.1, 5) + g.uniform(-100, 100) for n in draw_sizes]
+
+
+def _moments(groups):
+    return (
+        [torch.from_numpy(x.mean(0)) for x in groups],
+        [torch.from_numpy(x.var(0)) for x in groups],
+        [x.shape[0] for x in groups],
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=9),
+    d=st.integers(min_value=1, max_value=4),
+    seed=st.integers(min_value=0, max_value=2**31),
+    permutation_seed=st.integers(min_value=0, max_value=2**31),
+)
+def test_combine_moments_equals_concatenation_in_any_order(sizes, d, seed, permutation_seed):
+    groups = _groups(sizes, d, seed)
+    full = np.concatenate(groups)
+    order = np.random.default_rng(permutation_seed).permutation(len(groups))
+    for arrangement in (groups, [groups[i] for i in order]):
+        mean, var, count = combine_moments(*_moments(arrangement))
+        assert count.dtype == torch.int64 and int(count) == full.shape[0]
+        np.testing.assert_allclose(mean.numpy(), full.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(var.numpy(), full.var(0), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=st.lists(st.integers(min_value=1, max_value=30), min_size=2, max_size=8),
+    split=st.integers(min_value=1, max_value=7),
+    seed=st.integers(min_value=0, max_value=2**31),
+)
+def test_combine_moments_is_independent_of_grouping(sizes, split, seed):
+    groups = _groups(sizes, 3, seed)
+    split = min(split, len(groups) - 1)
+    left = combine_moments(*_moments(groups[:split]))
+    right = combine_moments(*_moments(groups[split:]))
+    nested = combine_moments([left[0], right[0]], [left[1], right[1]], [left[2], right[2]])
+    flat = combine_moments(*_moments(groups))
+    torch.testing.assert_close(nested[0], flat[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nested[1], flat[1], rtol=1e-10, atol=1e-12)
+    assert int(nested[2]) == int(flat[2])
+
+
+def test_combine_moments_accepts_tensor_counts_and_keeps_counts_exact():
+    big = 2**40 + 3
+    mean, var, count = combine_moments(
+        [torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64)],
+        [torch.ones(2, dtype=torch.float64)] * 2,
+        torch.tensor([big, 1]),
+    )
+    assert int(count) == big + 1
+    with pytest.raises(ValueError, match="equal length"):
+        combine_moments([torch.zeros(2)], [], [1])
