@@ -222,7 +222,7 @@ class RunningMeanStd(nn.Module):
     def _fold(self, parts: Tensor, backend: Backend) -> None:
         """Merge recorded moments into the statistics (all ranks' when distributed)."""
         check = self._raise_if_nonfinite if self.nonfinite == "raise" else None
-        if self.fabric is not None and not _is_compiling():
+        if self.fabric is not None:
             from . import distributed
 
             if distributed.world_size(self.fabric) > 1:
@@ -274,8 +274,9 @@ class RunningMeanStd(nn.Module):
         return self._normalize(arr, un_norm, center=True)
 
     def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
-        if _is_exporting():
-            # Traced / exported graphs (ProtoMotions exports its actor to ONNX) get the plain reference math.
+        if _is_exporting() or (arr.requires_grad and torch.is_grad_enabled()):
+            # Traced / exported graphs (ProtoMotions exports its actor to ONNX) get the plain reference math, and
+            # so does an input that needs gradients: the fast kernels define no backward.
             return reference.normalize(arr, self.mean, self.var, self.epsilon, self.clamp_value, un_norm, center)
         if not arr.is_floating_point():
             arr = arr.float()

@@ -470,3 +470,11 @@ def test_compile_fullgraph_normalize_and_record(backend_name):
         ref.record_moments(x)
     torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
     assert torch.equal(m.count, ref.count)
+
+
+def test_normalize_keeps_gradients_flowing(backend_name):
+    m = make((3,), backend_name, clamp_value=10.0).eval()
+    m.record_moments(torch.randn(20, 3) * 2)
+    x = torch.randn(4, 3, requires_grad=True)
+    m.normalize(x).sum().backward()
+    torch.testing.assert_close(x.grad, (1 / torch.sqrt(m.var.float() + m.epsilon)).expand(4, 3))
