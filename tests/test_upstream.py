@@ -1,4 +1,4 @@
-"""Checkpoints load both ways with upstream's module, and the same call sequence gives upstream's results."""
+"""Parity with upstream's module: checkpoints load both ways, and the same calls give the same results."""
 import io
 
 import pytest
@@ -147,3 +147,27 @@ def test_count_beyond_float32_precision_survives_a_checkpoint(upstream):
     assert int(up.count) != 2**24 + 7  # upstream's float32 counts round; protonorm's do not
     ours.record_moments(torch.ones(3, 1))
     assert int(ours.count) == 2**24 + 7
+
+
+def test_combine_moments_matches_upstream(upstream):
+    g = torch.Generator().manual_seed(5)
+    groups = [torch.randn(n, 4, generator=g, dtype=torch.float64) * 3 + 1 for n in (3, 10, 1, 7, 20)]
+    args = ([x.mean(0) for x in groups], [x.var(0, unbiased=False) for x in groups], [x.shape[0] for x in groups])
+    ours, theirs = protonorm.combine_moments(*args), upstream.combine_moments(*args)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-7, atol=1e-9)  # upstream weighs with float32 counts
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-6, atol=1e-9)
+    assert ours[0].dtype == theirs[0].dtype and ours[2].dtype == theirs[2].dtype and int(ours[2]) == int(theirs[2])
+
+
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
+def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
+    up = upstream.RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
+    ours = RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
+    x = torch.randn(6, 3) * 4
+    torch.testing.assert_close(ours.eval().normalize(x), up.normalize(x), rtol=0, atol=0)  # lazy init, prior stats
+    for m in (up, ours):
+        m.update_from_moments(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), torch.full((3,), 0.5, dtype=torch.float64), 9)
+    _assert_stats_close(ours, up, rtol=1e-7)
+    torch.testing.assert_close(ours.normalize(x), up.normalize(x), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.normalize(x, un_norm=True), up.normalize(x, un_norm=True), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.maybe_clamp(x), up.maybe_clamp(x), rtol=0, atol=0)
