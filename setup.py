@@ -47,7 +47,8 @@ def extensions():
             "protonorm._C",
             sources,
             cxx_std=17,
-            extra_compile_args=["-O3"] + openmp,
+            # No contraction into FMA: normalize must round exactly like the reference's separate operations.
+            extra_compile_args=["-O3", "-ffp-contract=off"] + openmp,
             extra_link_args=openmp,
         )
     ]

@@ -1,0 +1,199 @@
+"""CPU benchmark of the C++ backend against the upstream-style eager code, torch.compile of it, and a plain copy.
+
+    python bench/bench_cpu.py [--rounds 60] [--threads N]
+
+What runs (all in one process, contenders interleaved round by round so that a noisy neighbour hits them alike):
+
+* normalize + record in ProtoMotions' order (``y = norm.normalize(obs)`` then ``norm.record_moments(obs)``) on float32
+  observations of 8192 x 1024 and 16384 x 342, Welford and EMA (0.999), clamp 5:
+    - ``protonorm``: ``protonorm.RunningMeanStd(..., backend="cpp")`` in training mode (the fused one-pass path);
+    - ``eager``: the upstream-style sequence (torch.mean, torch.var(unbiased=False), a float32-count Chan merge built
+      with torch.tensor([...]), then (x - mean.float()) / sqrt(var.float() + eps) and clamp), written here from the
+      specification;
+    - ``compiled``: torch.compile of that same function;
+    - ``copy``: ``y.copy_(obs)``, the memory traffic floor (one read, one write) on the same threads;
+    - ``kernel``: the backend's fused call and merge writing into a preallocated output (what ``copy`` does), and
+      ``alloc+copy``: ``torch.empty_like(obs).copy_(obs)``. The module returns a fresh tensor, like upstream; a
+      fresh 32 MB tensor is a fresh mmap whose page faults cost as much as the copy itself on a VM.
+* reward record of 4096 environments (``record_reward(reward, terminated)``): protonorm vs the upstream-style
+  sequence.
+
+For each pair the script reports the median of the per-round time ratios and their 20th-80th percentile spread.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+import protonorm
+from protonorm.backends import load
+
+
+# ------------------------------------------------------------------------------------ upstream-style contenders
+def upstream_normalize(x, mean, var, eps: float, clamp: float):
+    y = (x - mean.float()) / torch.sqrt(var.float() + eps)
+    return torch.clamp(y, -clamp, clamp)
+
+
+def upstream_combine(mean_a, var_a, count_a, mean_b, var_b, count_b):
+    counts = torch.tensor([count_a, count_b]).float()
+    n_a, n_b = counts[0], counts[1]
+    total = n_a + n_b
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / total)
+    m2 = var_a * n_a + var_b * n_b + delta**2 * (n_a * n_b / total)
+    return mean, torch.clamp(m2 / total, min=0.0), total.long()
+
+
+def upstream_record(x, mean, var, count, ema_decay):
+    batch_mean = torch.mean(x, dim=0)
+    batch_var = torch.var(x, dim=0, unbiased=False)
+    if ema_decay is not None:
+        mean[:] = ema_decay * mean + (1 - ema_decay) * batch_mean
+        var[:] = ema_decay * var + (1 - ema_decay) * batch_var
+        return
+    new_mean, new_var, new_count = upstream_combine(mean, var, count, batch_mean, batch_var, x.shape[0])
+    mean[:] = new_mean
+    var[:] = new_var
+    count.fill_(new_count)
+
+
+def upstream_step(x, mean, var, count, ema_decay, eps=1e-5, clamp=5.0):
+    y = upstream_normalize(x, mean, var, eps, clamp)
+    upstream_record(x, mean, var, count, ema_decay)
+    return y
+
+
+def upstream_reward(state, reward, terminated, gamma=0.99):
+    state["discounted"] = state["discounted"] * gamma * (1 - terminated.float()) + reward.clone()
+    d = state["discounted"]
+    batch_mean = torch.mean(d, dim=0)
+    batch_var = torch.var(d, dim=0, unbiased=False)
+    mean, var, count = state["mean"], state["var"], state["count"]
+    new_mean, new_var, new_count = upstream_combine(mean, var, count, batch_mean, batch_var, d.shape[0])
+    mean[:] = new_mean
+    var[:] = new_var
+    count.fill_(new_count)
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: int = 1) -> Dict[str, List[float]]:
+    """Per-round seconds per call of every contender, run in turn (rotating the order) each round."""
+    names = list(contenders)
+    for fn in contenders.values():  # warm-up: allocations, compilation, caches
+        for _ in range(3):
+            fn()
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            fn = contenders[name]
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times[name].append((time.perf_counter() - start) / calls)
+    return times
+
+
+def ratio_summary(times: Dict[str, List[float]], ours: str, other: str) -> str:
+    ratios = sorted(o / p for p, o in zip(times[ours], times[other]))
+    q = statistics.quantiles(ratios, n=10)
+    return f"{statistics.median(ratios):6.2f}x  (p20-p80 {q[1]:.2f}-{q[7]:.2f})"
+
+
+def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, compile_too: bool) -> None:
+    x = torch.randn(batch, features) * 2.0 + 3.0
+    norm = protonorm.RunningMeanStd(None, (features,), device="cpu", clamp_value=5.0, ema_decay=ema_decay,
+                                    backend="cpp")
+    norm.train()
+
+    def ours():
+        norm.normalize(x)
+        norm.record_moments(x)
+
+    stats = dict(mean=torch.zeros(features, dtype=torch.float64), var=torch.ones(features, dtype=torch.float64),
+                 count=torch.ones((), dtype=torch.long))
+    out = torch.empty_like(x)
+    backend = load("cpp")[0]
+    kstats = {k: v.clone() for k, v in stats.items()}
+    kdropped, workspace = torch.zeros((), dtype=torch.long), {}
+
+    def kernel():
+        parts = backend.normalize_moments(x, kstats["mean"], kstats["var"], 1e-5, 5.0, out, workspace)
+        backend.merge(parts, kstats["mean"], kstats["var"], kstats["count"], kdropped, ema_decay)
+
+    contenders = {
+        "protonorm": ours,
+        "eager": lambda: upstream_step(x, stats["mean"], stats["var"], stats["count"], ema_decay),
+        "copy": lambda: out.copy_(x),
+        "kernel": kernel,
+        "alloc+copy": lambda: torch.empty_like(x).copy_(x),
+    }
+    if compile_too:
+        compiled = torch.compile(upstream_step)
+        cstats = {k: v.clone() for k, v in stats.items()}
+        contenders["compiled"] = lambda: compiled(x, cstats["mean"], cstats["var"], cstats["count"], ema_decay)
+    times = interleaved(contenders, rounds)
+    mode = "Welford" if ema_decay is None else f"EMA {ema_decay}"
+    median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"normalize+record {batch}x{features} fp32, {mode}: "
+          + ", ".join(f"{k} {v:.3f} ms" for k, v in median.items()))
+    print(f"    eager / protonorm     {ratio_summary(times, 'protonorm', 'eager')}   (target >= 15x)")
+    if compile_too:
+        print(f"    compiled / protonorm  {ratio_summary(times, 'protonorm', 'compiled')}   (target >= 4x)")
+    for ours_name, floor in (("kernel", "copy"), ("protonorm", "alloc+copy"), ("protonorm", "copy")):
+        ratios = sorted(p / c for p, c in zip(times[ours_name], times[floor]))
+        q = statistics.quantiles(ratios, n=10)
+        print(f"    {ours_name} / {floor}".ljust(26) + f"{statistics.median(ratios):6.2f}x  (p20-p80 {q[1]:.2f}-{q[7]:.2f})"
+              + ("   (target <= 1.5x)" if floor == "copy" else ""))
+
+
+def bench_reward(envs: int, rounds: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    rewards = [torch.randn(envs, generator=gen) for _ in range(8)]
+    terminated = [torch.rand(envs, generator=gen) < 0.02 for _ in range(8)]
+    norm = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, clamp_value=5.0, device="cpu", backend="cpp")
+    state = dict(discounted=rewards[0].clone(), mean=torch.zeros(1, dtype=torch.float64),
+                 var=torch.ones(1, dtype=torch.float64), count=torch.ones((), dtype=torch.long))
+    step = {"i": 0}
+
+    def ours():
+        i = step["i"] = (step["i"] + 1) % 8
+        norm.record_reward(rewards[i], terminated[i])
+
+    def upstream():
+        i = step["i"]
+        upstream_reward(state, rewards[i], terminated[i])
+
+    times = interleaved({"protonorm": ours, "eager": upstream}, rounds, calls=50)
+    median = {k: statistics.median(v) * 1e6 for k, v in times.items()}
+    print(f"reward record, {envs} envs: " + ", ".join(f"{k} {v:.1f} us" for k, v in median.items()))
+    print(f"    eager / protonorm     {ratio_summary(times, 'protonorm', 'eager')}   (target >= 5x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    backend, reason = load("cpp")
+    if backend is None:
+        raise SystemExit(f"the C++ backend is not available: {reason}")
+    import protonorm._C as _C
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {_C.isa()}")
+    for batch, features in ((8192, 1024), (16384, 342)):
+        for ema in (None, 0.999):
+            bench_normalize_record(batch, features, ema, args.rounds, not args.no_compile)
+    bench_reward(4096, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

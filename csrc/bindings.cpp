@@ -1,0 +1,221 @@
+// Python bindings of protonorm._C. Tensors arrive as data pointers with shapes, strides (in elements) and dtype
+// codes, so the module needs no torch headers and one build serves every torch version; the Python side
+// (protonorm/backends/cpp_backend.py) validates them. Every entry point releases the GIL.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "common.h"
+
+namespace py = pybind11;
+
+namespace protonorm {
+
+extern const KernelTable kBaselineKernels;
+#if defined(__x86_64__) && defined(__GNUC__)
+extern const KernelTable kAvx2Kernels;
+extern const KernelTable kAvx512Kernels;
+#endif
+
+namespace {
+
+// Below this many elements per thread, starting a parallel region costs more than it saves.
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+
+std::vector<const KernelTable*> supported_tables() {
+  std::vector<const KernelTable*> tables{&kBaselineKernels};
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                    __builtin_cpu_supports("bmi2");
+  if (avx2) tables.push_back(&kAvx2Kernels);
+  if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+    tables.push_back(&kAvx512Kernels);
+#endif
+  return tables;
+}
+
+const KernelTable* g_kernels = nullptr;
+
+const KernelTable& kernels() { return *g_kernels; }
+
+void set_isa(const std::string& name) {
+  for (const KernelTable* t : supported_tables()) {
+    if (name == t->isa) {
+      g_kernels = t;
+      return;
+    }
+  }
+  throw std::invalid_argument("instruction set '" + name + "' is not supported by this CPU or build");
+}
+
+std::vector<std::string> isas() {
+  std::vector<std::string> names;
+  for (const KernelTable* t : supported_tables()) names.emplace_back(t->isa);
+  return names;
+}
+
+int threads_for(int requested, int64_t elements) {
+  const int64_t useful = elements / kMinElementsPerThread;
+  if (useful < 2 || requested < 2) return 1;
+  return useful < requested ? static_cast<int>(useful) : requested;
+}
+
+template <class T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+// torch's float -> half and float -> bfloat16 conversions (round to nearest even), for clamp bounds applied to
+// 16-bit input.
+float round_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  x &= 0x7fffffffu;
+  uint16_t h;
+  if (x >= 0x7f800000u)
+    h = static_cast<uint16_t>(x > 0x7f800000u ? 0x7e00u : 0x7c00u);
+  else if (x >= 0x477ff000u)  // 65520 and above round to inf
+    h = 0x7c00u;
+  else if (x < 0x38800000u)  // below the smallest normal half: a multiple of 2^-24
+    h = static_cast<uint16_t>(std::nearbyint(std::fabs(f) * 16777216.0f));
+  else
+    h = static_cast<uint16_t>((x - 0x38000000u + 0xfffu + ((x >> 13) & 1u)) >> 13);
+  return to_float(Half{static_cast<uint16_t>(h | sign)});
+}
+
+float round_to_bfloat16(float f) {
+  if (std::isnan(f)) return f;
+  uint32_t x;
+  std::memcpy(&x, &f, sizeof x);
+  x = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  return to_float(BFloat16{static_cast<uint16_t>(x)});
+}
+
+Matrix matrix(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, int dtype) {
+  return Matrix{ptr<void>(data), rows, cols, row_stride, dtype};
+}
+
+void moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t mask,
+             int64_t mask_stride, uintptr_t parts, int64_t num_parts, int64_t rows_per_part, int threads) {
+  MomentsArgs a{matrix(x, rows, cols, x_stride, x_dtype), ptr<const uint8_t>(mask), mask_stride,
+                PartsOut{ptr<double>(parts), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
+  kernels().moments(a);
+}
+
+// mean32 / std32: contiguous float32 [cols], computed by the caller with the reference's own torch expressions
+// (mean.float(), torch.sqrt(var.float() + eps)): torch's float32 sqrt is not always correctly rounded, and the
+// output must match the reference bit for bit.
+void normalize(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t out,
+               int64_t out_stride, uintptr_t mean32, uintptr_t std32, bool has_clamp, double clamp_value,
+               bool un_norm, bool center, int threads) {
+  double bound = clamp_value;
+  if (un_norm && x_dtype == kFloat16) bound = round_to_half(static_cast<float>(clamp_value));
+  if (un_norm && x_dtype == kBFloat16) bound = round_to_bfloat16(static_cast<float>(clamp_value));
+  const int out_dtype = x_dtype == kFloat64 ? kFloat64 : kFloat32;
+  NormalizeArgs a{matrix(x, rows, cols, x_stride, x_dtype), matrix(out, rows, cols, out_stride, out_dtype),
+                  NormalizeParams{ptr<const float>(mean32), ptr<const float>(std32), center, un_norm, has_clamp, bound},
+                  threads_for(threads, rows * cols)};
+  kernels().normalize(a);
+}
+
+void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t out,
+                       int64_t out_stride, uintptr_t mean32, uintptr_t std32, bool has_clamp, double clamp_value,
+                       uintptr_t parts, int64_t num_parts, int64_t rows_per_part, int threads) {
+  const int out_dtype = x_dtype == kFloat64 ? kFloat64 : kFloat32;
+  NormalizeMomentsArgs a{matrix(x, rows, cols, x_stride, x_dtype), matrix(out, rows, cols, out_stride, out_dtype),
+                         NormalizeParams{ptr<const float>(mean32), ptr<const float>(std32), true, false, has_clamp,
+                                         clamp_value},
+                         PartsOut{ptr<double>(parts), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
+  kernels().normalize_moments(a);
+}
+
+// terminated (any dtype, strided) -> one byte per row, 1 = restart.
+std::vector<uint8_t> reset_flags(uintptr_t data, int64_t rows, int64_t stride, int dtype) {
+  std::vector<uint8_t> reset(rows > 0 ? rows : 1);
+  auto fill = [&](auto* p, auto nonzero) {
+    for (int64_t r = 0; r < rows; ++r) reset[r] = nonzero(p[r * stride]) ? 1 : 0;
+  };
+  auto plain = [](auto v) { return v != 0; };
+  auto half_bits = [](uint16_t v) { return (v & 0x7fffu) != 0; };  // NaN counts as nonzero, as `!= 0` in torch
+  switch (dtype) {
+    case kBool:
+    case kUInt8: fill(ptr<const uint8_t>(data), plain); break;
+    case kInt8: fill(ptr<const int8_t>(data), plain); break;
+    case kInt16: fill(ptr<const int16_t>(data), plain); break;
+    case kInt32: fill(ptr<const int32_t>(data), plain); break;
+    case kInt64: fill(ptr<const int64_t>(data), plain); break;
+    case kFloat16:
+    case kBFloat16: fill(ptr<const uint16_t>(data), half_bits); break;
+    case kFloat32: fill(ptr<const float>(data), plain); break;
+    case kFloat64: fill(ptr<const double>(data), plain); break;
+    default: throw std::invalid_argument("unsupported dtype code for terminated");
+  }
+  return reset;
+}
+
+void reward_moments(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_stride, int reward_dtype,
+                    uintptr_t terminated, int64_t terminated_stride, int terminated_dtype, uintptr_t discounted,
+                    int64_t discounted_stride, int discounted_dtype, double gamma, uintptr_t parts,
+                    int64_t num_parts, int64_t rows_per_part, int threads) {
+  const std::vector<uint8_t> reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
+  RewardArgs a{matrix(reward, rows, cols, reward_stride, reward_dtype), reset.data(),
+               matrix(discounted, rows, cols, discounted_stride, discounted_dtype), gamma,
+               PartsOut{ptr<double>(parts), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
+  kernels().reward_moments(a);
+}
+
+void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t mean,
+           int64_t mean_stride, uintptr_t var, int64_t var_stride, uintptr_t count, uintptr_t dropped,
+           bool has_ema, double ema_decay, int threads) {
+  std::vector<double> scratch(num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
+  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, scratch.data(), nullptr, ptr<double>(mean),
+              mean_stride, ptr<double>(var), var_stride, ptr<int64_t>(count), ptr<int64_t>(dropped), has_ema,
+              ema_decay, threads_for(threads, num_parts * cols)};
+  kernels().merge(a);
+}
+
+void combine(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t out, int threads) {
+  std::vector<double> scratch(num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
+  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, scratch.data(), ptr<double>(out), nullptr,
+              0, nullptr, 0, nullptr, nullptr, false, 0.0, threads_for(threads, num_parts * cols)};
+  kernels().merge(a);
+}
+
+}  // namespace
+}  // namespace protonorm
+
+PYBIND11_MODULE(_C, m) {
+  using namespace protonorm;
+  m.doc() = "protonorm CPU kernels (no torch headers: pointers, shapes, strides in elements, dtype codes).";
+  const std::vector<const KernelTable*> tables = supported_tables();
+  g_kernels = tables.back();
+  if (const char* wanted = std::getenv("PROTONORM_CPU_ISA")) {
+    if (*wanted) set_isa(wanted);
+  }
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("moments", &moments, nogil);
+  m.def("normalize", &normalize, nogil);
+  m.def("normalize_moments", &normalize_moments, nogil);
+  m.def("reward_moments", &reward_moments, nogil);
+  m.def("merge", &merge, nogil);
+  m.def("combine", &combine, nogil);
+  m.def("isa", []() { return std::string(kernels().isa); }, "The instruction set the kernels run with.");
+  m.def("isas", &isas, "Instruction sets this CPU can run, baseline first.");
+  m.def("set_isa", &set_isa, "Run the kernels built for the named instruction set (one of isas()).");
+  m.def("openmp", []() {
+#ifdef _OPENMP
+    return true;
+#else
+    return false;
+#endif
+  });
+}

@@ -1,0 +1,740 @@
+// The CPU kernels: batch moments, normalize, normalize-and-moments, reward update-and-moments.
+//
+// This file is included several times, once per instruction set, each inside its own namespace and under a
+// `#pragma GCC target(...)` (see kernels_*.cpp); it includes nothing itself, so that no library header is compiled
+// under a foreign target. The loops are written for the auto-vectorizer: columns are contiguous, so the inner loops
+// run over columns with restrict-qualified pointers and plain selects.
+//
+// Moments. Rows are cut into parts of `rows_per_part` rows (a function of the batch size only, so results do not
+// depend on the thread count). Within a part every column is accumulated as float64 sums of deviations from a
+// shift, the part's first valid row: with that shift the sums stay of the order of the spread even when the data
+// sits at an offset of 1e6, so sum(d^2) - sum(d)^2 / n does not cancel. A row holding NaN/inf is detected (one
+// read, the row is then in L1) before it is accumulated, and counted instead. Four valid rows are accumulated
+// together so that the float64 accumulators are loaded and stored once per four rows.
+//
+// Normalize follows the reference's rounding exactly: float32 mean and stddev, one subtraction and one true
+// division in the output dtype (on the CPUs measured, a vector division is cheaper than the conversions a
+// reciprocal-in-float64 scheme needs), clamps as explicit comparisons (NaN stays NaN), no contraction into FMA.
+
+template <class T>
+struct Elem;
+
+// load: the value in its math type. exponent: the raw exponent field; it equals kNonFinite exactly for inf and
+// NaN, so "any non-finite in a row" is one running unsigned max (cheaper than compare-and-or per element).
+template <>
+struct Elem<float> {
+  using Math = float;
+  using Bits = uint32_t;
+  static constexpr Bits kNonFinite = 0x7f800000u;
+  static inline float load(float v) { return v; }
+  static inline Bits exponent(float v) {
+    Bits b;
+    std::memcpy(&b, &v, sizeof b);
+    return b & kNonFinite;
+  }
+};
+
+template <>
+struct Elem<double> {
+  using Math = double;
+  using Bits = uint64_t;
+  static constexpr Bits kNonFinite = 0x7ff0000000000000ull;
+  static inline double load(double v) { return v; }
+  static inline Bits exponent(double v) {
+    Bits b;
+    std::memcpy(&b, &v, sizeof b);
+    return b & kNonFinite;
+  }
+};
+
+template <>
+struct Elem<Half> {
+  using Math = float;
+  using Bits = uint16_t;
+  static constexpr Bits kNonFinite = 0x7c00u;
+  static inline float load(Half v) { return to_float(v); }
+  static inline Bits exponent(Half v) { return static_cast<Bits>(v.bits & kNonFinite); }
+};
+
+template <>
+struct Elem<BFloat16> {
+  using Math = float;
+  using Bits = uint16_t;
+  static constexpr Bits kNonFinite = 0x7f80u;
+  static inline float load(BFloat16 v) { return to_float(v); }
+  static inline Bits exponent(BFloat16 v) { return static_cast<Bits>(v.bits & kNonFinite); }
+};
+
+template <class T>
+inline bool nonfinite(T v) {
+  return Elem<T>::exponent(v) == Elem<T>::kNonFinite;
+}
+
+// Running max of exponent fields; `largest == kNonFinite` at the end means the row held a NaN or an inf.
+template <class T>
+inline typename Elem<T>::Bits max_exponent(typename Elem<T>::Bits largest, T v) {
+  const typename Elem<T>::Bits e = Elem<T>::exponent(v);
+  return e > largest ? e : largest;
+}
+
+// s + d * d: one fused instruction where the instruction set has it (the moments need not match any particular
+// rounding; normalize never uses this).
+inline double add_square(double s, double d) {
+#ifdef PROTONORM_KERNELS_FMA
+  return __builtin_fma(d, d, s);
+#else
+  return s + d * d;
+#endif
+}
+
+inline int64_t element_size(int dtype) {
+  return dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2;
+}
+
+template <class T>
+inline T* row_ptr(const Matrix& m, int64_t r) {
+  return static_cast<T*>(m.data) + r * m.row_stride;
+}
+
+// Asks for the row `bytes` long at `row` to be brought into cache: the row loops read one row (a few KB) at a
+// time, and the hardware prefetchers stop at every 4 KB page, so without this each row starts with a stall.
+inline void prefetch_row(const void* row, int64_t bytes) {
+  const char* p = static_cast<const char*>(row);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+// How many rows ahead to prefetch: about 8 KB ahead of the row being read.
+inline int64_t prefetch_distance(int64_t row_bytes) { return row_bytes >= 8192 ? 1 : 8192 / (row_bytes > 0 ? row_bytes : 1); }
+
+// Calls body(begin, end) on [0, n) split into contiguous ranges, one per thread.
+template <class Body>
+inline void parallel_ranges(int64_t n, int threads, const Body& body) {
+#ifdef _OPENMP
+  if (threads > 1 && n > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int64_t t = omp_get_thread_num();
+      const int64_t nt = omp_get_num_threads();
+      const int64_t begin = n * t / nt;
+      const int64_t end = n * (t + 1) / nt;
+      if (begin < end) body(begin, end);
+    }
+    return;
+  }
+#endif
+  (void)threads;
+  if (n > 0) body(0, n);
+}
+
+// ------------------------------------------------------------------------------------------------ moments, rows
+// Per-thread accumulators of one part: shift, sum of deviations, sum of squared deviations.
+struct RowAccumulator {
+  double* shift;
+  double* s1;
+  double* s2;
+  int64_t cols;
+  double n;
+  double dropped;
+  const void* pending[4];
+  int num_pending;
+};
+
+template <class T>
+inline void set_shift(const T* __restrict row, double* __restrict shift, double* __restrict s1,
+                      double* __restrict s2, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) {
+    shift[j] = static_cast<double>(Elem<T>::load(row[j]));
+    s1[j] = 0.0;
+    s2[j] = 0.0;
+  }
+}
+
+template <class T>
+inline void accumulate1(const T* __restrict r0, const double* __restrict shift, double* __restrict s1,
+                        double* __restrict s2, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) {
+    const double d0 = static_cast<double>(Elem<T>::load(r0[j])) - shift[j];
+    s1[j] += d0;
+    s2[j] = add_square(s2[j], d0);
+  }
+}
+
+template <class T>
+inline void accumulate4(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
+                        const T* __restrict r3, const double* __restrict shift, double* __restrict s1,
+                        double* __restrict s2, int64_t cols) {
+  for (int64_t j = 0; j < cols; ++j) {
+    const double sh = shift[j];
+    const double d0 = static_cast<double>(Elem<T>::load(r0[j])) - sh;
+    const double d1 = static_cast<double>(Elem<T>::load(r1[j])) - sh;
+    const double d2 = static_cast<double>(Elem<T>::load(r2[j])) - sh;
+    const double d3 = static_cast<double>(Elem<T>::load(r3[j])) - sh;
+    s1[j] += (d0 + d1) + (d2 + d3);
+    s2[j] = add_square(add_square(add_square(add_square(s2[j], d0), d1), d2), d3);
+  }
+}
+
+template <class T>
+inline void start_part(RowAccumulator& acc) {
+  acc.n = 0.0;
+  acc.dropped = 0.0;
+  acc.num_pending = 0;
+}
+
+// A row that passed the finiteness test enters the part's sums.
+template <class T>
+inline void add_valid_row(RowAccumulator& acc, const T* row) {
+  if (acc.n == 0.0) {
+    set_shift<T>(row, acc.shift, acc.s1, acc.s2, acc.cols);
+  } else {
+    acc.pending[acc.num_pending++] = row;
+    if (acc.num_pending == 4) {
+      accumulate4<T>(static_cast<const T*>(acc.pending[0]), static_cast<const T*>(acc.pending[1]),
+                     static_cast<const T*>(acc.pending[2]), static_cast<const T*>(acc.pending[3]), acc.shift,
+                     acc.s1, acc.s2, acc.cols);
+      acc.num_pending = 0;
+    }
+  }
+  acc.n += 1.0;
+}
+
+// Writes the part [n, dropped, mean(cols), m2(cols)].
+template <class T>
+inline void finish_part(RowAccumulator& acc, double* __restrict part) {
+  for (int i = 0; i < acc.num_pending; ++i)
+    accumulate1<T>(static_cast<const T*>(acc.pending[i]), acc.shift, acc.s1, acc.s2, acc.cols);
+  acc.num_pending = 0;
+  const int64_t cols = acc.cols;
+  part[0] = acc.n;
+  part[1] = acc.dropped;
+  double* __restrict mean = part + 2;
+  double* __restrict m2 = part + 2 + cols;
+  if (acc.n == 0.0) {
+    for (int64_t j = 0; j < cols; ++j) mean[j] = 0.0;
+    for (int64_t j = 0; j < cols; ++j) m2[j] = 0.0;
+    return;
+  }
+  const double n = acc.n;
+  const double* __restrict shift = acc.shift;
+  const double* __restrict s1 = acc.s1;
+  const double* __restrict s2 = acc.s2;
+  for (int64_t j = 0; j < cols; ++j) {
+    const double centered = s1[j] / n;
+    mean[j] = shift[j] + centered;
+    const double m = s2[j] - s1[j] * centered;
+    m2[j] = m < 0.0 ? 0.0 : m;  // rounding can leave a constant column a hair below zero
+  }
+}
+
+// Runs `row_step(acc, r)` over the rows of every part, threads splitting the parts; row_step must end each row
+// with add_valid_row, a dropped count, or nothing (ignored row).
+template <class T, class RowStep>
+inline void moments_by_rows(int64_t rows, int64_t cols, const PartsOut& parts, int threads, const Matrix& source,
+                            const RowStep& row_step) {
+  const int64_t width = 2 + 2 * cols;
+  const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
+  const int64_t ahead = prefetch_distance(row_bytes);
+  const int64_t source_bytes = cols * element_size(source.dtype);
+  parallel_ranges(parts.num_parts, threads, [&](int64_t p_begin, int64_t p_end) {
+    const int64_t last_row = p_end * parts.rows_per_part < rows ? p_end * parts.rows_per_part : rows;
+    double* scratch = new double[3 * (cols > 0 ? cols : 1)];
+    RowAccumulator acc;
+    acc.shift = scratch;
+    acc.s1 = scratch + cols;
+    acc.s2 = scratch + 2 * cols;
+    acc.cols = cols;
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      start_part<T>(acc);
+      const int64_t r_begin = p * parts.rows_per_part;
+      const int64_t r_end = r_begin + parts.rows_per_part < rows ? r_begin + parts.rows_per_part : rows;
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        if (r + ahead < last_row)
+          prefetch_row(static_cast<const char*>(source.data) + (r + ahead) * source.row_stride * element_size(source.dtype),
+                       source_bytes);
+        row_step(acc, r);
+      }
+      finish_part<T>(acc, parts.data + p * width);
+    }
+    delete[] scratch;
+  });
+}
+
+// --------------------------------------------------------------------------------------- moments, one column
+// With a single feature the row loop would do one element of work per row; instead a first, op-specific loop
+// writes each row's value and status (0 ignored, 1 dropped, 2 valid) to a buffer, and this reduction runs
+// across rows in eight fixed lanes.
+enum : uint8_t { kIgnored = 0, kDropped = 1, kValid = 2 };
+
+inline void finish_column_part(const double* __restrict values, const uint8_t* __restrict status, int64_t count,
+                               double* __restrict part) {
+  double n = 0.0, dropped = 0.0, shift = 0.0;
+  for (int64_t i = 0; i < count; ++i) {
+    if (status[i] == kValid) {
+      shift = values[i];
+      break;
+    }
+  }
+  double lane1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double lane2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double lane_n[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  double lane_dropped[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    for (int l = 0; l < 8; ++l) {
+      const bool ok = status[i + l] == kValid;
+      const double d = ok ? values[i + l] - shift : 0.0;
+      lane1[l] += d;
+      lane2[l] = add_square(lane2[l], d);
+      lane_n[l] += ok ? 1.0 : 0.0;
+      lane_dropped[l] += status[i + l] == kDropped ? 1.0 : 0.0;
+    }
+  }
+  for (int l = 0; i < count; ++i, ++l) {
+    const bool ok = status[i] == kValid;
+    const double d = ok ? values[i] - shift : 0.0;
+    lane1[l] += d;
+    lane2[l] = add_square(lane2[l], d);
+    lane_n[l] += ok ? 1.0 : 0.0;
+    lane_dropped[l] += status[i] == kDropped ? 1.0 : 0.0;
+  }
+  double s1 = 0.0, s2 = 0.0;
+  for (int l = 0; l < 8; ++l) {
+    s1 += lane1[l];
+    s2 += lane2[l];
+    n += lane_n[l];
+    dropped += lane_dropped[l];
+  }
+  part[0] = n;
+  part[1] = dropped;
+  if (n == 0.0) {
+    part[2] = 0.0;
+    part[3] = 0.0;
+    return;
+  }
+  const double centered = s1 / n;
+  part[2] = shift + centered;
+  const double m = s2 - s1 * centered;
+  part[3] = m < 0.0 ? 0.0 : m;
+}
+
+// Runs `fill(r_begin, r_end, values, status)` for each part, then reduces it.
+template <class Fill>
+inline void moments_by_column(int64_t rows, const PartsOut& parts, int threads, const Fill& fill) {
+  parallel_ranges(parts.num_parts, threads, [&](int64_t p_begin, int64_t p_end) {
+    const int64_t capacity = parts.rows_per_part > 0 ? parts.rows_per_part : 1;
+    double* values = new double[capacity];
+    uint8_t* status = new uint8_t[capacity];
+    for (int64_t p = p_begin; p < p_end; ++p) {
+      const int64_t r_begin = p * parts.rows_per_part;
+      const int64_t r_end = r_begin + parts.rows_per_part < rows ? r_begin + parts.rows_per_part : rows;
+      const int64_t count = r_end > r_begin ? r_end - r_begin : 0;
+      if (count > 0) fill(r_begin, r_end, values, status);
+      finish_column_part(values, status, count, parts.data + p * 4);
+    }
+    delete[] values;
+    delete[] status;
+  });
+}
+
+template <class T>
+inline bool row_nonfinite(const T* __restrict row, int64_t cols) {
+  typename Elem<T>::Bits largest = 0;
+  for (int64_t j = 0; j < cols; ++j) largest = max_exponent(largest, row[j]);
+  return largest == Elem<T>::kNonFinite;
+}
+
+template <class T>
+void moments_typed(const MomentsArgs& a) {
+  const Matrix& x = a.x;
+  const uint8_t* mask = a.mask;
+  const int64_t mask_stride = a.mask_stride;
+  if (x.cols == 1) {
+    const T* base = static_cast<const T*>(x.data);
+    const int64_t stride = x.row_stride;
+    moments_by_column(x.rows, a.parts, a.threads,
+                      [&](int64_t r_begin, int64_t r_end, double* __restrict values, uint8_t* __restrict status) {
+                        for (int64_t r = r_begin; r < r_end; ++r) {
+                          const T v = base[r * stride];
+                          const bool considered = mask == nullptr || mask[r * mask_stride] != 0;
+                          values[r - r_begin] = static_cast<double>(Elem<T>::load(v));
+                          status[r - r_begin] = !considered ? kIgnored : nonfinite<T>(v) ? kDropped : kValid;
+                        }
+                      });
+    return;
+  }
+  moments_by_rows<T>(x.rows, x.cols, a.parts, a.threads, x, [&](RowAccumulator& acc, int64_t r) {
+    if (mask != nullptr && mask[r * mask_stride] == 0) return;
+    const T* row = row_ptr<const T>(x, r);
+    if (row_nonfinite<T>(row, x.cols)) {
+      acc.dropped += 1.0;
+      return;
+    }
+    add_valid_row<T>(acc, row);
+  });
+}
+
+void moments(const MomentsArgs& a) {
+  switch (a.x.dtype) {
+    case kFloat32: return moments_typed<float>(a);
+    case kFloat64: return moments_typed<double>(a);
+    case kFloat16: return moments_typed<Half>(a);
+    case kBFloat16: return moments_typed<BFloat16>(a);
+    default: return;  // validated by the caller
+  }
+}
+
+// ----------------------------------------------------------------------------------------------- normalize
+// Output math type: float32 for 16- and 32-bit input, float64 for float64 input (promote_types(x, float32)).
+template <class T>
+struct OutOf {
+  using type = float;
+};
+template <>
+struct OutOf<double> {
+  using type = double;
+};
+
+// One row of `clamp((x - mean) / std)` (or the scale-only `x / std`); returns whether x held a NaN/inf when
+// kCheck (for the fused moments), which costs one compare per element.
+template <class T, bool kCenter, bool kClamp, bool kCheck>
+inline bool normalize_row(const T* __restrict x, typename OutOf<T>::type* __restrict y, const float* __restrict mean,
+                          const float* __restrict stddev, typename OutOf<T>::type hi, int64_t cols) {
+  using M = typename OutOf<T>::type;
+  const M lo = -hi;
+  typename Elem<T>::Bits largest = 0;
+  for (int64_t j = 0; j < cols; ++j) {
+    const T raw = x[j];
+    const M v = static_cast<M>(Elem<T>::load(raw));
+    const M centered = kCenter ? v - static_cast<M>(mean[j]) : v;
+    M out = centered / static_cast<M>(stddev[j]);
+    if (kClamp) {
+      out = out < lo ? lo : out;
+      out = out > hi ? hi : out;
+    }
+    y[j] = out;
+    if (kCheck) largest = max_exponent(largest, raw);
+  }
+  return largest == Elem<T>::kNonFinite;
+}
+
+// One row of un_norm: clamp x (bounds rounded to x's dtype, as torch.clamp on x does), then `x * std + mean`
+// (two roundings, as the reference's separate multiply and add).
+template <class T, bool kCenter, bool kClamp>
+inline void unnormalize_row(const T* __restrict x, typename OutOf<T>::type* __restrict y,
+                            const float* __restrict mean, const float* __restrict stddev,
+                            typename OutOf<T>::type hi, int64_t cols) {
+  using M = typename OutOf<T>::type;
+  const M lo = -hi;
+  for (int64_t j = 0; j < cols; ++j) {
+    M v = static_cast<M>(Elem<T>::load(x[j]));
+    if (kClamp) {
+      v = v < lo ? lo : v;
+      v = v > hi ? hi : v;
+    }
+    const M scaled = v * static_cast<M>(stddev[j]);
+    y[j] = kCenter ? scaled + static_cast<M>(mean[j]) : scaled;
+  }
+}
+
+template <class T, bool kUnNorm, bool kCenter, bool kClamp>
+void normalize_rows(const NormalizeArgs& a) {
+  using M = typename OutOf<T>::type;
+  const Matrix& x = a.x;
+  const Matrix& out = a.out;
+  const NormalizeParams& p = a.params;
+  const M hi = static_cast<M>(p.clamp_value);
+  parallel_ranges(x.rows, a.threads, [&](int64_t r_begin, int64_t r_end) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      const T* xr = row_ptr<const T>(x, r);
+      M* yr = row_ptr<M>(out, r);
+      if (kUnNorm)
+        unnormalize_row<T, kCenter, kClamp>(xr, yr, p.mean, p.stddev, hi, x.cols);
+      else
+        normalize_row<T, kCenter, kClamp, false>(xr, yr, p.mean, p.stddev, hi, x.cols);
+    }
+  });
+}
+
+template <class T>
+void normalize_typed(const NormalizeArgs& a) {
+  const NormalizeParams& p = a.params;
+  const int variant = (p.un_norm ? 4 : 0) | (p.center ? 2 : 0) | (p.clamp ? 1 : 0);
+  switch (variant) {
+    case 0: return normalize_rows<T, false, false, false>(a);
+    case 1: return normalize_rows<T, false, false, true>(a);
+    case 2: return normalize_rows<T, false, true, false>(a);
+    case 3: return normalize_rows<T, false, true, true>(a);
+    case 4: return normalize_rows<T, true, false, false>(a);
+    case 5: return normalize_rows<T, true, false, true>(a);
+    case 6: return normalize_rows<T, true, true, false>(a);
+    default: return normalize_rows<T, true, true, true>(a);
+  }
+}
+
+void normalize(const NormalizeArgs& a) {
+  switch (a.x.dtype) {
+    case kFloat32: return normalize_typed<float>(a);
+    case kFloat64: return normalize_typed<double>(a);
+    case kFloat16: return normalize_typed<Half>(a);
+    case kBFloat16: return normalize_typed<BFloat16>(a);
+    default: return;
+  }
+}
+
+// ------------------------------------------------------------------------------------- normalize + moments
+template <class T, bool kClamp>
+void normalize_moments_typed(const NormalizeMomentsArgs& a) {
+  using M = typename OutOf<T>::type;
+  const Matrix& x = a.x;
+  const Matrix& out = a.out;
+  const NormalizeParams& p = a.params;
+  const M hi = static_cast<M>(p.clamp_value);
+  if (x.cols == 1) {
+    const T* base = static_cast<const T*>(x.data);
+    M* obase = static_cast<M*>(out.data);
+    const int64_t stride = x.row_stride;
+    const int64_t ostride = out.row_stride;
+    const M mean = static_cast<M>(p.mean[0]);
+    const M sd = static_cast<M>(p.stddev[0]);
+    const M lo = -hi;
+    moments_by_column(x.rows, a.parts, a.threads,
+                      [&](int64_t r_begin, int64_t r_end, double* __restrict values, uint8_t* __restrict status) {
+                        for (int64_t r = r_begin; r < r_end; ++r) {
+                          const T raw = base[r * stride];
+                          const M v = static_cast<M>(Elem<T>::load(raw));
+                          M y = (v - mean) / sd;
+                          if (kClamp) {
+                            y = y < lo ? lo : y;
+                            y = y > hi ? hi : y;
+                          }
+                          obase[r * ostride] = y;
+                          values[r - r_begin] = static_cast<double>(v);
+                          status[r - r_begin] = nonfinite<T>(raw) ? kDropped : kValid;
+                        }
+                      });
+    return;
+  }
+  moments_by_rows<T>(x.rows, x.cols, a.parts, a.threads, x, [&](RowAccumulator& acc, int64_t r) {
+    const T* row = row_ptr<const T>(x, r);
+    if (normalize_row<T, true, kClamp, true>(row, row_ptr<M>(out, r), p.mean, p.stddev, hi,
+                                             x.cols)) {
+      acc.dropped += 1.0;
+      return;
+    }
+    add_valid_row<T>(acc, row);
+  });
+}
+
+void normalize_moments(const NormalizeMomentsArgs& a) {
+  const bool c = a.params.clamp;
+  switch (a.x.dtype) {
+    case kFloat32: return c ? normalize_moments_typed<float, true>(a) : normalize_moments_typed<float, false>(a);
+    case kFloat64: return c ? normalize_moments_typed<double, true>(a) : normalize_moments_typed<double, false>(a);
+    case kFloat16: return c ? normalize_moments_typed<Half, true>(a) : normalize_moments_typed<Half, false>(a);
+    case kBFloat16:
+      return c ? normalize_moments_typed<BFloat16, true>(a) : normalize_moments_typed<BFloat16, false>(a);
+    default: return;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ reward + moments
+// discounted = (reset ? 0 : discounted * gamma) + reward, in the dtypes the reference computes in: the product in
+// the discounted dtype (gamma rounded to it), the sum in promote_types(discounted, reward), stored back rounded.
+template <class D, class R>
+struct RewardMath {
+  using type = float;
+};
+template <class R>
+struct RewardMath<double, R> {
+  using type = double;
+};
+template <>
+struct RewardMath<float, double> {
+  using type = double;
+};
+
+template <class D, class R>
+inline D discounted_step(D previous, R reward, bool reset, D gamma) {
+  using P = typename RewardMath<D, R>::type;
+  D carried = previous * gamma;
+  carried = reset ? D(0) : carried;
+  return static_cast<D>(static_cast<P>(carried) + static_cast<P>(Elem<R>::load(reward)));
+}
+
+template <class D, class R>
+void reward_moments_typed(const RewardArgs& a) {
+  const Matrix& rew = a.reward;
+  const Matrix& disc = a.discounted;
+  const uint8_t* reset = a.reset;
+  const D gamma = static_cast<D>(a.gamma);
+  if (disc.cols == 1) {
+    const R* rbase = static_cast<const R*>(rew.data);
+    D* dbase = static_cast<D*>(disc.data);
+    const int64_t rstride = rew.row_stride;
+    const int64_t dstride = disc.row_stride;
+    moments_by_column(disc.rows, a.parts, a.threads,
+                      [&](int64_t r_begin, int64_t r_end, double* __restrict values, uint8_t* __restrict status) {
+                        for (int64_t r = r_begin; r < r_end; ++r) {
+                          const D v = discounted_step<D, R>(dbase[r * dstride], rbase[r * rstride], reset[r] != 0,
+                                                            gamma);
+                          dbase[r * dstride] = v;
+                          values[r - r_begin] = static_cast<double>(v);
+                          status[r - r_begin] = nonfinite<D>(v) ? kDropped : kValid;
+                        }
+                      });
+    return;
+  }
+  const int64_t cols = disc.cols;
+  moments_by_rows<D>(disc.rows, cols, a.parts, a.threads, disc, [&](RowAccumulator& acc, int64_t r) {
+    D* __restrict d = row_ptr<D>(disc, r);
+    const R* __restrict x = row_ptr<const R>(rew, r);
+    const bool restart = reset[r] != 0;
+    typename Elem<D>::Bits largest = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const D v = discounted_step<D, R>(d[j], x[j], restart, gamma);
+      d[j] = v;
+      largest = max_exponent(largest, v);
+    }
+    if (largest == Elem<D>::kNonFinite) {
+      acc.dropped += 1.0;
+      return;
+    }
+    add_valid_row<D>(acc, d);
+  });
+}
+
+template <class D>
+void reward_moments_disc(const RewardArgs& a) {
+  switch (a.reward.dtype) {
+    case kFloat32: return reward_moments_typed<D, float>(a);
+    case kFloat64: return reward_moments_typed<D, double>(a);
+    case kFloat16: return reward_moments_typed<D, Half>(a);
+    case kBFloat16: return reward_moments_typed<D, BFloat16>(a);
+    default: return;
+  }
+}
+
+void reward_moments(const RewardArgs& a) {
+  if (a.discounted.dtype == kFloat64)
+    reward_moments_disc<double>(a);
+  else
+    reward_moments_disc<float>(a);
+}
+
+// ------------------------------------------------------------------------------------------------ merge
+// The reference's chan_merge for one pair of parts over a range of columns, with its operation order:
+// mean = mean_a + delta * (n_b / n), m2 = (m2_a + m2_b) + delta^2 * (n_a * n_b / n). `out` may alias `a`.
+inline void chan_merge_columns(const double* mean_a, const double* m2_a, const double* mean_b, const double* m2_b,
+                               double* mean_out, double* m2_out, double weight_mean, double weight_m2,
+                               int64_t c_begin, int64_t c_end) {
+  for (int64_t j = c_begin; j < c_end; ++j) {
+    const double delta = mean_b[j] - mean_a[j];
+    const double m2 = m2_a[j] + m2_b[j];
+    mean_out[j] = mean_a[j] + delta * weight_mean;
+    m2_out[j] = m2 + delta * delta * weight_m2;
+  }
+}
+
+inline double safe_count(double n) { return n > 0.0 ? n : 1.0; }
+
+void merge(const MergeArgs& a) {
+  const int64_t k = a.num_parts;
+  const int64_t cols = a.cols;
+  const int64_t stride = a.parts_stride;
+  const double* parts = a.parts;
+  double n_b = 0.0, dropped_b = 0.0;
+  for (int64_t p = 0; p < k; ++p) dropped_b += parts[p * stride + 1];
+  // Where the combined mean / m2 end up: the only part itself, or slot 0 of the scratch.
+  const double* mean_b = parts + 2;
+  const double* m2_b = parts + 2 + cols;
+  if (k > 1) {
+    mean_b = a.scratch;
+    m2_b = a.scratch + cols;
+  }
+  // Counts of the tree's nodes; tiny, so each thread recomputes them rather than sharing.
+  const int64_t n_current = a.count != nullptr ? *a.count : 0;
+  parallel_ranges(cols, a.threads, [&](int64_t c_begin, int64_t c_end) {
+    double* scratch = a.scratch;
+    int64_t len = k;
+    double node_n[64];
+    double* ns = k <= 64 ? node_n : new double[k];
+    for (int64_t p = 0; p < k; ++p) ns[p] = parts[p * stride];
+    bool first_level = true;
+    while (len > 1) {
+      for (int64_t i = 0; i + 1 < len; i += 2) {
+        const double na = ns[i], nb = ns[i + 1];
+        const double n = na + nb;
+        const double weight_mean = nb / safe_count(n);
+        const double weight_m2 = na * nb / safe_count(n);
+        const double* src_a = first_level ? parts + i * stride + 2 : scratch + i * 2 * cols;
+        const double* src_b = first_level ? parts + (i + 1) * stride + 2 : scratch + (i + 1) * 2 * cols;
+        double* dst = scratch + (i / 2) * 2 * cols;
+        chan_merge_columns(src_a, src_a + cols, src_b, src_b + cols, dst, dst + cols, weight_mean, weight_m2,
+                           c_begin, c_end);
+        ns[i / 2] = n;
+      }
+      if (len % 2) {
+        const int64_t last = len - 1;
+        const double* src = first_level ? parts + last * stride + 2 : scratch + last * 2 * cols;
+        double* dst = scratch + (last / 2) * 2 * cols;
+        for (int64_t j = c_begin; j < c_end; ++j) {
+          dst[j] = src[j];
+          dst[cols + j] = src[cols + j];
+        }
+        ns[last / 2] = ns[last];
+      }
+      len = (len + 1) / 2;
+      first_level = false;
+    }
+    const double total = ns[0];
+    if (ns != node_n) delete[] ns;
+    if (c_begin == 0) n_b = total;  // one writer; read after the parallel region
+    if (a.combined != nullptr) {
+      for (int64_t j = c_begin; j < c_end; ++j) {
+        a.combined[2 + j] = mean_b[j];
+        a.combined[2 + cols + j] = m2_b[j];
+      }
+      return;
+    }
+    if (!(total > 0.0)) return;  // no valid row: the statistics stay bit-for-bit as they were
+    double* mean = a.mean;
+    double* var = a.var;
+    const int64_t ms = a.mean_stride, vs = a.var_stride;
+    if (a.ema) {
+      const double d = a.ema_decay;
+      const double rest = 1.0 - d;
+      const double batch_n = total < 1.0 ? 1.0 : total;
+      for (int64_t j = c_begin; j < c_end; ++j) {
+        const double batch_var = m2_b[j] / batch_n;
+        mean[j * ms] = d * mean[j * ms] + rest * mean_b[j];
+        var[j * vs] = d * var[j * vs] + rest * batch_var;
+      }
+      return;
+    }
+    const double n_a = static_cast<double>(n_current);
+    const double n = n_a + total;
+    const double weight_mean = total / safe_count(n);
+    const double weight_m2 = n_a * total / safe_count(n);
+    const double divisor = safe_count(n);
+    for (int64_t j = c_begin; j < c_end; ++j) {
+      const double m = mean[j * ms];
+      const double delta = mean_b[j] - m;
+      const double m2 = var[j * vs] * n_a + m2_b[j];
+      const double new_m2 = m2 + delta * delta * weight_m2;
+      const double new_var = new_m2 / divisor;
+      mean[j * ms] = m + delta * weight_mean;
+      var[j * vs] = new_var < 0.0 ? 0.0 : new_var;  // NaN stays NaN, as torch.clamp(min=0)
+    }
+  });
+  if (cols == 0) {
+    // No column range ran: the count still comes from the tree of counts.
+    for (int64_t p = 0; p < k; ++p) n_b += parts[p * stride];
+  }
+  if (a.combined != nullptr) {
+    a.combined[0] = n_b;
+    a.combined[1] = dropped_b;
+    return;
+  }
+  if (!a.ema) *a.count += static_cast<int64_t>(n_b);
+  *a.dropped += static_cast<int64_t>(dropped_b);
+}

@@ -1,0 +1,17 @@
+// The kernels for x86-64 CPUs with AVX2, FMA and F16C (x86-64-v3), chosen at run time.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include "kernels_isa.h"
+
+#define PROTONORM_KERNELS_FMA 1
+
+#pragma GCC push_options
+#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2")
+namespace protonorm {
+namespace avx2 {
+#include "kernels.h"
+}  // namespace avx2
+}  // namespace protonorm
+#pragma GCC pop_options
+
+PROTONORM_KERNEL_TABLE(avx2, kAvx2Kernels)
+#endif

@@ -1,0 +1,17 @@
+// The kernels for x86-64 CPUs with AVX-512 (F, BW, DQ, VL), chosen at run time; 512-bit vectors preferred.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include "kernels_isa.h"
+
+#define PROTONORM_KERNELS_FMA 1
+
+#pragma GCC push_options
+#pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
+namespace protonorm {
+namespace avx512 {
+#include "kernels.h"
+}  // namespace avx512
+}  // namespace protonorm
+#pragma GCC pop_options
+
+PROTONORM_KERNEL_TABLE(avx512, kAvx512Kernels)
+#endif

@@ -1,0 +1,22 @@
+// Shared scaffolding of kernels_*.cpp, each of which compiles kernels.h for one instruction set:
+//
+//   #include "kernels_isa.h"          library headers first, so only protonorm's code gets the target below
+//   #pragma GCC target("...")         (GCC does not macro-expand this pragma's argument, so it is spelled out)
+//   namespace protonorm { namespace <isa> {
+//   #include "kernels.h"
+//   } }
+//   PROTONORM_KERNEL_TABLE(<isa>, <table name>)
+#pragma once
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "common.h"
+
+#define PROTONORM_KERNEL_TABLE(isa, table)                                                                  \
+  namespace protonorm {                                                                                    \
+  extern const KernelTable table;                                                                          \
+  const KernelTable table = {#isa, isa::moments, isa::normalize, isa::normalize_moments, isa::reward_moments, \
+                             isa::merge};                                                                  \
+  }

@@ -1,0 +1,578 @@
+"""The C++ CPU backend (``protonorm._C`` behind the ``protonorm::cpp_*`` ops) against the torch reference backend.
+
+Tolerances, and why:
+* normalize / un_norm / scale-only / clamp: bit-exact. The kernels perform the reference's operations in the
+  reference's dtypes (float32 statistics, one subtraction, one correctly rounded division, no FMA contraction).
+* merge / combine of given parts: bit-exact. The kernels reduce parts in the reference's tree order with the
+  reference's operation order in float64.
+* the discounted return of the reward op: bit-exact (same dtype rules as the reference).
+* batch moments: n and dropped exact; mean within 1e-12 of the column's scale and m2 within 1e-10 relative. Both
+  sides accumulate in float64 but over different splits of the rows (the kernels use shifted sums per part), so
+  the last few float64 bits differ; any real defect (a lost row, float32 accumulation) is far larger.
+* hard data (offsets up to 1e6, tiny spread, constant columns): the project-wide bounds of ``hard_data``.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import protonorm
+from protonorm import reference
+from protonorm.backends import load
+from protonorm.backends.base import normalized_dtype
+from protonorm.diagnostics import HostSyncCounter
+
+from hard_data import MEAN_RTOL, STREAM_CASES, VAR_RTOL, assert_close_rel, make_stream, truth
+
+CPP, CPP_REASON = load("cpp")
+TORCH = load("torch")[0]
+
+pytestmark = pytest.mark.skipif(CPP is None, reason=f"C++ extension unavailable: {CPP_REASON}")
+
+if CPP is not None:
+    import protonorm._C as _C
+    from protonorm.backends.cpp_backend import parts_layout
+
+    ISAS = _C.isas()
+else:  # keeps collection working; every test is skipped above
+    ISAS = []
+
+SHAPES = [(b, d) for b in (1, 7, 1023, 4097) for d in (1, 7, 342, 1023)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+SMALL_SHAPES = [(1, 1), (7, 7), (1023, 1), (33, 342), (260, 1023)]
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run with the kernels of each instruction set this CPU supports (baseline, avx2, avx512)."""
+    previous = _C.isa()
+    _C.set_isa(request.param)
+    yield request.param
+    _C.set_isa(previous)
+
+
+def data(b, d, dtype, seed=0, offset=3.0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, d, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def stats(d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(d, generator=g, dtype=torch.float64)
+    var = torch.rand(d, generator=g, dtype=torch.float64) * 3 + 0.1
+    return mean, var
+
+
+def assert_same(a, b):
+    """Bitwise equality (so -0.0 differs from 0.0), except that any two NaNs are equal: the sign and payload of a
+    NaN carry no meaning, and torch itself does not preserve them across dtype conversions."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if not a.is_floating_point():
+        assert torch.equal(a, b)
+        return
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(nan_a, nan_b), "NaN positions differ"
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    a_bits, b_bits = a.reshape(-1).view(bits), b.reshape(-1).view(bits)
+    keep = ~nan_a.reshape(-1)
+    differ = (a_bits != b_bits) & keep
+    assert not differ.any(), f"{int(differ.sum())} values differ, e.g. {a.reshape(-1)[differ][:4].tolist()} vs " \
+        f"{b.reshape(-1)[differ][:4].tolist()}"
+
+
+def assert_parts_close(parts, expected):
+    """Combined parts against the reference's single part (tolerances in the module docstring)."""
+    got = CPP.combine(parts)[0]
+    want = expected[0]
+    d = (want.shape[0] - 2) // 2
+    assert got[0] == want[0] and got[1] == want[1], f"n/dropped {got[:2].tolist()} != {want[:2].tolist()}"
+    mean_g, mean_w = got[2 : 2 + d], want[2 : 2 + d]
+    m2_g, m2_w = got[2 + d :], want[2 + d :]
+    n = max(float(want[0]), 1.0)
+    scale = mean_w.abs() + (m2_w / n).sqrt() + 1e-300
+    assert ((mean_g - mean_w).abs() <= 1e-12 * scale).all(), (mean_g - mean_w).abs().max()
+    assert ((m2_g - m2_w).abs() <= 1e-10 * m2_w.abs() + 1e-300).all(), ((m2_g - m2_w).abs() / m2_w.abs()).max()
+
+
+# ------------------------------------------------------------------------------------------------ moments
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,d", SHAPES)
+def test_moments_match_reference(b, d, dtype):
+    x = data(b, d, dtype)
+    if b > 3:
+        x[1, d // 2] = float("nan")
+        x[b - 1, 0] = float("-inf")
+    parts = CPP.moments(x, None, {})
+    assert parts.shape == (parts_layout(b, d)[0], 2 + 2 * d)
+    assert_parts_close(parts, reference.batch_moments(x))
+
+
+def test_single_feature_spread_over_many_parts():
+    x = data(70001, 1, torch.float32, offset=1e4)
+    x[40000, 0] = float("nan")
+    parts = CPP.moments(x, None, {})
+    assert parts.shape[0] > 1
+    assert_parts_close(parts, reference.batch_moments(x))
+
+
+@pytest.mark.parametrize("b,d", SMALL_SHAPES)
+def test_each_instruction_set(isa, b, d):
+    for dtype in DTYPES:
+        x = data(b, d, dtype, seed=b + d)
+        if b > 2:
+            x[b // 2, d - 1] = float("inf")
+        mask = torch.arange(b) % 3 != 1
+        assert_parts_close(CPP.moments(x, mask, {}), reference.batch_moments(x, mask))
+        mean, var = stats(d)
+        out, want = (torch.empty(b, d, dtype=normalized_dtype(dtype)) for _ in range(2))
+        parts = CPP.normalize_moments(x, mean, var, 1e-5, 2.0, out, {})
+        TORCH.normalize(x, mean, var, 1e-5, 2.0, False, True, want)
+        assert_same(out, want)
+        assert_parts_close(parts, reference.batch_moments(x))
+
+
+def test_mask_ignores_rows_without_counting_them():
+    x = data(1023, 7, torch.float32)
+    x[5, 3] = float("nan")  # masked out: neither counted nor dropped
+    x[6, 0] = float("inf")  # considered: dropped
+    mask = torch.ones(1023, dtype=torch.bool)
+    mask[::4] = False
+    mask[5] = False
+    parts = CPP.moments(x, mask, {})
+    assert_parts_close(parts, reference.batch_moments(x, mask))
+    combined = CPP.combine(parts)[0]
+    assert combined[0] == int(mask.sum()) - 1 and combined[1] == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [1, 7])
+def test_nonfinite_rows_dropped_and_counted(dtype, d):
+    x = data(300, d, dtype)
+    bad_rows = [0, 31, 32, 33, 150, 299]
+    for i, r in enumerate(bad_rows):
+        x[r, i % d] = (float("nan"), float("inf"), float("-inf"))[i % 3]
+    parts = CPP.moments(x, None, {})
+    combined = CPP.combine(parts)[0]
+    assert combined[0] == 300 - len(bad_rows) and combined[1] == len(bad_rows)
+    assert_parts_close(parts, reference.batch_moments(x))
+    mean, var, count, dropped = *stats(d), torch.tensor(4), torch.tensor(2)
+    CPP.merge(parts, mean, var, count, dropped, None)
+    assert torch.isfinite(mean).all() and torch.isfinite(var).all()
+    assert int(count) == 4 + 300 - len(bad_rows) and int(dropped) == 2 + len(bad_rows)
+
+
+def test_strided_rows_match_contiguous():
+    wide = data(1023, 400, torch.float32)
+    x = wide[:, 17:359]  # a column slice: row stride 400
+    assert x.stride() == (400, 1)
+    xc = x.contiguous()
+    assert_same(CPP.moments(x, None, {}), CPP.moments(xc, None, {}))
+    mean, var = stats(342)
+    out_s, out_c = torch.empty(1023, 342), torch.empty(1023, 342)
+    parts_s = CPP.normalize_moments(x, mean, var, 1e-5, 5.0, out_s, {}).clone()
+    parts_c = CPP.normalize_moments(xc, mean, var, 1e-5, 5.0, out_c, {})
+    assert_same(out_s, out_c)
+    assert_same(parts_s, parts_c)
+    column = wide[:, 5:6]  # one feature, row stride 400
+    assert_same(CPP.moments(column, None, {}), CPP.moments(column.contiguous(), None, {}))
+    # A non-unit column stride is copied (the contract gives stride 1, but the op must not misread).
+    transposed = data(342, 64, torch.float32).t()
+    assert_parts_close(CPP.moments(transposed, None, {}), reference.batch_moments(transposed))
+
+
+def test_results_do_not_depend_on_thread_count():
+    x = data(4097, 342, torch.float32)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = CPP.moments(x, None, {}).clone()
+        torch.set_num_threads(2)
+        two = CPP.moments(x, None, {}).clone()
+    finally:
+        torch.set_num_threads(threads)
+    assert_same(one, two)
+
+
+# ------------------------------------------------------------------------------------------------ merge
+@pytest.mark.parametrize("ema_decay", [None, 0.999, 0.5])
+@pytest.mark.parametrize("b,d", [(1, 1), (7, 7), (4097, 1), (70001, 1), (1023, 342), (3000, 1023)])
+def test_merge_matches_reference_bitwise(b, d, ema_decay):
+    x = data(b, d, torch.float64, offset=50.0)
+    parts = CPP.moments(x, None, {})
+    mean, var = stats(d)
+    ours = [mean.clone(), var.clone(), torch.tensor(12345), torch.tensor(3)]
+    theirs = [t.clone() for t in ours]
+    CPP.merge(parts, *ours, ema_decay)
+    reference.merge_into_running(parts, *theirs, ema_decay)
+    for a, t in zip(ours, theirs):
+        assert_same(a, t)
+    assert_same(CPP.combine(parts), reference.combine_parts(parts))
+
+
+def test_merge_many_parts_and_strided_stats():
+    g = torch.Generator().manual_seed(7)
+    k, d = 37, 9  # an odd count: the tree carries the last part up
+    n = torch.randint(0, 50, (k,), generator=g).double()
+    n[3] = 0.0  # a neutral part in the middle
+    mean = torch.randn(k, d, generator=g, dtype=torch.float64) + 100
+    m2 = torch.rand(k, d, generator=g, dtype=torch.float64) * n[:, None]
+    parts = torch.cat([n[:, None], torch.zeros(k, 1, dtype=torch.float64), mean, m2], dim=1)
+    run_var = torch.rand(d, generator=g, dtype=torch.float64)
+    ours = [torch.randn(d, 2, generator=g, dtype=torch.float64)[:, 0], run_var.clone(), torch.tensor(10),
+            torch.tensor(0)]
+    theirs = [ours[0].clone(), run_var.clone(), torch.tensor(10), torch.tensor(0)]
+    assert ours[0].stride() == (2,)
+    CPP.merge(parts, *ours, None)
+    reference.merge_into_running(parts, *theirs, None)
+    for a, t in zip(ours, theirs):
+        assert_same(a.contiguous(), t)
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.99])
+def test_batch_without_valid_rows_is_a_bitwise_no_op(ema_decay):
+    mean, var = stats(7)
+    for x, mask in [
+        (torch.empty(0, 7), None),
+        (data(9, 7, torch.float32), torch.zeros(9, dtype=torch.bool)),
+        (torch.full((5, 7), float("nan")), None),
+    ]:
+        before = [mean.clone(), var.clone(), torch.tensor(11), torch.tensor(1)]
+        after = [t.clone() for t in before]
+        parts = CPP.moments(x, mask, {})
+        CPP.merge(parts, *after, ema_decay)
+        for a, t in zip(after[:3], before[:3]):
+            assert_same(a, t)
+        assert int(after[3]) == 1 + (5 if torch.isnan(x).any() else 0)
+
+
+def test_empty_batch_through_module_leaves_stats_untouched():
+    m = protonorm.RunningMeanStd(None, (3,), device="cpu", backend="cpp")
+    m.record_moments(data(10, 3, torch.float32))
+    before = [t.clone() for t in (m.mean, m.var, m.count)]
+    m.record_moments(torch.empty(0, 3))
+    for a, t in zip((m.mean, m.var, m.count), before):
+        assert_same(a, t)
+
+
+# ------------------------------------------------------------------------------------------------ normalize
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,d", [(1, 1), (7, 7), (1023, 342), (4097, 1), (64, 1023)])
+def test_normalize_variants_bitwise(b, d, dtype):
+    x = data(b, d, dtype, scale=4.0)
+    x[0, 0] = float("nan")
+    if b > 1:
+        x[1, d - 1] = float("inf")
+        x[b - 1, 0] = -0.0
+    mean, var = stats(d)
+    mean[0] = 0.0
+    out_dtype = normalized_dtype(dtype)
+    for un_norm in (False, True):
+        for center in (False, True):
+            for clamp in (None, 5.0, 0.3):
+                ours, want = torch.empty(b, d, dtype=out_dtype), torch.empty(b, d, dtype=out_dtype)
+                CPP.normalize(x, mean, var, 1e-5, clamp, un_norm, center, ours)
+                TORCH.normalize(x, mean, var, 1e-5, clamp, un_norm, center, want)
+                assert_same(ours, want)
+
+
+def test_normalize_extreme_statistics_bitwise():
+    x = torch.tensor([[1e30, -1e-30, 0.0, -0.0, 3.0, float("nan")]]).repeat(40, 1)
+    mean = torch.tensor([0.0, 0.0, 0.0, 0.0, 3.0, 0.0], dtype=torch.float64)
+    var = torch.tensor([1e-30, 0.0, 0.0, 1e300, 0.0, 1.0], dtype=torch.float64)
+    for eps in (0.0, 1e-5):
+        ours, want = torch.empty_like(x), torch.empty_like(x)
+        CPP.normalize(x, mean, var, eps, None, False, True, ours)
+        TORCH.normalize(x, mean, var, eps, None, False, True, want)
+        assert_same(ours, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,d", [(1, 1), (7, 7), (4097, 1), (1023, 342), (300, 1023)])
+def test_normalize_moments_equals_separate_calls(b, d, dtype):
+    x = data(b, d, dtype)
+    if b > 2:
+        x[2, 0] = float("nan")
+    mean, var = stats(d)
+    out, want = (torch.empty(b, d, dtype=normalized_dtype(dtype)) for _ in range(2))
+    parts = CPP.normalize_moments(x, mean, var, 1e-5, 5.0, out, {})
+    CPP.normalize(x, mean, var, 1e-5, 5.0, False, True, want)
+    assert_same(out, want)
+    assert_same(parts, CPP.moments(x, None, {}))
+
+
+# ------------------------------------------------------------------------------------------------ reward
+@pytest.mark.parametrize("reward_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("term_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32,
+                                        torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("b,d", [(1, 1), (4097, 1), (1023, 3)])
+def test_reward_moments_match_reference(b, d, reward_dtype, term_dtype):
+    g = torch.Generator().manual_seed(b + d)
+    disc_dtype = normalized_dtype(reward_dtype)
+    discounted = torch.randn(b, d, generator=g, dtype=torch.float64).to(disc_dtype) * 5
+    if b > 10:
+        discounted[10, 0] = float("nan")  # a poisoned return: dropped, then cleared by its reset below
+    reward = torch.randn(b, d, generator=g, dtype=torch.float64).to(reward_dtype)
+    terminated = (torch.rand(b, generator=g) < 0.3).to(term_dtype)
+    if b > 10:
+        terminated[10] = 1
+    ours, theirs = discounted.clone(), discounted.clone()
+    for step in range(3):
+        parts = CPP.reward_moments(reward, terminated, ours, 0.99, {})
+        expected = TORCH.reward_moments(reward, terminated, theirs, 0.99, {})
+        assert_same(ours, theirs)
+        assert_parts_close(parts, expected)
+        terminated = terminated.roll(1)
+
+
+def test_reward_strided_inputs():
+    g = torch.Generator().manual_seed(5)
+    wide_reward = torch.randn(4096, 3, generator=g)
+    wide_term = torch.rand(4096, 2, generator=g) < 0.1
+    reward, terminated = wide_reward[:, 1:2], wide_term[:, 1]
+    assert reward.stride() == (3, 1) and terminated.stride() == (2,)
+    ours = torch.randn(4096, 1, generator=g)
+    theirs = ours.clone()
+    parts = CPP.reward_moments(reward, terminated, ours, 0.9, {})
+    expected = TORCH.reward_moments(reward, terminated, theirs, 0.9, {})
+    assert_same(ours, theirs)
+    assert_parts_close(parts, expected)
+
+
+def test_reward_record_through_module_matches_torch():
+    g = torch.Generator().manual_seed(9)
+    mods = {name: protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, clamp_value=5.0, device="cpu", backend=name)
+            for name in ("cpp", "torch")}
+    for _ in range(20):
+        reward, terminated = torch.randn(4096, generator=g), torch.rand(4096, generator=g) < 0.05
+        for m in mods.values():
+            m.record_reward(reward, terminated)
+    a, b = mods["cpp"], mods["torch"]
+    assert_same(a.discounted_reward, b.discounted_reward)
+    assert int(a.count) == int(b.count)
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.var, b.var, rtol=1e-12, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ module
+@pytest.mark.parametrize("stream,dtype", STREAM_CASES)
+def test_hard_streams_against_numpy(stream, dtype):
+    batches, shape = make_stream(stream, dtype)
+    m = protonorm.RunningMeanStd(None, shape, device="cpu", backend="cpp")
+    for batch in batches:
+        m.record_moments(batch)
+    t_mean, t_var, t_count = truth(batches)
+    assert_close_rel(m.mean.reshape(-1), t_mean.reshape(-1), MEAN_RTOL, "mean", floor=1e-12)
+    assert_close_rel(m.var.reshape(-1), t_var.reshape(-1), VAR_RTOL, "var", floor=1e-12)
+    assert int(m.count) == t_count
+
+
+def test_large_offset_wide_batch_against_numpy():
+    # Many rows at a 1e6 offset with unit spread: the case that breaks sum/sum-of-squares accumulation.
+    x = (torch.randn(4097, 342, dtype=torch.float64) + 1e6).float()
+    x[:, 5] = 7e5  # a constant column
+    m = protonorm.RunningMeanStd(None, (342,), device="cpu", backend="cpp")
+    m.count.zero_()
+    m.record_moments(x)
+    t_mean, t_var, _ = truth([x], with_prior=False)
+    assert_close_rel(m.mean, t_mean, MEAN_RTOL, "mean", floor=1e-12)
+    assert_close_rel(m.var, t_var, VAR_RTOL, "var", floor=1e-12)
+    assert float(m.var[5]) == 0.0
+
+
+def test_three_d_features_through_module():
+    shape = (2, 3, 4)
+    mods = {name: protonorm.RunningMeanStd(None, shape, device="cpu", clamp_value=4.0, backend=name)
+            for name in ("cpp", "torch")}
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        x = torch.randn(33, *shape, generator=g) * 3 + 1
+        outs = {name: m.normalize(x) for name, m in mods.items()}
+        assert_same(outs["cpp"], outs["torch"])
+        for m in mods.values():
+            m.record_moments(x)
+    a, b = mods["cpp"], mods["torch"]
+    assert a.mean.shape == shape and int(a.count) == int(b.count)
+    torch.testing.assert_close(a.mean, b.mean, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(a.var, b.var, rtol=1e-12, atol=0)
+    y = torch.randn(5, *shape)
+    assert_same(a.normalize(y, un_norm=True), b.normalize(y, un_norm=True))
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.999])
+def test_fused_stash_path_equals_separate_calls(ema_decay):
+    fused = protonorm.RunningMeanStd(None, (342,), device="cpu", clamp_value=5.0, ema_decay=ema_decay, backend="cpp")
+    separate = protonorm.RunningMeanStd(None, (342,), device="cpu", clamp_value=5.0, ema_decay=ema_decay,
+                                        backend="cpp")
+    g = torch.Generator().manual_seed(4)
+    for step in range(4):
+        x = torch.randn(1023, 342, generator=g) * 2 + step
+        y_fused = fused.normalize(x)  # training mode: one pass, moments stashed
+        fused.record_moments(x)  # uses the stash
+        separate.eval()
+        y_separate = separate.normalize(x)
+        separate.train()
+        separate.record_moments(x)
+        assert_same(y_fused, y_separate)
+        for a, b in zip((fused.mean, fused.var, fused.count), (separate.mean, separate.var, separate.count)):
+            assert_same(a, b)
+
+
+def test_in_place_change_between_normalize_and_record_is_noticed():
+    a = protonorm.RunningMeanStd(None, (7,), device="cpu", backend="cpp")
+    b = protonorm.RunningMeanStd(None, (7,), device="cpu", backend="cpp")
+    x = data(64, 7, torch.float32)
+    a.normalize(x)
+    x.add_(10.0)  # after normalize stashed the moments of the old values
+    a.record_moments(x)
+    b.record_moments(x.clone())
+    for s, t in zip((a.mean, a.var, a.count), (b.mean, b.var, b.count)):
+        assert_same(s, t)
+
+
+def test_no_host_sync_on_hot_path():
+    x = data(1023, 342, torch.float32)
+    m = protonorm.RunningMeanStd(None, (342,), device="cpu", clamp_value=5.0, backend="cpp")
+    r = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, device="cpu", backend="cpp")
+    reward, terminated = torch.randn(4096), torch.rand(4096) < 0.1
+    r.record_reward(reward, terminated)
+    mask = torch.rand(1023) < 0.5
+    with HostSyncCounter(strict=True) as probe:
+        m.normalize(x)
+        m.record_moments(x)
+        m.record_moments(x, mask)
+        m.eval()
+        m.normalize(x, un_norm=True)
+        r.record_reward(reward, terminated)
+        r.normalize(reward)
+        CPP.combine(CPP.moments(x, None, {}))
+    assert probe.count == 0
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+def test_bad_input_is_rejected_before_any_write():
+    mean, var = stats(5)
+    count, dropped = torch.tensor(3), torch.tensor(0)
+    parts_good = CPP.moments(data(9, 5, torch.float32), None, {}).clone()
+    before = [t.clone() for t in (mean, var, count, dropped)]
+    with pytest.raises(TypeError, match="float32, float64, float16 or bfloat16"):
+        CPP.moments(torch.ones(4, 5, dtype=torch.int32), None, {})
+    with pytest.raises(ValueError, match="mask"):
+        CPP.moments(torch.ones(4, 5), torch.ones(3, dtype=torch.bool), {})
+    with pytest.raises(ValueError, match="mean"):
+        CPP.merge(parts_good, mean.float(), var, count, dropped, None)
+    with pytest.raises(ValueError, match="count"):
+        CPP.merge(parts_good, mean, var, count.int(), dropped, None)
+    with pytest.raises(ValueError, match="parts"):
+        CPP.merge(parts_good[:, :5], mean, var, count, dropped, None)
+    with pytest.raises(ValueError, match="out"):
+        CPP.normalize(torch.ones(4, 5), mean, var, 1e-5, None, False, True, torch.empty(4, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="terminated"):
+        CPP.reward_moments(torch.ones(4, 1), torch.ones(3), torch.zeros(4, 1), 0.9, {})
+    for a, t in zip((mean, var, count, dropped), before):
+        assert_same(a, t)
+    assert CPP.supports(torch.device("meta")) is not None
+    assert CPP.supports(torch.device("cpu")) is None
+
+
+# ------------------------------------------------------------------------------------------------ torch.library
+def _op_samples():
+    x = data(70, 5, torch.float32)
+    mean, var = stats(5)
+    k = parts_layout(70, 5)[0]
+    parts = CPP.moments(x, None, {}).clone()
+    stats_args = lambda: (mean.clone(), var.clone(), torch.tensor(3), torch.tensor(0))  # noqa: E731
+    reward = torch.randn(70, 1)
+    ops = torch.ops.protonorm
+    return [
+        (ops.cpp_moments.default, (x, None, torch.empty(k, 12, dtype=torch.float64))),
+        (ops.cpp_moments.default, (x, torch.rand(70) < 0.5, torch.empty(k, 12, dtype=torch.float64))),
+        (ops.cpp_merge.default, (parts, *stats_args(), None)),
+        (ops.cpp_merge.default, (parts, *stats_args(), 0.9)),
+        (ops.cpp_combine.default, (parts,)),
+        (ops.cpp_normalize.default, (x, mean, var, 1e-5, 5.0, True, True, torch.empty(70, 5))),
+        (ops.cpp_normalize.default, (x.double(), mean, var, 1e-5, None, False, False,
+                                     torch.empty(70, 5, dtype=torch.float64))),
+        (ops.cpp_normalize_moments.default, (x.half(), mean, var, 1e-5, 5.0, torch.empty(70, 5),
+                                             torch.empty(k, 12, dtype=torch.float64))),
+        (ops.cpp_reward_moments.default, (reward, torch.rand(70) < 0.2, torch.randn(70, 1), 0.99,
+                                          torch.empty(k, 4, dtype=torch.float64))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(9))
+def test_opcheck(index):
+    op, args = _op_samples()[index]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph():
+    ops = torch.ops.protonorm
+
+    def step(x, mean, var, count, dropped):
+        out = torch.empty(x.shape, dtype=torch.float32)
+        parts = torch.empty((parts_layout(x.shape[0], x.shape[1])[0], 2 + 2 * x.shape[1]), dtype=torch.float64)
+        ops.cpp_normalize_moments(x, mean, var, 1e-5, 5.0, out, parts)
+        ops.cpp_merge(parts, mean, var, count, dropped, None)
+        return out * 2, ops.cpp_combine(parts)
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = data(100, 6, torch.float32)
+    eager_state = [*stats(6), torch.tensor(1), torch.tensor(0)]
+    compiled_state = [t.clone() for t in eager_state]
+    y_eager, c_eager = step(x, *eager_state)
+    y_compiled, c_compiled = compiled(x, *compiled_state)
+    assert_same(y_eager, y_compiled)
+    assert_same(c_eager, c_compiled)
+    for a, b in zip(eager_state, compiled_state):
+        assert_same(a, b)
+
+
+# ------------------------------------------------------------------------------------------------ fallback
+def test_missing_extension_falls_back_to_torch():
+    script = textwrap.dedent(
+        """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "protonorm._C":
+                    raise ImportError("simulated: extension not built")
+                return None
+        sys.meta_path.insert(0, Block())
+        import torch, protonorm
+        from protonorm import backends
+        backend, reason = backends.load("cpp")
+        assert backend is None and reason and "\\n" not in reason, reason
+        assert backends.available(torch.device("cpu"))["cpp"] == reason
+        m = protonorm.RunningMeanStd(None, (3,), device="cpu")
+        x = torch.randn(50, 3)
+        y = m.normalize(x)
+        m.record_moments(x)
+        assert int(m.count) == 51 and y.shape == (50, 3)
+        r = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.9, device="cpu")
+        r.record_reward(torch.randn(8), torch.zeros(8))
+        r.record_reward(torch.randn(8), torch.ones(8))
+        assert int(r.count) == 17
+        mean, var, count = protonorm.combine_moments([torch.zeros(3), torch.ones(3)], [torch.ones(3)] * 2, [2, 2])
+        assert int(count) == 4
+        try:
+            protonorm.RunningMeanStd(None, (3,), device="cpu", backend="cpp").record_moments(x)
+        except RuntimeError as exc:
+            assert "not available" in str(exc)
+        else:
+            raise AssertionError("backend='cpp' without the extension must raise")
+        print("REASON:", reason)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    env.pop("PROTONORM_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "simulated: extension not built" in proc.stdout
+    announcements = [line for line in proc.stderr.splitlines() if "C++ CPU extension unavailable" in line]
+    assert len(announcements) == 1 and "simulated" in announcements[0], proc.stderr
