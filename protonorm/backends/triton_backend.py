@@ -1,0 +1,251 @@
+"""The ``triton`` backend: the fused kernels of :mod:`protonorm.kernels`, registered as torch custom ops.
+
+Each kernel is a ``torch.library.custom_op`` in the ``protonorm`` namespace with a fake implementation and
+its mutated arguments declared, so ``torch.compile(fullgraph=True)`` traces through the backend and CUDA
+graphs capture it. Launches per call: ``moments`` 1, ``merge`` 1, ``combine`` 1, ``normalize`` 1,
+``normalize_moments`` 1, ``reward_moments`` 1; a record is therefore two launches, with no host sync and,
+once the workspace holds its parts buffer, no allocation.
+
+CUDA tensors always work; CPU tensors work only under the Triton interpreter (``TRITON_INTERPRET=1`` set
+before Triton is imported), which is how the kernels are tested without a GPU.
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .base import Backend, normalized_dtype, workspace_buffer
+
+try:
+    import triton  # noqa: F401
+
+    from protonorm.kernels import merge as _merge
+    from protonorm.kernels import moments as _moments
+    from protonorm.kernels import normalize as _normalize
+    from protonorm.kernels import normalize_moments as _normalize_moments
+    from protonorm.kernels import reward as _reward
+
+    UNAVAILABLE_REASON: Optional[str] = None
+except Exception as exc:  # triton missing or broken
+    UNAVAILABLE_REASON = f"triton could not be imported ({type(exc).__name__}: {exc})"
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+PARTS_KEY = "triton_parts"
+
+# The multi-program merge needs an int32 counter that is zero between launches. One per set of statistics
+# (keyed by device and the address of its ``count``), created on first use and never freed: a captured CUDA
+# graph keeps pointing at it.
+_tickets: Dict[Tuple[str, int], Tensor] = {}
+
+
+def _ticket_for(count: Tensor) -> Tensor:
+    key = (str(count.device), count.data_ptr())
+    ticket = _tickets.get(key)
+    if ticket is None:
+        ticket = torch.zeros(1, dtype=torch.int32, device=count.device)
+        _tickets[key] = ticket
+    return ticket
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+if UNAVAILABLE_REASON is None:
+
+    @torch.library.custom_op("protonorm::triton_moments", mutates_args=("parts",))
+    def triton_moments(x: Tensor, mask: Optional[Tensor], parts: Tensor) -> None:
+        _moments.launch(x, mask, parts)
+
+    @triton_moments.register_fake
+    def _(x, mask, parts):
+        return None
+
+    @torch.library.custom_op("protonorm::triton_merge", mutates_args=("mean", "var", "count", "dropped"))
+    def triton_merge(
+        parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]
+    ) -> None:
+        ticket = _ticket_for(count) if _merge.needs_ticket(parts) else None
+        _merge.launch_fold(parts, mean, var, count, dropped, ema_decay, ticket)
+
+    @triton_merge.register_fake
+    def _(parts, mean, var, count, dropped, ema_decay):
+        return None
+
+    @torch.library.custom_op("protonorm::triton_combine", mutates_args=())
+    def triton_combine(parts: Tensor) -> Tensor:
+        out = parts.new_empty((1, parts.shape[1]))
+        _merge.launch_combine(parts, out)
+        return out
+
+    @triton_combine.register_fake
+    def _(parts):
+        return parts.new_empty((1, parts.shape[1]))
+
+    @torch.library.custom_op("protonorm::triton_normalize", mutates_args=("out",))
+    def triton_normalize(
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        epsilon: float,
+        clamp_value: Optional[float],
+        un_norm: bool,
+        center: bool,
+        out: Tensor,
+    ) -> None:
+        _normalize.launch(x, mean, var, epsilon, clamp_value, un_norm, center, out)
+
+    @triton_normalize.register_fake
+    def _(x, mean, var, epsilon, clamp_value, un_norm, center, out):
+        return None
+
+    @torch.library.custom_op("protonorm::triton_normalize_moments", mutates_args=("out", "parts"))
+    def triton_normalize_moments(
+        x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float], out: Tensor, parts: Tensor
+    ) -> None:
+        _normalize_moments.launch(x, mean, var, epsilon, clamp_value, out, parts)
+
+    @triton_normalize_moments.register_fake
+    def _(x, mean, var, epsilon, clamp_value, out, parts):
+        return None
+
+    @torch.library.custom_op("protonorm::triton_reward_moments", mutates_args=("discounted", "parts"))
+    def triton_reward_moments(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float, parts: Tensor) -> None:
+        _reward.launch(reward, terminated, discounted, gamma, parts)
+
+    @triton_reward_moments.register_fake
+    def _(reward, terminated, discounted, gamma, parts):
+        return None
+
+
+# ------------------------------------------------------------------------------------------ validation
+def _check_rows(x: Tensor, what: str) -> Tensor:
+    """``x`` as a kernel-ready ``[B, D]`` input: unit column stride and a dtype the kernels load."""
+    if not isinstance(x, Tensor) or x.dim() != 2:
+        raise ValueError(f"{what}: expected a 2-D [B, D] tensor, got {getattr(x, 'shape', type(x))}")
+    if x.dtype not in KERNEL_DTYPES:
+        if x.is_complex():
+            raise TypeError(f"{what}: expected a real tensor, got {x.dtype}")
+        x = x.to(torch.float64)  # integers and exotic floats: exact in float64
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    return x
+
+
+def _check_stats(mean: Tensor, var: Tensor, device: torch.device, num_features: int) -> None:
+    for name, t in (("mean", mean), ("var", var)):
+        if t.dtype != torch.float64 or t.dim() != 1 or t.shape[0] != num_features or not t.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous float64 tensor of shape [{num_features}], "
+                f"got {t.dtype} {tuple(t.shape)}"
+            )
+        if t.device != device:
+            raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+
+
+def _check_out(out: Tensor, x: Tensor) -> None:
+    want = normalized_dtype(x.dtype)
+    if out.dtype != want or tuple(out.shape) != tuple(x.shape) or out.device != x.device or out.stride(-1) != 1:
+        raise ValueError(
+            f"out: expected a {want} tensor of shape {tuple(x.shape)} on {x.device} with unit column stride, "
+            f"got {out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+
+
+def _parts_buffer(workspace: dict, x: Tensor, single_tile: bool = False) -> Tensor:
+    num_rows, num_features = x.shape
+    plan = _moments.tile_plan(num_rows, num_features, x.device, single_tile=single_tile)
+    return workspace_buffer(
+        workspace, PARTS_KEY, (plan.splits, reference.parts_width(num_features)), torch.float64, x.device
+    )
+
+
+# ------------------------------------------------------------------------------------------ backend
+class TritonBackend(Backend):
+    name = "triton"
+
+    def supports(self, device: torch.device) -> Optional[str]:
+        if UNAVAILABLE_REASON is not None:
+            return UNAVAILABLE_REASON
+        device = torch.device(device)
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None
+        if device.type == "cpu":
+            return "Triton kernels run on CUDA devices (on the CPU only under TRITON_INTERPRET=1)"
+        return f"Triton kernels run on CUDA devices, not {device.type}"
+
+    def moments(self, x: Tensor, mask: Optional[Tensor], workspace: dict) -> Tensor:
+        x = _check_rows(x, "moments")
+        if mask is not None:
+            if mask.dim() != 1 or mask.shape[0] != x.shape[0] or mask.device != x.device:
+                raise ValueError(
+                    f"mask: expected a [{x.shape[0]}] tensor on {x.device}, got {tuple(mask.shape)} on {mask.device}"
+                )
+        parts = _parts_buffer(workspace, x)
+        torch.ops.protonorm.triton_moments(x, mask, parts)
+        return parts
+
+    def merge(self, parts, mean, var, count, dropped, ema_decay) -> None:
+        parts = self._check_parts(parts, mean.shape[0] if mean.dim() == 1 else -1)
+        _check_stats(mean, var, parts.device, (parts.shape[1] - reference.HEADER) // 2)
+        for name, t in (("count", count), ("dropped", dropped)):
+            if t.dtype != torch.int64 or t.dim() != 0 or t.device != parts.device:
+                raise ValueError(f"{name}: expected a 0-d int64 tensor on {parts.device}, got {t.dtype} {tuple(t.shape)}")
+        if parts.shape[0] == 0:
+            return
+        torch.ops.protonorm.triton_merge(parts, mean, var, count, dropped, ema_decay)
+
+    def combine(self, parts: Tensor) -> Tensor:
+        parts = self._check_parts(parts, -1)
+        if parts.shape[0] == 0:
+            return parts.new_zeros((1, parts.shape[1]))
+        return torch.ops.protonorm.triton_combine(parts)
+
+    def normalize(self, x, mean, var, epsilon, clamp_value, un_norm, center, out) -> None:
+        x = _check_rows(x, "normalize")
+        _check_stats(mean, var, x.device, x.shape[1])
+        _check_out(out, x)
+        clamp_value = None if clamp_value is None else float(clamp_value)
+        torch.ops.protonorm.triton_normalize(x, mean, var, float(epsilon), clamp_value, bool(un_norm), bool(center), out)
+
+    def normalize_moments(self, x, mean, var, epsilon, clamp_value, out, workspace) -> Tensor:
+        x = _check_rows(x, "normalize")
+        _check_stats(mean, var, x.device, x.shape[1])
+        _check_out(out, x)
+        parts = _parts_buffer(workspace, x)
+        clamp_value = None if clamp_value is None else float(clamp_value)
+        torch.ops.protonorm.triton_normalize_moments(x, mean, var, float(epsilon), clamp_value, out, parts)
+        return parts
+
+    def reward_moments(self, reward, terminated, discounted, gamma, workspace) -> Tensor:
+        reward = _check_rows(reward, "record_reward")
+        if discounted.dim() != 2 or discounted.shape != reward.shape or discounted.dtype not in (torch.float32, torch.float64):
+            raise ValueError(
+                f"discounted: expected a float32/float64 tensor of shape {tuple(reward.shape)}, "
+                f"got {discounted.dtype} {tuple(discounted.shape)}"
+            )
+        if discounted.shape[1] > 1 and discounted.stride(1) != 1:
+            raise ValueError("discounted: expected unit column stride (it is updated in place)")
+        terminated = terminated.reshape(-1)
+        if terminated.shape[0] != reward.shape[0]:
+            raise ValueError(f"terminated: expected {reward.shape[0]} entries, got {terminated.shape[0]}")
+        parts = _parts_buffer(workspace, discounted, single_tile=True)
+        torch.ops.protonorm.triton_reward_moments(reward, terminated, discounted, float(gamma), parts)
+        return parts
+
+    @staticmethod
+    def _check_parts(parts: Tensor, num_features: int) -> Tensor:
+        if parts.dim() != 2 or parts.dtype != torch.float64 or (parts.shape[1] - reference.HEADER) % 2:
+            raise ValueError(f"parts: expected a float64 [K, 2 + 2D] tensor, got {parts.dtype} {tuple(parts.shape)}")
+        if num_features >= 0 and parts.shape[1] != reference.parts_width(num_features):
+            raise ValueError(
+                f"parts: expected width {reference.parts_width(num_features)} for {num_features} features, "
+                f"got {parts.shape[1]}"
+            )
+        return parts if parts.stride(1) == 1 else parts.contiguous()
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,513 @@
+"""The Triton backend against the torch backend (the reference math), kernel by kernel and through the modules.
+
+Without a GPU the kernels run under Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set by
+conftest before Triton is imported); with one, on CUDA tensors. Shapes stay small and the interpreter's
+tiles large, so the file runs in well under a minute on two cores; the ``small_tiles`` fixture shrinks the
+tiles to force the paths large shapes take on a GPU (several row splits, several column tiles with the
+non-finite pre-pass, a multi-program merge with its ticket counter).
+
+Tolerances. The moment kernels widen every input to float64 exactly and differ from the reference only in
+summation order: 1e-12 relative. The merge of a single part and the fold into the running statistics use
+the reference's float64 operations in its order: bit-exact, and 1e-13 relative with several parts. Normalize
+computes exactly what torch computes, but torch's vectorised float32 ``sqrt`` on the CPU is not correctly
+rounded (the kernel's is, like torch's on CUDA): 2 ulp on the CPU, exact on CUDA.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+import protonorm
+from protonorm import reference
+from protonorm.backends import torch_backend
+from protonorm.diagnostics import HostSyncCounter
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1 set before import", allow_module_level=True)
+
+from protonorm.backends import triton_backend  # noqa: E402
+
+if triton_backend.UNAVAILABLE_REASON is not None:
+    pytest.skip(triton_backend.UNAVAILABLE_REASON, allow_module_level=True)
+
+from protonorm.kernels import merge as merge_kernels  # noqa: E402
+from protonorm.kernels import moments as moment_kernels  # noqa: E402
+from protonorm.kernels import normalize as normalize_kernels  # noqa: E402
+
+TB = triton_backend.BACKEND
+RB = torch_backend.BACKEND
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+MOMENT_RTOL = 1e-12
+NORMALIZE_RTOL = 0.0 if DEVICE == "cuda" else 2.4e-7
+
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Interpreter tiles of 64 elements, 8 columns and merges of 4 columns per program."""
+    monkeypatch.setattr(moment_kernels, "INTERPRET_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(moment_kernels, "MAX_BLOCK_D", 8)
+    monkeypatch.setattr(normalize_kernels, "MAX_BLOCK_D", 8)
+    monkeypatch.setattr(normalize_kernels, "INTERPRET_TILE_ELEMENTS", 64)
+    monkeypatch.setattr(merge_kernels, "INTERPRET_MAX_BLOCK_M", 4)
+
+
+def batch(b, d, dtype=torch.float32, offset=10.0, scale=4.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, d, generator=g, dtype=torch.float64) * scale + offset).to(dtype).to(DEVICE)
+
+
+def stats(d, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    mean = (torch.randn(d, generator=g, dtype=torch.float64) * 2).to(DEVICE)
+    var = (torch.rand(d, generator=g, dtype=torch.float64) * 3 + 0.01).to(DEVICE)
+    return [mean, var, torch.tensor(5, device=DEVICE), torch.tensor(2, device=DEVICE)]
+
+
+def assert_parts_close(parts, expected):
+    got = TB.combine(parts)
+    n, dropped, mean, m2 = reference.split_parts(got)
+    en, edropped, emean, em2 = reference.split_parts(expected)
+    assert torch.equal(n, en) and torch.equal(dropped, edropped)
+    scale = emean.abs().max().clamp(min=1.0).item()
+    torch.testing.assert_close(mean, emean, rtol=MOMENT_RTOL, atol=MOMENT_RTOL * scale)
+    torch.testing.assert_close(m2, em2, rtol=MOMENT_RTOL, atol=MOMENT_RTOL * max(1.0, em2.abs().max().item()))
+
+
+# ------------------------------------------------------------------------------------------ moments
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [1, 7, 33, 1023])
+@pytest.mark.parametrize("b", [1, 7, 1023])
+def test_moments_match_reference(b, d, dtype):
+    x = batch(b, d, dtype)
+    assert_parts_close(TB.moments(x, None, {}), reference.batch_moments(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("b,d", [(1, 33), (7, 9), (301, 33), (64, 1)])
+def test_moments_with_splits_and_column_tiles(small_tiles, b, d, dtype):
+    x = batch(b, d, dtype)
+    parts = TB.moments(x, None, {})
+    assert parts.shape[0] == min(moment_kernels.INTERPRET_SPLITS, -(-b // max(1, 64 // min(8, 1 << (d - 1).bit_length()))))
+    assert_parts_close(parts, reference.batch_moments(x))
+
+
+@pytest.mark.parametrize("tiles", ["large", "small"])
+def test_nonfinite_rows_are_left_out_of_every_column_and_counted(request, tiles):
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    x = batch(41, 33)
+    x[2, 32] = float("nan")  # only the last column tile sees it
+    x[5, 0] = float("inf")
+    x[9, 17] = float("-inf")
+    x[30, :] = float("nan")
+    mask = torch.ones(41, dtype=torch.bool, device=DEVICE)
+    mask[9] = False  # a masked non-finite row is ignored, not counted
+    mask[11] = False
+    for m in (None, mask):
+        parts = TB.moments(x, m, {})
+        expected = reference.batch_moments(x, m)
+        assert_parts_close(parts, expected)
+        assert TB.combine(parts)[0, reference.DROPPED_COL].item() == (4 if m is None else 3)
+        assert torch.isfinite(parts).all()
+
+
+def test_mask_rows_are_ignored():
+    x = batch(1023, 7, seed=3)
+    mask = torch.rand(1023, generator=torch.Generator().manual_seed(4)).to(DEVICE) < 0.3
+    assert_parts_close(TB.moments(x, mask, {}), reference.batch_moments(x, mask))
+    none = torch.zeros(1023, dtype=torch.bool, device=DEVICE)
+    combined = TB.combine(TB.moments(x, none, {}))
+    assert combined[0, reference.N_COL].item() == 0 and combined[0, reference.DROPPED_COL].item() == 0
+
+
+def test_strided_rows_and_large_offsets(small_tiles):
+    base = batch(300, 40, torch.float32, offset=1e6, scale=1e-1, seed=5)
+    x = base[:, 3:36]  # row stride 40, unit column stride
+    assert x.stride() == (40, 1)
+    # Offset / spread = 1e7: the parts store absolute means (1 ulp = 1e-10 here), so merging several parts
+    # costs ~1e-10 of the variance; far inside the 1e-7 (mean) / 1e-6 (var) bar against float64 truth.
+    xs = x.double().cpu().numpy()
+    n, dropped, mean, m2 = reference.split_parts(TB.combine(TB.moments(x, None, {})))
+    assert n.item() == 300 and dropped.item() == 0
+    np.testing.assert_allclose(mean[0].cpu().numpy(), xs.mean(0), rtol=1e-15)
+    np.testing.assert_allclose((m2[0] / n[0]).cpu().numpy(), xs.var(0), rtol=1e-9)
+
+
+def test_workspace_is_reused_across_calls():
+    ws = {}
+    first = TB.moments(batch(64, 5), None, ws)
+    second = TB.moments(batch(64, 5, seed=1), None, ws)
+    assert first.data_ptr() == second.data_ptr()
+
+
+# ------------------------------------------------------------------------------------------ merge
+def chunked_parts(x, k):
+    return torch.cat([reference.batch_moments(c) for c in x.chunk(k)])
+
+
+@pytest.mark.parametrize("tiles", ["large", "small"])
+@pytest.mark.parametrize("ema", [None, 0.999])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_merge_matches_reference(request, tiles, ema, k):
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    d = 33
+    parts = chunked_parts(batch(40, d, torch.float64, offset=1e4), k)
+    got, want = stats(d), stats(d)
+    TB.merge(parts, *got, ema)
+    RB.merge(parts, *want, ema)
+    for g, w in zip(got, want):
+        if k == 1:
+            assert torch.equal(g, w)  # one part: the reference's operations in its order
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-13, atol=0)
+    torch.testing.assert_close(TB.combine(parts), reference.combine_parts(parts), rtol=1e-13, atol=1e-9)
+
+
+def test_multi_program_merge_resets_its_ticket(small_tiles):
+    d = 33
+    count = torch.tensor(5, device=DEVICE)
+    mean, var = stats(d)[:2]
+    parts = chunked_parts(batch(40, d, torch.float64), 3)
+    assert merge_kernels.needs_ticket(parts)
+    for _ in range(3):
+        TB.merge(parts, mean, var, count, torch.tensor(0, device=DEVICE), None)
+        assert triton_backend._ticket_for(count).item() == 0
+    assert count.item() == 5 + 3 * 40
+
+
+@pytest.mark.parametrize("tiles", ["large", "small"])
+@pytest.mark.parametrize("ema", [None, 0.9])
+def test_batch_without_valid_rows_leaves_statistics_bit_exact(request, tiles, ema):
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    x = batch(20, 33)
+    x[:, 7] = float("nan")
+    before = stats(33)
+    after = [t.clone() for t in before]
+    TB.merge(TB.moments(x, None, {}), *after, ema)
+    for b, a in zip(before[:3], after[:3]):
+        assert torch.equal(a, b)
+    assert after[3].item() == before[3].item() + 20
+    masked = torch.zeros(20, dtype=torch.bool, device=DEVICE)
+    TB.merge(TB.moments(batch(20, 33), masked, {}), *after, ema)
+    for b, a in zip(before[:3], after[:3]):
+        assert torch.equal(a, b)
+    assert after[3].item() == before[3].item() + 20
+
+
+# ------------------------------------------------------------------------------------------ normalize
+def assert_normalized(got, want, scale=0.0):
+    """``scale``: the magnitude of the terms summed (un_norm adds the mean to ``x * std``), for the CPU's ulps."""
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, rtol=NORMALIZE_RTOL, atol=NORMALIZE_RTOL * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [1, 33])
+@pytest.mark.parametrize("clamp", [None, 0.7])
+def test_normalize_matches_reference(dtype, d, clamp):
+    x = batch(37, d, dtype, offset=0.5, scale=3.0)
+    x[3, 0] = float("nan")
+    mean, var = stats(d)[:2]
+    for un_norm in (False, True):
+        for center in (False, True):
+            out = torch.empty(x.shape, dtype=torch.promote_types(dtype, torch.float32), device=DEVICE)
+            TB.normalize(x, mean, var, 1e-5, clamp, un_norm, center, out)
+            scale = (x.double().nan_to_num().abs().max() * var.max().sqrt() + mean.abs().max()).item()
+            assert_normalized(out, reference.normalize(x, mean, var, 1e-5, clamp, un_norm, center), scale)
+            assert torch.isnan(out[3, 0])
+
+
+def test_normalize_with_column_tiles_and_strided_rows(small_tiles):
+    x = batch(50, 40)[:, 2:35]
+    mean, var = stats(33)[:2]
+    out = torch.empty(x.shape, device=DEVICE)
+    TB.normalize(x, mean, var, 1e-5, 2.0, False, True, out)
+    assert_normalized(out, reference.normalize(x, mean, var, 1e-5, 2.0))
+
+
+@pytest.mark.parametrize("tiles", ["large", "small"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_normalize_moments_equals_separate_calls(request, tiles, dtype):
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    x = batch(97, 33, dtype)
+    x[4, 20] = float("inf")
+    mean, var = stats(33)[:2]
+    out = torch.empty(x.shape, dtype=torch.promote_types(dtype, torch.float32), device=DEVICE)
+    parts = TB.normalize_moments(x, mean, var, 1e-5, 5.0, out, {})
+    separate = torch.empty_like(out)
+    TB.normalize(x, mean, var, 1e-5, 5.0, False, True, separate)
+    assert torch.equal(out.nan_to_num(), separate.nan_to_num())
+    assert_parts_close(parts, reference.batch_moments(x))
+
+
+# ------------------------------------------------------------------------------------------ reward
+@pytest.mark.parametrize("reward_dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("terminated_dtype", [torch.bool, torch.int64, torch.float32], ids=str)
+@pytest.mark.parametrize("b,d", [(1, 1), (1023, 1), (7, 3)])
+def test_reward_moments_match_reference(b, d, reward_dtype, terminated_dtype):
+    g = torch.Generator().manual_seed(7)
+    disc_dtype = torch.promote_types(reward_dtype, torch.float32)
+    got = (torch.randn(b, d, generator=g) * 2).to(disc_dtype).to(DEVICE)
+    want = got.clone()
+    for step in range(2):
+        reward = torch.randn(b, d, generator=g).to(reward_dtype).to(DEVICE)
+        if step == 1 and b > 1:
+            reward[b // 2, 0] = float("nan")  # that environment's return is dropped until it resets
+        terminated = (torch.rand(b, generator=g) < 0.3).to(terminated_dtype).to(DEVICE)
+        parts = TB.reward_moments(reward, terminated, got, 0.99, {})
+        expected = RB.reward_moments(reward, terminated, want, 0.99, {})
+        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert_parts_close(parts, expected)
+
+
+# ------------------------------------------------------------------------------------------ modules
+def module_pair(shape, **kwargs):
+    return (
+        protonorm.RunningMeanStd(None, shape, device=DEVICE, backend="triton", **kwargs),
+        protonorm.RunningMeanStd(None, shape, device=DEVICE, backend="torch", **kwargs),
+    )
+
+
+# The two modules' float64 statistics differ in the last bits, which can move their float32 rounding by an
+# ulp: normalized outputs then differ by ~1e-6 of the data's scale.
+MODULE_OUTPUT_TOL = dict(rtol=1e-6, atol=1e-5, equal_nan=True)
+
+
+def assert_same_statistics(a, b, rtol=1e-12):
+    torch.testing.assert_close(a.mean, b.mean, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(a.var, b.var, rtol=rtol, atol=rtol)
+    assert torch.equal(a.count, b.count) and torch.equal(a.nonfinite_rows, b.nonfinite_rows)
+
+
+@pytest.mark.parametrize("ema", [None, 0.99])
+def test_module_with_3d_features_matches_torch_backend(ema):
+    m, ref = module_pair((3, 5, 7), ema_decay=ema, clamp_value=3.0)
+    for step, b in enumerate((1, 7, 64)):
+        x = batch(b, 105, seed=step).reshape(b, 3, 5, 7)
+        if b == 64:
+            x[10, 2, 4, 6] = float("nan")
+        torch.testing.assert_close(m.normalize(x), ref.normalize(x), **MODULE_OUTPUT_TOL)
+        m.record_moments(x)
+        ref.record_moments(x)
+        assert_same_statistics(m, ref)
+    m.eval(), ref.eval()
+    y = batch(9, 105, seed=9).reshape(9, 3, 5, 7)
+    torch.testing.assert_close(m.normalize(y, un_norm=True), ref.normalize(y, un_norm=True), **MODULE_OUTPUT_TOL)
+
+
+def test_module_record_with_mask():
+    m, ref = module_pair((33,))
+    x = batch(200, 33)
+    mask = torch.arange(200, device=DEVICE) % 3 == 0
+    m.record_moments(x, mask)
+    ref.record_moments(x, mask)
+    assert_same_statistics(m, ref)
+
+
+def test_normalize_then_record_reuses_moments_and_notices_in_place_changes():
+    fused, separate = module_pair((33,)), module_pair((33,))
+    x = batch(64, 33)
+    out = fused[0].normalize(x)
+    assert fused[0]._stash is not None
+    fused[0].record_moments(x)
+    separate[0].record_moments(x)
+    assert_same_statistics(fused[0], separate[0], rtol=0)
+    assert_normalized(out, fused[1].normalize(x))
+    # An in-place change between normalize and record must be seen by record.
+    y = batch(64, 33, seed=2)
+    fused[0].normalize(y)
+    y.mul_(3.0)
+    fused[0].record_moments(y)
+    separate[0].record_moments(y)
+    assert_same_statistics(fused[0], separate[0], rtol=0)
+
+
+def test_reward_module_matches_torch_backend():
+    m = protonorm.RewardRunningMeanStd(None, (1,), 0.99, clamp_value=5.0, device=DEVICE, backend="triton")
+    ref = protonorm.RewardRunningMeanStd(None, (1,), 0.99, clamp_value=5.0, device=DEVICE, backend="torch")
+    g = torch.Generator().manual_seed(11)
+    for _ in range(4):
+        reward = torch.randn(1024, generator=g).to(DEVICE)
+        terminated = (torch.rand(1024, generator=g) < 0.05).to(DEVICE)
+        m.record_reward(reward, terminated)
+        ref.record_reward(reward, terminated)
+        assert torch.equal(m.discounted_reward, ref.discounted_reward)
+        assert_same_statistics(m, ref)
+    buf = torch.randn(16, 1024, 1, generator=g).to(DEVICE)
+    torch.testing.assert_close(m.normalize(buf), ref.normalize(buf), **MODULE_OUTPUT_TOL)
+    torch.testing.assert_close(m.normalize(buf, un_norm=True), ref.normalize(buf, un_norm=True), **MODULE_OUTPUT_TOL)
+
+
+def test_hot_calls_make_no_host_sync():
+    m = protonorm.RunningMeanStd(None, (33,), device=DEVICE, backend="triton", clamp_value=5.0, ema_decay=0.999)
+    r = protonorm.RewardRunningMeanStd(None, (1,), 0.99, device=DEVICE, backend="triton")
+    x = batch(64, 33)
+    reward = torch.randn(256).to(DEVICE)
+    done = torch.zeros(256, dtype=torch.bool, device=DEVICE)
+    r.record_reward(reward, done)
+    with HostSyncCounter(strict=True) as probe:
+        m.normalize(x)
+        m.record_moments(x)
+        m.record_moments(x, torch.ones(64, dtype=torch.bool, device=DEVICE))
+        m.eval()
+        m.normalize(x)
+        r.record_reward(reward, done)
+        r.normalize(reward)
+    assert probe.count == 0
+
+
+def test_launches_per_entry_point(monkeypatch):
+    """record: 2, normalize: 1, normalize then record: 2, reward record: 2 (counted at the Triton launch)."""
+    launches = []
+    for kernel in (
+        moment_kernels._moments_kernel,
+        merge_kernels._merge_kernel,
+        normalize_kernels._normalize_kernel,
+        triton_backend._normalize_moments._normalize_moments_kernel,
+        triton_backend._reward._reward_moments_kernel,
+    ):
+        original = kernel.run
+        monkeypatch.setattr(kernel, "run", lambda *a, _o=original, **k: (launches.append(1), _o(*a, **k))[1])
+    m = protonorm.RunningMeanStd(None, (33,), device=DEVICE, backend="triton")
+    r = protonorm.RewardRunningMeanStd(None, (1,), 0.99, device=DEVICE, backend="triton")
+    x = batch(64, 33)
+    reward, done = torch.randn(128).to(DEVICE), torch.zeros(128, device=DEVICE)
+    r.record_reward(reward, done)
+
+    def count(fn):
+        launches.clear()
+        fn()
+        return len(launches)
+
+    assert count(lambda: m.record_moments(x)) == 2
+    assert count(lambda: m.normalize(x)) == 1
+    assert count(lambda: m.record_moments(x)) == 1  # the stash from the normalize above: merge only
+    assert count(lambda: r.record_reward(reward, done)) == 2
+    m.eval()
+    assert count(lambda: m.normalize(x)) == 1
+
+
+# ------------------------------------------------------------------------------------------ custom ops
+def test_custom_ops_pass_opcheck():
+    d = 7
+    x = batch(23, d)
+    mask = torch.arange(23, device=DEVICE) % 2 == 0
+    parts = torch.empty(1, reference.parts_width(d), dtype=torch.float64, device=DEVICE)
+    ops = torch.ops.protonorm
+    torch.library.opcheck(ops.triton_moments, (x, mask, parts))
+    torch.library.opcheck(ops.triton_moments, (x, None, parts))
+    full = chunked_parts(batch(30, d, torch.float64), 3)
+    torch.library.opcheck(ops.triton_merge, (full, *stats(d), None))
+    torch.library.opcheck(ops.triton_merge, (full, *stats(d), 0.99))
+    torch.library.opcheck(ops.triton_combine, (full,))
+    out = torch.empty(23, d, device=DEVICE)
+    torch.library.opcheck(ops.triton_normalize, (x, *stats(d)[:2], 1e-5, 5.0, False, True, out))
+    torch.library.opcheck(ops.triton_normalize_moments, (x, *stats(d)[:2], 1e-5, None, out, parts))
+    disc = torch.randn(23, 1).to(DEVICE)
+    rparts = torch.empty(1, 4, dtype=torch.float64, device=DEVICE)
+    torch.library.opcheck(
+        ops.triton_reward_moments, (torch.randn(23, 1).to(DEVICE), mask, disc, 0.99, rparts)
+    )
+
+
+def test_torch_compile_fullgraph_traces_through_the_ops():
+    d = 7
+    x = batch(40, d)
+
+    def step(x, mean, var, count, dropped, ws_parts, out):
+        torch.ops.protonorm.triton_normalize_moments(x, mean, var, 1e-5, 5.0, out, ws_parts)
+        torch.ops.protonorm.triton_merge(ws_parts, mean, var, count, dropped, None)
+        return out * 2
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got, want = stats(d), stats(d)
+    parts_a = torch.empty(1, reference.parts_width(d), dtype=torch.float64, device=DEVICE)
+    parts_b = parts_a.clone()
+    out_a, out_b = torch.empty(40, d, device=DEVICE), torch.empty(40, d, device=DEVICE)
+    ya = compiled(x, *got, parts_a, out_a)
+    yb = step(x, *want, parts_b, out_b)
+    assert torch.equal(ya, yb)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+# ------------------------------------------------------------------------------------------ misc
+def test_supports_and_bad_input(monkeypatch):
+    assert TB.supports(torch.device(DEVICE)) is None
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in TB.supports(torch.device("cpu"))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(ValueError, match="2-D"):
+        TB.moments(batch(4, 3).reshape(2, 2, 3), None, {})
+    with pytest.raises(ValueError, match="mask"):
+        TB.moments(batch(4, 3), torch.ones(5, dtype=torch.bool, device=DEVICE), {})
+    with pytest.raises(ValueError, match="out"):
+        TB.normalize(batch(4, 3), *stats(3)[:2], 1e-5, None, False, True, torch.empty(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="parts"):
+        TB.merge(torch.zeros(1, 5, dtype=torch.float64, device=DEVICE), *stats(3), None)
+
+
+COMPILE_CHECK = textwrap.dedent(
+    """
+    import torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from protonorm.kernels import merge, moments, normalize, normalize_moments, reward
+
+    for mod in (moments, merge, normalize):
+        mod.compiled_for = lambda device: True
+    for mod in (moments, merge):
+        mod.sm_count = lambda device: 132
+
+    def check(kernel, grid, args, meta):
+        sig, consts, it = {}, {}, iter(args)
+        for p in kernel.params:
+            if p.is_constexpr:
+                sig[p.name], consts[p.name] = "constexpr", meta[p.name]
+                continue
+            a = next(it)
+            if isinstance(a, torch.Tensor):
+                sig[p.name] = "*i1" if a.dtype == torch.bool else "*" + triton._utils.canonicalize_dtype(a.dtype)
+            elif p.annotation_type:
+                sig[p.name] = p.annotation_type
+            else:
+                sig[p.name] = "i32" if -2**31 <= a < 2**31 else "i64"
+        opts = {k: v for k, v in meta.items() if k not in consts}
+        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=TARGET, options=opts)
+
+    TARGET = GPUTarget("cuda", 90, 32)
+    e = torch.empty
+    f64 = torch.float64
+    for b, d, dt in ((8192, 342, torch.float32), (4096, 4096, torch.bfloat16), (64, 7, torch.float64)):
+        x = e(b, d, dtype=dt)
+        parts = e(moments.tile_plan(b, d, x.device).splits, 2 + 2 * d, dtype=f64)
+        mean, var, out = e(d, dtype=f64), e(d, dtype=f64), e(b, d, dtype=torch.promote_types(dt, torch.float32))
+        check(*moments.launch_args(x, e(b, dtype=torch.bool), parts))
+        check(*normalize_moments.launch_args(x, mean, var, 1e-5, 5.0, out, parts))
+        check(*normalize.launch_args(x, mean, var, 1e-5, 5.0, True, True, out))
+        check(*merge.launch_args(parts, mean, var, e((), dtype=torch.int64), e((), dtype=torch.int64), 0.99, e(1, dtype=torch.int32)))
+        check(*merge.launch_args(parts, None, None, None, None, None, None, out=e(1, 2 + 2 * d, dtype=f64)))
+    check(*reward.launch_args(e(8192, 1), e(8192, dtype=torch.bool), e(8192, 1), 0.99, e(1, 4, dtype=f64)))
+    print("compiled")
+    """
+)
+
+
+def test_kernels_compile_for_sm90_without_a_gpu():
+    """The interpreter does not type-check like the compiler: build every kernel family to a cubin for sm_90."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    result = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
