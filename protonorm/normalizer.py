@@ -161,7 +161,9 @@ class RunningMeanStd(nn.Module):
             self.device = device
             if isinstance(getattr(self, "discounted_reward", None), Tensor):
                 self.discounted_reward = self.discounted_reward.to(device)
-            self._reset_transient_state()
+            # Scratch buffers and the stash belong to the old device; the deferred-sync state (rows recorded since
+            # the last sync) must survive the move, and distributed.py moves its tensors on next use.
+            self._workspace_record, self._workspace_stash, self._stash = {}, {}, None
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -232,6 +234,15 @@ class RunningMeanStd(nn.Module):
             check(parts)
         mean, var, count, dropped = self._flat_stats()
         backend.merge(parts, mean, var, count, dropped, self.ema_decay)
+
+    def _fold_empty(self, x: Tensor) -> None:
+        """A batch without rows changes nothing, but in per-call sync every rank must still join the collective."""
+        if self.fabric is not None and self.sync == "per_call":
+            from . import distributed
+
+            if distributed.world_size(self.fabric) > 1:
+                parts = torch.zeros((1, reference.parts_width(self.num_features)), dtype=torch.float64, device=x.device)
+                self._fold(parts, self._backend_for(x))
 
     @staticmethod
     def _raise_if_nonfinite(parts: Tensor) -> None:
@@ -306,6 +317,7 @@ class RunningMeanStd(nn.Module):
         if mask is not None:
             mask = _check_mask(mask, x)
         if x.shape[0] == 0:
+            self._fold_empty(x)
             return
         parts, backend = self._take_stash(arr, mask)
         if parts is None:
@@ -369,6 +381,7 @@ class RewardRunningMeanStd(RunningMeanStd):
                 f"got shape {tuple(terminated.shape)}"
             )
         if rows.shape[0] == 0:
+            self._fold_empty(rows)
             return
         previous = self.discounted_reward
         if previous is not None and previous.shape != reward.shape:

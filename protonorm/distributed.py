@@ -1,0 +1,366 @@
+"""Merging running statistics across ranks: per-call and deferred sync.
+
+A normalizer whose ``fabric`` spans more than one rank calls :func:`fold_parts` instead of merging its batch
+moments locally. Two modes (the module's ``sync`` attribute):
+
+* ``"per_call"``: every ``record_moments`` / ``record_reward`` merges every rank's batch with one tensor
+  collective and no host read. Each rank reduces its parts to one ``[1, 2 + 2D]`` part; the parts are either
+  all-gathered and merged in rank order (exact, identical on every rank by construction) or, past
+  :data:`ALL_GATHER_MAX_WORLD` ranks, all-reduced as sums shifted by the previous merged batch mean, which
+  every rank shares (constant bytes in the world size; the first call after a reset gathers instead).
+  ``PROTONORM_SYNC_REDUCE`` = ``auto`` | ``all_gather`` | ``all_reduce`` overrides the choice; it must be set
+  identically on every rank.
+* ``"deferred"``: records merge locally and are remembered; :func:`sync` at a point every rank reaches merges
+  every deferred normalizer of a module tree with one collective. Only what was recorded since the previous
+  sync travels, on top of statistics every rank shares, so history is never counted twice.
+
+``fabric`` may be a Lightning ``Fabric`` (its collectives are bypassed for ``torch.distributed`` on the default
+group when that is initialized: ``Fabric.all_gather`` costs a barrier, a size exchange and a host read), a
+``torch.distributed`` ``ProcessGroup``, the string ``"default"`` or the ``torch.distributed`` module (the
+default group), or any object with ``world_size``, ``global_rank`` and ``all_gather(tensor)`` returning a
+stacked ``[world, ...]`` tensor or a list of tensors. docs/DISTRIBUTED.md states the protocol and its costs.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from typing import Callable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+REDUCE_ENV_VAR = "PROTONORM_SYNC_REDUCE"
+REDUCE_CHOICES = ("auto", "all_gather", "all_reduce")
+# Up to this many ranks the per-call all_gather costs about as much as an all_reduce (see the cost model in
+# docs/DISTRIBUTED.md) and is exact; beyond it the all_gather's bytes and ring latency grow with every rank.
+ALL_GATHER_MAX_WORLD = 16
+
+_NOT_A_GROUP = object()
+
+
+# --------------------------------------------------------------------------------------------- communicators
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() else None
+
+
+def _is_lightning_fabric(fabric) -> bool:
+    for name in ("lightning.fabric", "lightning_fabric"):
+        module = sys.modules.get(name)
+        if module is not None and isinstance(fabric, getattr(module, "Fabric", ())):
+            return True
+    return False
+
+
+def _torch_group(fabric):
+    """The ``torch.distributed`` group ``fabric`` stands for (None = the default group), or ``_NOT_A_GROUP``."""
+    dist = _dist()
+    if dist is None:
+        if isinstance(fabric, str):
+            raise ValueError("fabric='default' needs torch.distributed, which this torch build lacks")
+        return _NOT_A_GROUP
+    if isinstance(fabric, dist.ProcessGroup):
+        return fabric
+    if isinstance(fabric, str):
+        if fabric != "default":
+            raise ValueError(f"fabric: expected 'default' (the default process group) or an object, got {fabric!r}")
+        return None
+    if fabric is dist:
+        return None
+    # A Fabric's DDP-family strategies run on the default group; talk to it directly.
+    if _is_lightning_fabric(fabric) and dist.is_initialized() and dist.get_world_size() == fabric.world_size:
+        return None
+    return _NOT_A_GROUP
+
+
+def world_size(fabric) -> int:
+    """Number of ranks ``fabric`` spans (1 for None or an uninitialized default group)."""
+    if fabric is None:
+        return 1
+    group = _torch_group(fabric)
+    if group is not _NOT_A_GROUP:
+        dist = _dist()
+        return dist.get_world_size(group) if dist.is_initialized() else 1
+    try:
+        return int(fabric.world_size)
+    except AttributeError:
+        raise TypeError(
+            "fabric: expected None, a Lightning Fabric, a torch.distributed ProcessGroup, 'default', or an object "
+            f"with world_size, global_rank and all_gather; got {type(fabric).__name__}"
+        ) from None
+
+
+def rank(fabric) -> int:
+    """This process's rank in ``fabric`` (0 for None or an uninitialized default group)."""
+    if fabric is None:
+        return 0
+    group = _torch_group(fabric)
+    if group is not _NOT_A_GROUP:
+        dist = _dist()
+        return dist.get_rank(group) if dist.is_initialized() else 0
+    return int(fabric.global_rank)
+
+
+def _all_gather(fabric, tensor: Tensor, world: int, fill: Optional[float] = None) -> Tensor:
+    """``[world, *tensor.shape]``: every rank's ``tensor``, in rank order. One collective. ``fill`` pre-fills
+    the output, so that what a mismatched collective leaves unwritten is recognizable."""
+    tensor = tensor.contiguous()
+    group = _torch_group(fabric)
+    if group is not _NOT_A_GROUP:
+        dist = _dist()
+        shape = (world,) + tuple(tensor.shape)
+        out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device) if fill is None else torch.full(
+            shape, fill, dtype=tensor.dtype, device=tensor.device
+        )
+        gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        gather_single(out.view((world * tensor.shape[0],) + tuple(tensor.shape[1:])), tensor, group=group)
+        return out
+    gathered = fabric.all_gather(tensor)
+    if isinstance(gathered, (list, tuple)):
+        gathered = torch.stack(list(gathered))
+    if not isinstance(gathered, Tensor) or gathered.numel() != world * tensor.numel():
+        raise TypeError(
+            f"fabric.all_gather: expected a [{world}, *{tuple(tensor.shape)}] tensor or a list of {world} tensors, "
+            f"got {type(gathered).__name__} {tuple(getattr(gathered, 'shape', ()))}"
+        )
+    return gathered.reshape((world,) + tuple(tensor.shape))
+
+
+def _all_reduce_sum(fabric, tensor: Tensor, world: int) -> Tensor:
+    """Elementwise sum over ranks (same result on every rank). One collective."""
+    group = _torch_group(fabric)
+    if group is not _NOT_A_GROUP:
+        tensor = tensor.contiguous()
+        _dist().all_reduce(tensor, group=group)
+        return tensor
+    # Duck-typed fabrics promise only all_gather; a fixed-order sum over it is identical on every rank.
+    return _all_gather(fabric, tensor, world).sum(dim=0)
+
+
+def reduce_method(world: int) -> str:
+    """``"all_gather"`` or ``"all_reduce"``: how a per-call sync over ``world`` ranks travels."""
+    choice = os.environ.get(REDUCE_ENV_VAR, "auto").strip().lower() or "auto"
+    if choice not in REDUCE_CHOICES:
+        raise ValueError(f"environment variable {REDUCE_ENV_VAR} must be one of {REDUCE_CHOICES}, got {choice!r}")
+    if choice == "auto":
+        return "all_gather" if world <= ALL_GATHER_MAX_WORLD else "all_reduce"
+    return choice
+
+
+# --------------------------------------------------------------------------------------------- per-call sync
+class _PerCallState:
+    """The shift of the all_reduce path: the last merged batch mean, identical on every rank."""
+
+    __slots__ = ("shift",)
+
+    def __init__(self, shift: Tensor):
+        self.shift = shift
+
+
+def fold_parts(module, parts: Tensor, backend, check: Optional[Callable[[Tensor], None]]) -> None:
+    """Merge this rank's ``parts`` (and, per call, every other rank's) into ``module``'s statistics.
+
+    ``check`` (None or a callable raising on dropped non-finite rows) sees the parts that will be merged: every
+    rank's in per-call mode, so all ranks raise together; this rank's in deferred mode, where nothing waits on
+    a collective. Called by the normalizers when their ``fabric`` spans more than one rank.
+    """
+    if module.sync == "deferred":
+        _record_deferred(module, parts, backend, check)
+        return
+    fabric = module.fabric
+    world = world_size(fabric)
+    local = backend.combine(parts)
+    method = reduce_method(world)
+    if method == "all_reduce" and isinstance(module._sync_state, _PerCallState):
+        merged = _all_reduce_shifted(module, fabric, local, world)
+    else:
+        merged = _all_gather(fabric, local, world).reshape(world, local.shape[-1])
+        if method == "all_reduce":
+            # No shift is shared yet (first call, or the statistics were reset): this call gathers, which is
+            # exact, and leaves its merged batch mean as the shift of the all_reduces that follow. Which branch
+            # runs depends only on the sequence of calls, the same on every rank.
+            n, _, batch_mean, _ = reference.split_parts(backend.combine(merged))
+            module._sync_state = _PerCallState(torch.where(n > 0, batch_mean[0], module._flat_stats()[0]))
+    if check is not None:
+        check(merged)
+    mean, var, count, dropped = module._flat_stats()
+    backend.merge(merged, mean, var, count, dropped, module.ema_decay)
+
+
+def _all_reduce_shifted(module, fabric, local: Tensor, world: int) -> Tensor:
+    """All ranks' moments as one ``[1, W]`` part, from one all_reduce of sums shifted by a shared reference.
+
+    Sums of ``x - c`` and ``(x - c)^2`` lose ``eps * (mean - c)^2 / var`` relative accuracy to cancellation, so
+    ``c`` is the previous merged batch mean: equal on every rank and, for a stream of batches, close to the next
+    batch's mean.
+    """
+    shift = module._sync_state.shift.to(local.device)
+    n, dropped, mean, m2 = reference.split_parts(local)
+    has_rows = n[:, None] > 0
+    delta = torch.where(has_rows, mean - shift, torch.zeros_like(mean))
+    sums = torch.cat([n, dropped, (n[:, None] * delta)[0], (m2 + n[:, None] * delta * delta)[0]])
+    sums = _all_reduce_sum(fabric, sums, world)
+    d = mean.shape[1]
+    total, total_dropped, s1, s2 = sums[0:1], sums[1:2], sums[2 : 2 + d], sums[2 + d :]
+    safe_total = torch.where(total > 0, total, torch.ones_like(total))
+    batch_mean = shift + s1 / safe_total
+    batch_m2 = (s2 - s1 * s1 / safe_total).clamp(min=0.0)
+    module._sync_state = _PerCallState(torch.where(total > 0, batch_mean, shift))
+    return reference.pack_parts(total, total_dropped, batch_mean, batch_m2)
+
+
+# --------------------------------------------------------------------------------------------- deferred sync
+class _DeferredState:
+    """Statistics as of the last sync (identical on every rank) and the local moments recorded since."""
+
+    __slots__ = ("mean", "var", "count", "dropped", "pending")
+
+    def __init__(self, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor):
+        self.mean, self.var, self.count, self.dropped = mean, var, count, dropped
+        self.pending = torch.zeros((1, reference.parts_width(mean.numel())), dtype=torch.float64, device=mean.device)
+
+
+def _deferred_state(module) -> _DeferredState:
+    """The module's deferred-sync state; a missing one starts from the current statistics, which every rank
+    shares at construction, after ``load_state_dict`` and after each sync."""
+    state = module._sync_state
+    mean, var, count, dropped = module._flat_stats()
+    if not isinstance(state, _DeferredState) or state.mean.shape != mean.shape:
+        state = _DeferredState(mean.clone(), var.clone(), count.clone(), dropped.clone())
+        module._sync_state = state
+    elif state.mean.device != mean.device:  # the module moved: its unsynced records move with it
+        for name in _DeferredState.__slots__:
+            setattr(state, name, getattr(state, name).to(mean.device))
+    return state
+
+
+def _record_deferred(module, parts: Tensor, backend, check) -> None:
+    if check is not None:
+        check(parts)
+    state = _deferred_state(module)
+    local = backend.combine(parts)
+    state.pending = backend.combine(torch.cat([state.pending, local]))
+    mean, var, count, dropped = module._flat_stats()
+    backend.merge(parts, mean, var, count, dropped, module.ema_decay)
+
+
+def _deferred_normalizers(module_tree) -> List[Tuple[str, object]]:
+    from .normalizer import RunningMeanStd
+
+    if isinstance(module_tree, RunningMeanStd):
+        return [("", module_tree)] if module_tree.sync == "deferred" else []
+    if not isinstance(module_tree, torch.nn.Module):
+        raise TypeError(f"sync: expected an nn.Module, got {type(module_tree).__name__}")
+    return [
+        (name, m) for name, m in module_tree.named_modules() if isinstance(m, RunningMeanStd) and m.sync == "deferred"
+    ]
+
+
+def _layout_signature(entries) -> float:
+    """A number naming the tree's deferred normalizers (name, feature count, mode), exact in float64."""
+    text = ";".join(
+        f"{name}:{module.num_features if module._initialized else -1}:{'ema' if module.ema_decay is not None else 'w'}"
+        for name, module in entries
+    )
+    return float(zlib.crc32(text.encode()))
+
+
+@torch.no_grad()
+def sync(module_tree, fabric=None) -> None:
+    """Merge what every rank recorded since the last sync into every ``sync="deferred"`` normalizer of
+    ``module_tree``, with one collective; afterwards their statistics are identical on every rank.
+
+    Call it at a point every rank reaches (e.g. after each rollout). ``fabric`` defaults to the normalizers'
+    own. Welford statistics become exactly those of one process that recorded every rank's batches; EMA
+    statistics become the row-weighted average of the ranks' EMA states (docs/DISTRIBUTED.md). A tree that
+    differs between ranks raises ``ValueError`` on every rank. This reads one value on the host (the layout
+    check); it is meant for boundaries, not the hot path. A no-op on a single process.
+    """
+    entries = _deferred_normalizers(module_tree)
+    if not entries:
+        return
+    if fabric is None:
+        fabrics = {id(m.fabric): m.fabric for _, m in entries if m.fabric is not None}
+        if len(fabrics) > 1:
+            raise ValueError("sync: the deferred normalizers hold different fabrics; pass fabric= explicitly")
+        if not fabrics:
+            return
+        (fabric,) = fabrics.values()
+    world = world_size(fabric)
+    if world <= 1:
+        return
+    for name, module in entries:
+        if module.fabric is None or world_size(module.fabric) <= 1:
+            raise ValueError(
+                f"sync: normalizer {name or '<root>'!r} has sync='deferred' but fabric={module.fabric!r}, so its "
+                "records were merged locally and not tracked; give it the distributed fabric before recording"
+            )
+    live = [(name, m) for name, m in entries if m._initialized]
+    device = live[0][1].mean.device if live else torch.device("cpu")
+    signature = torch.tensor([_layout_signature(entries), 0.0], dtype=torch.float64, device=device)
+    rows, states = [], []
+    for _, module in live:
+        state = _deferred_state(module)
+        states.append(state)
+        rows.append(_outgoing_row(module, state).reshape(-1).to(device))
+    body = sum(r.numel() for r in rows)
+    signature[1] = float(body)
+    # The signature opens and closes each rank's slot: a tree of another layout fails the comparison, and so
+    # does one of another length, whose slots no longer line up.
+    buffer = torch.cat([signature] + rows + [signature])
+    gathered = _all_gather(fabric, buffer, world, fill=float("nan"))
+    _check_layouts(gathered, signature, world)
+    offset = 2
+    for (_, module), state in zip(live, states):
+        width = reference.parts_width(module.num_features)
+        incoming = gathered[:, offset : offset + width].to(module.mean.device).contiguous()
+        offset += width
+        _apply_incoming(module, state, incoming)
+
+
+def _outgoing_row(module, state: _DeferredState) -> Tensor:
+    """Welford: the parts recorded since the last sync. EMA: ``[rows, dropped, mean - base mean, var - base
+    var]``, this rank's EMA movement since the last sync."""
+    if module.ema_decay is None:
+        return state.pending
+    mean, var, _, _ = module._flat_stats()
+    return reference.pack_parts(
+        state.pending[0, reference.N_COL], state.pending[0, reference.DROPPED_COL], mean - state.mean, var - state.var
+    )
+
+
+def _apply_incoming(module, state: _DeferredState, incoming: Tensor) -> None:
+    mean, var, count, dropped = module._flat_stats()
+    new_mean, new_var = state.mean.clone(), state.var.clone()
+    new_count, new_dropped = state.count.clone(), state.dropped.clone()
+    if module.ema_decay is None:
+        backend = module._backend_for(mean)
+        backend.merge(incoming, new_mean, new_var, new_count, new_dropped, None)
+    else:
+        rows, dropped_rows, mean_moves, var_moves = reference.split_parts(incoming)
+        total = rows.sum()
+        weights = (rows / torch.where(total > 0, total, torch.ones_like(total)))[:, None]
+        new_mean += (weights * mean_moves).sum(dim=0)
+        new_var += (weights * var_moves).sum(dim=0)
+        new_dropped += dropped_rows.sum().to(torch.int64)
+    mean.copy_(new_mean)
+    var.copy_(new_var)
+    count.copy_(new_count)
+    dropped.copy_(new_dropped)
+    module._sync_state = _DeferredState(new_mean, new_var, new_count, new_dropped)
+
+
+def _check_layouts(gathered: Tensor, signature: Tensor, world: int) -> None:
+    ends = torch.cat([gathered[:, :2], gathered[:, -2:]], dim=1)
+    expected = torch.cat([signature, signature]).expand(world, 4)
+    if torch.equal(ends, expected):
+        return
+    bad = [r for r in range(world) if not torch.equal(ends[r], expected[r])]
+    raise ValueError(
+        f"sync: the ranks hold different trees of deferred normalizers (ranks {bad} differ from this one in "
+        "names, feature shapes, EMA mode or initialization); every rank must sync the same model"
+    )
