@@ -451,9 +451,9 @@ def test_onnx_export_of_normalize(tmp_path):
     assert any(node.op_type in ("Sqrt", "Div") for node in model.graph.node)
 
 
+# The Triton ops are compiled in tests/test_triton.py (aot_eager): inductor over interpreted kernels is too slow here.
+@pytest.mark.parametrize("backend_name", [b for b in CPU_BACKENDS if b != "triton"])
 def test_compile_fullgraph_normalize_and_record(backend_name):
-    if backend_name == "triton":
-        pytest.skip("covered by the Triton tests: compiling interpreted kernels is too slow for this suite")
     m = make((6,), backend_name, clamp_value=5.0).train()
     ref = make((6,), "torch", clamp_value=5.0)
 

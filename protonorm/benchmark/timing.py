@@ -1,0 +1,167 @@
+"""Interleaved timing and the per-call probes (kernel launches, host syncs).
+
+Contenders are timed round-robin: every repetition times each of them once, in an order rotated from one
+repetition to the next, so slow drift of the machine (clocks, other load) hits all of them alike and the
+per-repetition ratios stay meaningful. Each timed block runs ``inner`` calls back to back (enough to last a
+fraction of a millisecond) and is divided by ``inner``. On CUDA the blocks are timed with events after a
+warm-up; elsewhere with ``time.perf_counter``.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..diagnostics import HostSyncCounter
+
+MIN_BLOCK_S = {"cuda": 2e-4, "cpu": 1e-3}
+MAX_INNER = 1000
+
+
+@dataclass
+class Samples:
+    """Per-call seconds of one contender, one value per repetition."""
+
+    seconds: List[float]
+
+    def percentile(self, q: float) -> float:
+        return percentile(self.seconds, q)
+
+    @property
+    def median(self) -> float:
+        return percentile(self.seconds, 50)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) of a non-empty sequence."""
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
+
+
+def paired_speedup(baseline: Samples, contender: Samples) -> float:
+    """Median over repetitions of ``baseline / contender``: each ratio compares calls timed side by side."""
+    return percentile([b / c for b, c in zip(baseline.seconds, contender.seconds)], 50)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _BlockTimer:
+    """Times ``inner`` calls of a function; CUDA events on CUDA, the wall clock elsewhere."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started) -> Callable[[], float]:
+        """A thunk giving the elapsed seconds; on CUDA it is read after the repetition's synchronize."""
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            return lambda: started.elapsed_time(end) / 1e3
+        elapsed = time.perf_counter() - started
+        return lambda: elapsed
+
+
+def calibrate_inner(fn: Callable[[], object], device: torch.device) -> Tuple[int, float]:
+    """Time single calls (at least one, together at least the device's minimum block length) and return
+    ``(inner, seconds per call)``: how many calls one timed block needs to last that long."""
+    synchronize(device)
+    timer = _BlockTimer(device)
+    min_block = MIN_BLOCK_S[_kind(device)]
+    calls, elapsed = 0, 0.0
+    while calls < 1 or (elapsed < min_block and calls < MAX_INNER):
+        started = timer.start()
+        fn()
+        read = timer.stop(started)
+        synchronize(device)
+        elapsed += read()
+        calls += 1
+    per_call = elapsed / calls
+    inner = max(1, min(MAX_INNER, math.ceil(min_block / max(per_call, 1e-9))))
+    return inner, per_call
+
+
+def interleaved(
+    fns: Dict[str, Callable[[], object]],
+    inner: Dict[str, int],
+    repetitions: int,
+    device: torch.device,
+    progress: Optional[Callable[[], None]] = None,
+) -> Dict[str, Samples]:
+    """Time every function once per repetition, round-robin with a rotating start; per-call seconds."""
+    names = list(fns)
+    timer = _BlockTimer(device)
+    readings: Dict[str, List[Callable[[], float]]] = {name: [] for name in names}
+    for rep in range(repetitions):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn, k = fns[name], inner[name]
+            started = timer.start()
+            for _ in range(k):
+                fn()
+            readings[name].append(timer.stop(started))
+        synchronize(device)
+        if progress is not None:
+            progress()
+    return {name: Samples([read() / inner[name] for read in readings[name]]) for name in names}
+
+
+def count_host_syncs(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
+    """Host syncs per call: host reads of tensor values seen by the dispatcher and, on CUDA, every
+    synchronizing CUDA operation (which also catches reads the dispatcher never sees, such as
+    ``torch.tensor([cuda_scalar, ...])``). The larger of the two counts is reported."""
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        previous = torch.cuda.get_sync_debug_mode() if device.type == "cuda" else None
+        if previous is not None:
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with HostSyncCounter(strict=False) as counter:
+                for _ in range(calls):
+                    fn()
+        finally:
+            if previous is not None:
+                torch.cuda.set_sync_debug_mode(previous)
+    cuda_syncs = sum(1 for w in caught if "synchronizing" in str(w.message))
+    return max(counter.count, cuda_syncs) / calls
+
+
+def count_launches(fn: Callable[[], object], device: torch.device, calls: int = 5) -> Optional[float]:
+    """Device work items (kernels, memcpys, memsets) per call, from torch.profiler; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        synchronize(device)
+    launched = sum(
+        1
+        for event in prof.events()
+        if event.device_type == DeviceType.CUDA and "annotation" not in str(getattr(event, "activity_type", ""))
+    )
+    return launched / calls
+
+
+def _kind(device: torch.device) -> str:
+    return "cuda" if device.type == "cuda" else "cpu"

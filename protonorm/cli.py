@@ -1,0 +1,270 @@
+"""The ``protonorm`` command. ``protonorm bench`` times protonorm's backends against upstream's operation sequence
+on ProtoMotions' calls and prints a table (see ``protonorm bench --help``)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clean line instead of argparse's usage dump
+        raise UsageError(message)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _names(text: str) -> List[str]:
+    return [name.strip().lower() for name in text.split(",") if name.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .benchmark.cases import CASE_HELP, DEFAULT_CASES, DEFAULT_ENVS, DEFAULT_SHAPES
+
+    parser = _Parser(prog="protonorm", description="protonorm: fast running mean/std normalizers for RL.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    bench = commands.add_parser(
+        "bench",
+        help="benchmark every available backend against upstream's operation sequence",
+        description=(
+            "Time ProtoMotions' normalizer calls with protonorm's automatic backend choice, every other available "
+            "backend and a baseline that repeats the upstream module's operations, side by side (interleaved "
+            "repetitions). Cases: "
+            + "; ".join(f"{name}: {text}" for name, text in CASE_HELP.items())
+            + "."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    bench.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
+    bench.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the observation and reward batches")
+    bench.add_argument(
+        "--shapes",
+        default=",".join(f"{r}x{d}" for r, d in DEFAULT_SHAPES),
+        help="observation batches, comma-separated ROWSxFEATURES",
+    )
+    bench.add_argument("--envs", type=_positive_int, default=DEFAULT_ENVS, help="environments of the reward case and of --workload")
+    bench.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from: {', '.join(CASE_HELP)}")
+    bench.add_argument(
+        "--backends",
+        help="comma-separated protonorm backends to time, from: auto, torch, cpp, triton (default: auto and every "
+        "other backend available on the device; the baseline is always timed)",
+    )
+    bench.add_argument(
+        "--iters",
+        type=_positive_int,
+        help="timed repetitions per case (default: as many as fit a short per-case time budget, at least 5) or "
+        "epochs with --workload (default 3 on CPU, 20 on CUDA)",
+    )
+    bench.add_argument("--compile", action="store_true", help="also time torch.compile of the reference math")
+    bench.add_argument("--workload", choices=("ppo",), help="time a synthetic ProtoMotions PPO epoch instead of single calls")
+    bench.add_argument(
+        "--obs-dims", type=_obs_dims, default="342,1024,342", help="--workload: feature sizes of the actor, critic and third observation"
+    )
+    bench.add_argument("--json", metavar="PATH", help="write the per-case records as JSON")
+    bench.add_argument("--plot", metavar="PATH", help="write a PNG of speedup and percent of copy bandwidth against size")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return _bench(args)
+    except UsageError as exc:
+        print(f"protonorm bench: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help
+        return exc.code if isinstance(exc.code, int) else 0
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def _bench(args) -> int:
+    import torch
+
+    device = _parse_device(args.device)
+    dtype = getattr(torch, args.dtype)
+    requested = _parse_backends(args.backends, device)
+
+    from . import backends
+    from .benchmark import cases as case_defs
+    from .benchmark import report, suite, workload
+
+    names, skipped = case_defs.backend_names(device, requested)
+    for name in names:
+        if name != "auto":
+            reason = backends.available(device)[name]
+            if reason is not None:
+                raise UsageError(f"backend {name!r} is not available on {device}: {reason}")
+    contenders = case_defs.build_contenders(device, names, args.compile)
+    header = _header(device, dtype, contenders, skipped)
+
+    if args.workload:
+        spec = workload.PPOWorkload(envs=args.envs, obs_dims=args.obs_dims, dtype=dtype, device=device)
+        repetitions = args.iters or workload.default_repetitions(device)
+        with _progress(not args.no_progress, repetitions) as advance:
+            records = workload.run_workload(spec, contenders, repetitions, advance)
+        report.print_table(
+            f"{header}\n{spec.describe()}; {repetitions} interleaved epochs",
+            report.WORKLOAD_COLUMNS,
+            [report.workload_rows(records)],
+            ["ms / epoch: normalizer time per epoch; launches, syncs: per epoch; speedup: against the baseline."],
+        )
+    else:
+        try:
+            shapes = case_defs.parse_shapes(args.shapes)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+        case_names = _parse_cases(args.cases, case_defs.CASE_KINDS)
+        cases = case_defs.build_cases(case_names, shapes, args.envs, dtype, device)
+        with _case_progress(not args.no_progress and len(cases) > 1) as progress:
+            records = suite.run_suite(cases, contenders, args.iters, suite.default_budget_s(device), progress)
+        repetitions = sorted({r["repetitions"] for r in records})
+        span = f"{repetitions[0]}" if len(repetitions) == 1 else f"{repetitions[0]}-{repetitions[-1]}"
+        report.print_table(
+            f"{header}\n{span} interleaved repetitions per case",
+            report.COLUMNS,
+            report.case_rows(records),
+            [report.LEGEND],
+        )
+    if args.json:
+        report.write_json(args.json, records)
+    if args.plot:
+        report.write_plot(args.plot, records, header.splitlines()[0])
+    return 0
+
+
+def _parse_device(text: Optional[str]):
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as exc:
+        raise UsageError(f"unknown device {text!r} ({str(exc).splitlines()[0]}); expected cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {text!r} requested but CUDA is not available in this torch build or machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {text!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+        torch.cuda.set_device(device)
+    elif device.type != "cpu":
+        raise UsageError(f"unsupported device {text!r}: protonorm bench runs on cpu or cuda")
+    return device
+
+
+def _parse_backends(text: Optional[str], device) -> Optional[List[str]]:
+    from .backends import CHOICES
+
+    if text is None:
+        return None
+    names = _names(text)
+    unknown = [name for name in names if name not in CHOICES]
+    if unknown or not names:
+        raise UsageError(f"unknown backend {', '.join(unknown) or repr(text)}: expected a comma-separated list from {', '.join(CHOICES)}")
+    if "triton" in names and device.type != "cuda":
+        # Triton reaches CPU tensors only through its interpreter, which must be chosen before it is imported.
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return list(dict.fromkeys(names))
+
+
+def _parse_cases(text: str, known) -> List[str]:
+    names = _names(text)
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise UsageError(f"unknown case {', '.join(unknown) or repr(text)}: expected a comma-separated list from {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def _obs_dims(text: str):
+    try:
+        dims = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        dims = ()
+    if len(dims) != 3 or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive feature sizes, e.g. 342,1024,342, got {text!r}")
+    return dims
+
+
+def _header(device, dtype, contenders, skipped) -> str:
+    import torch
+
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        where = f"CPU, {torch.get_num_threads()} threads"
+    timed = ", ".join(c.label for c in contenders)
+    line = f"protonorm bench: {device} ({where}), torch {torch.__version__}, {str(dtype).replace('torch.', '')}"
+    if device.type != "cuda" and any(c.name == "triton" for c in contenders):
+        timed += " (triton in its CPU interpreter: a correctness tool, far slower than compiled code)"
+    unused = "; ".join(f"{name}: {reason}" for name, reason in skipped.items() if not any(c.name == name for c in contenders))
+    return f"{line}\ntimed: {timed}" + (f"\nnot timed: {unused}" if unused else "")
+
+
+class _NoProgress:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _rich_progress():
+    try:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    except ImportError:
+        return None
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return None
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, transient=True,
+    )
+
+
+def _case_progress(enabled: bool):
+    progress = _rich_progress() if enabled else None
+    return progress if progress is not None else _NoProgress()
+
+
+class _progress:
+    """Context manager yielding a callable advanced once per repetition (or None without a terminal)."""
+
+    def __init__(self, enabled: bool, total: int):
+        self.bar = _rich_progress() if enabled else None
+        self.total = total
+
+    def __enter__(self):
+        if self.bar is None:
+            return None
+        self.bar.__enter__()
+        task = self.bar.add_task("epochs", total=self.total)
+        return lambda: self.bar.advance(task)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc) if self.bar is not None else False
+
+
+if __name__ == "__main__":
+    sys.exit(main())

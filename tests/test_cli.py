@@ -1,0 +1,316 @@
+"""``protonorm bench``: arguments, the JSON records, the plot, clean errors, the PPO workload, and the harness
+pieces the numbers rest on (the upstream baseline, percentiles, paired ratios, the host-sync probe).
+
+Shapes are tiny and repetitions few: these tests check what the command produces, never how fast anything is.
+"""
+import io
+import json
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from protonorm import backends
+from protonorm.benchmark import cases, report, timing
+from protonorm.benchmark.baseline import BaselineRewardRunningMeanStd, BaselineRunningMeanStd
+from protonorm.benchmark.cases import parse_shapes
+from protonorm.cli import main
+
+import upstream as upstream_locator
+
+REQUIRED_KEYS = {
+    "case", "backend", "shape", "dtype", "device", "median_us", "p20_us", "p80_us",
+    "speedup", "gbps", "pct_copy_bw", "launches", "host_syncs",
+}
+TINY = ["bench", "--device", "cpu", "--iters", "3", "--no-progress"]
+
+
+def _default_contenders():
+    """What a run without --backends must time on CPU: auto, every other usable backend but Triton (CPU
+    tensors reach it only through its interpreter), and the baseline."""
+    cpu = torch.device("cpu")
+    chosen = backends.resolve("auto", cpu).name
+    others = {n for n, reason in backends.available(cpu).items() if reason is None and n not in (chosen, "triton")}
+    return {"auto", "baseline"} | others
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One in-process run over two shapes and every default case, with --json and --plot."""
+    folder = tmp_path_factory.mktemp("bench")
+    json_path, plot_path = folder / "out" / "bench.json", folder / "bench.png"
+    out = io.StringIO()
+    argv = TINY + ["--shapes", "7x3,33x5", "--envs", "17", "--json", str(json_path), "--plot", str(plot_path)]
+    with redirect_stdout(out):
+        code = main(argv)
+    return code, out.getvalue(), json.loads(json_path.read_text()), plot_path
+
+
+# ------------------------------------------------------------------------------------------------ bench
+def test_bench_exits_zero_and_prints_every_case(tiny_run):
+    code, text, _, _ = tiny_run
+    assert code == 0
+    for word in ("record_welford", "record_ema", "norm_record", "reward", "baseline", "copy", "speedup", "7x3", "33x5"):
+        assert word in text
+
+
+def test_json_records_cover_every_case_shape_and_contender(tiny_run):
+    _, _, records, _ = tiny_run
+    assert all(REQUIRED_KEYS <= set(r) for r in records)
+    seen = {(r["case"], tuple(r["shape"])) for r in records}
+    obs_cases = {"record_welford", "record_ema", "norm_record"}
+    assert seen == {(c, s) for c in obs_cases for s in ((7, 3), (33, 5))} | {("reward", (17,))}
+    for case, shape in seen:
+        names = {r["backend"] for r in records if (r["case"], tuple(r["shape"])) == (case, shape)}
+        assert names == _default_contenders()
+
+
+def test_json_values_are_consistent(tiny_run):
+    _, _, records, _ = tiny_run
+    for r in records:
+        assert r["dtype"] == "float32" and r["device"] == "cpu"
+        assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"]
+        assert r["speedup"] > 0 and r["gbps"] > 0 and r["pct_copy_bw"] > 0
+        # GB/s is the least traffic over the median time, in the record's own units.
+        assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_us"] * 1e-6) / 1e9)
+        assert r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / r["copy_gbps"])
+        assert r["launches"] is None  # only counted on CUDA
+        assert r["host_syncs"] >= 0
+        assert r["repetitions"] == 3
+        if r["backend"] == "baseline":
+            assert r["speedup"] == 1.0  # paired with itself
+        if r["backend"] == "auto":
+            assert r["resolved"] == backends.resolve("auto", torch.device("cpu")).name
+
+
+def test_plot_is_a_png(tiny_run):
+    _, _, _, plot_path = tiny_run
+    data = plot_path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(str(plot_path))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_cases_backends_and_dtype_select_what_runs(tmp_path):
+    path = tmp_path / "r.json"
+    argv = TINY + ["--cases", "reward,normalize", "--backends", "torch", "--dtype", "float64", "--shapes", "5x2",
+                   "--envs", "9", "--json", str(path)]
+    assert main(argv) == 0
+    records = json.loads(path.read_text())
+    assert {(r["case"], tuple(r["shape"])) for r in records} == {("normalize", (5, 2)), ("reward", (9,))}
+    assert {r["backend"] for r in records} == {"torch", "baseline"}
+    assert {r["dtype"] for r in records} == {"float64"}
+
+
+def test_triton_can_be_forced_on_cpu(tmp_path):
+    if backends.available(torch.device("cpu"))["triton"] is not None:
+        pytest.skip("the Triton backend does not run here")
+    path = tmp_path / "t.json"
+    argv = TINY + ["--backends", "triton", "--cases", "norm_record,reward", "--shapes", "4x3", "--envs", "5",
+                   "--json", str(path)]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(argv) == 0
+    assert "CPU interpreter" in out.getvalue()
+    assert {r["backend"] for r in json.loads(path.read_text())} == {"triton", "baseline"}
+
+
+def test_workload_ppo_reports_epoch_time_per_backend(tmp_path):
+    path, plot = tmp_path / "ppo.json", tmp_path / "ppo.png"
+    argv = TINY[:-3] + ["--workload", "ppo", "--envs", "16", "--obs-dims", "4,6,3", "--iters", "2", "--no-progress",
+                        "--json", str(path), "--plot", str(plot)]
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert main(argv) == 0
+    assert "PPO epoch" in out.getvalue() and "ms / epoch" in out.getvalue()
+    records = json.loads(path.read_text())
+    assert {r["backend"] for r in records} == _default_contenders()
+    for r in records:
+        assert REQUIRED_KEYS <= set(r)
+        assert r["case"] == "ppo_epoch" and r["shape"] == [32, 16] and r["obs_dims"] == [4, 6, 3]
+        assert 0 < r["p20_us"] <= r["median_us"] <= r["p80_us"]
+        assert r["repetitions"] == 2
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--device", "tpu9"], "unknown device"),
+        (["--device", "meta"], "unsupported device"),
+        (["--shapes", "8192x"], "bad shape"),
+        (["--shapes", "0x4"], "bad shape"),
+        (["--backends", "torch,fast"], "unknown backend fast"),
+        (["--cases", "record"], "unknown case record"),
+        (["--iters", "0"], "positive integer"),
+        (["--dtype", "int8"], "invalid choice"),
+        (["--obs-dims", "3,4"], "three positive"),
+        (["--frobnicate"], "unrecognized arguments"),
+    ],
+)
+def test_bad_input_is_one_clean_line_and_exit_2(capsys, extra, message):
+    assert main(["bench"] + extra) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("protonorm bench: error:"), captured.err
+    assert message in lines[0]
+    assert captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_without_cuda_is_a_clean_error(capsys):
+    assert main(["bench", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "protonorm bench: error: device 'cuda' requested but CUDA is not available in this torch build or machine"
+
+
+def test_unavailable_backend_is_a_clean_error(capsys, monkeypatch):
+    # As on a machine where the C++ extension did not build.
+    monkeypatch.setitem(backends._loaded, "cpp", (None, "ImportError: extension not built"))
+    assert main(TINY + ["--backends", "cpp", "--shapes", "3x2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["protonorm bench: error: backend 'cpp' is not available on cpu: ImportError: extension not built"]
+
+
+def test_help_in_process(capsys):
+    assert main(["bench", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--shapes", "--dtype", "--device", "--iters", "--backends", "--cases", "--json", "--plot",
+                   "--compile", "--workload"):
+        assert option in text
+
+
+def test_console_script_help():
+    script = Path(sys.executable).with_name("protonorm")  # installed beside the interpreter by pip
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "protonorm.cli"]
+    done = subprocess.run(command + ["bench", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "usage: protonorm bench" in done.stdout
+
+
+def test_plain_text_table_without_rich(monkeypatch):
+    monkeypatch.setitem(sys.modules, "rich", None)
+    monkeypatch.setitem(sys.modules, "rich.console", None)
+    monkeypatch.setitem(sys.modules, "rich.table", None)
+    out = io.StringIO()
+    report.print_table("title", ("case", "shape", "backend", "x"), [[["a", "1x2", "torch", "3.5"]]], ["note"], out)
+    assert "┃" not in out.getvalue()  # no rich box drawing
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "title" and lines[1].split() == ["case", "shape", "backend", "x"]
+    assert lines[3].split() == ["a", "1x2", "torch", "3.5"] and lines[-1] == "note"
+
+
+# torch.compile's first import touches torch.jit.script_method, which warns about its own deprecation.
+COMPILE_IMPORT_WARNING = "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"
+
+
+@pytest.mark.filterwarnings(COMPILE_IMPORT_WARNING)
+def test_compile_adds_a_compiled_reference_contender(tmp_path):
+    path = tmp_path / "c.json"
+    argv = TINY + ["--compile", "--backends", "torch", "--cases", "norm_record,reward", "--shapes", "6x3",
+                   "--envs", "5", "--json", str(path)]
+    assert main(argv) == 0
+    records = json.loads(path.read_text())
+    assert {r["backend"] for r in records} == {"torch", "compile", "baseline"}
+
+
+@pytest.mark.filterwarnings(COMPILE_IMPORT_WARNING)
+def test_compiled_reference_computes_what_protonorm_computes():
+    device = torch.device("cpu")
+    compiled = cases.compile_contender(device)
+    eager = cases.protonorm_contender("torch", device)
+    g = torch.Generator().manual_seed(5)
+    ours, ref = compiled.obs(4, cases.EMA_DECAY), eager.obs(4, cases.EMA_DECAY)
+    for _ in range(3):
+        x = torch.randn(10, 4, generator=g) * 2 + 7
+        torch.testing.assert_close(ours.normalize(x), ref.normalize(x))
+        ours.record_moments(x)
+        ref.record_moments(x)
+    torch.testing.assert_close(ours.mean, ref.mean)
+    torch.testing.assert_close(ours.var, ref.var)
+    ours, ref = compiled.reward(), eager.reward()
+    for _ in range(3):
+        reward, terminated = torch.randn(9, generator=g), torch.rand(9, generator=g) < 0.3
+        ours.record_reward(reward, terminated)
+        ref.record_reward(reward, terminated)
+    torch.testing.assert_close(ours.var, ref.var.view(-1))
+    assert torch.equal(ours.count, ref.count)
+
+
+# ------------------------------------------------------------------------------------------------ harness
+def test_parse_shapes():
+    assert parse_shapes("8192x342, 16384X1024") == [(8192, 342), (16384, 1024)]
+    for bad in ("", "8192", "8x3x2", "ax3", "-1x3"):
+        with pytest.raises(ValueError, match="bad shape"):
+            parse_shapes(bad)
+
+
+def test_percentile_matches_numpy():
+    values = [5.0, 1.0, 4.0, 2.0, 3.0, 10.0, 7.5]
+    for q in (0, 20, 50, 80, 100):
+        assert timing.percentile(values, q) == pytest.approx(np.percentile(values, q))
+
+
+def test_paired_speedup_is_the_median_of_per_repetition_ratios():
+    # A machine that slows down mid-run: every ratio is 4, the ratio of medians would not be.
+    baseline = timing.Samples([4.0, 8.0, 40.0, 80.0, 4.0])
+    contender = timing.Samples([1.0, 2.0, 10.0, 20.0, 1.0])
+    assert timing.paired_speedup(baseline, contender) == 4.0
+
+
+def test_host_sync_probe_counts_reads_per_call():
+    t = torch.ones(3)
+    assert timing.count_host_syncs(lambda: t.sum().item(), torch.device("cpu"), calls=4) == 1.0
+    assert timing.count_host_syncs(lambda: t.sum(), torch.device("cpu"), calls=4) == 0.0
+
+
+def test_interleaved_rotates_and_times_every_contender():
+    order = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    samples = timing.interleaved(fns, {"a": 1, "b": 2, "c": 1}, 3, torch.device("cpu"))
+    assert order == ["a", "b", "b", "c", "b", "b", "c", "a", "c", "a", "b", "b"]
+    assert all(len(s.seconds) == 3 and min(s.seconds) >= 0 for s in samples.values())
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+@pytest.fixture(scope="module")
+def upstream():
+    return upstream_locator.load()
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.99])
+def test_baseline_repeats_upstream_bit_for_bit(upstream, ema_decay):
+    """The baseline is only a fair yardstick if it computes exactly what upstream computes."""
+    g = torch.Generator().manual_seed(3)
+    ours = BaselineRunningMeanStd((5,), 1e-5, "cpu", 5.0, ema_decay)
+    theirs = upstream.RunningMeanStd(None, (5,), 1e-5, "cpu", 5.0, ema_decay)
+    for rows in (1, 7, 64, 3):
+        x = torch.randn(rows, 5, generator=g) * 3 + 100
+        ours.record_moments(x)
+        theirs.record_moments(x)
+        assert torch.equal(ours.normalize(x), theirs.normalize(x))
+        assert torch.equal(ours.normalize(x, un_norm=True), theirs.normalize(x, un_norm=True))
+    assert torch.equal(ours.mean, theirs.mean) and torch.equal(ours.var, theirs.var)
+    assert torch.equal(ours.count, theirs.count)
+
+
+def test_baseline_reward_repeats_upstream_bit_for_bit(upstream):
+    g = torch.Generator().manual_seed(4)
+    ours = BaselineRewardRunningMeanStd((1,), 0.99, 1e-5, 5.0, "cpu")
+    theirs = upstream.RewardRunningMeanStd(None, (1,), 0.99, 1e-5, 5.0, "cpu")
+    for _ in range(6):
+        reward = torch.randn(33, generator=g)
+        terminated = torch.rand(33, generator=g) < 0.2
+        ours.record_reward(reward, terminated)
+        theirs.record_reward(reward, terminated)
+    assert torch.equal(ours.discounted_reward, theirs.discounted_reward)
+    assert torch.equal(ours.mean, theirs.mean) and torch.equal(ours.var, theirs.var)
+    assert torch.equal(ours.count, theirs.count)
+    buffer = torch.randn(4, 33, generator=g) * 10
+    assert torch.equal(ours.normalize(buffer), theirs.normalize(buffer))
