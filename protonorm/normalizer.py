@@ -7,6 +7,7 @@ buffers and routes calls. Nothing here reads a tensor value on the host, except 
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -32,12 +33,80 @@ def _resolve_default_device(device):
     return device
 
 
+def _onnx_export_flag():
+    """``torch.onnx.is_in_onnx_export`` imports two modules on every call (about 1 us); read the same two flags
+    directly where this torch has them."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+
+        GLOBALS.in_onnx_export, _flags._is_onnx_exporting  # private: fall back if this torch names them otherwise
+    except (ImportError, AttributeError):
+        return torch.onnx.is_in_onnx_export
+    return lambda: GLOBALS.in_onnx_export or _flags._is_onnx_exporting
+
+
+_in_onnx_export = None
+
+
 def _is_exporting() -> bool:
-    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+    global _in_onnx_export
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    if _is_compiling():  # Dynamo knows the public function, not the flags behind it
+        return torch.onnx.is_in_onnx_export()
+    if _in_onnx_export is None:
+        _in_onnx_export = _onnx_export_flag()
+    return _in_onnx_export()
 
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+def _without_grad(method):
+    """``torch.no_grad()`` around a hot method, minus the context manager's ~2 us per call in eager mode."""
+
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return method(*args, **kwargs)
+        if _is_compiling():
+            with torch.no_grad():
+                return method(*args, **kwargs)
+        torch._C._set_grad_enabled(False)
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch._C._set_grad_enabled(True)
+
+    return wrapper
+
+
+class _Layout:
+    """What every hot call needs of the statistics buffers, derived once per set of buffer tensors: reaching a
+    buffer through ``nn.Module.__getattr__`` costs about 1 us, and so does each flat view."""
+
+    __slots__ = ("mean", "var", "count", "dropped", "shape", "num_features", "flat_mean", "flat_var", "device",
+                 "choice", "backend")
+
+    def __init__(self, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor):
+        self.mean, self.var, self.count, self.dropped = mean, var, count, dropped
+        self.shape = tuple(self.mean.shape)
+        self.num_features = math.prod(self.shape)
+        self.flat_mean, self.flat_var = self.mean.view(-1), self.var.view(-1)
+        self.device = self.mean.device
+        self.choice = None  # the backend= choice `backend` was resolved for (None: not resolved yet)
+        self.backend = None
+
+    def current(self, buffers: dict) -> bool:
+        """Whether ``buffers`` still holds the very tensors this layout was derived from."""
+        return (
+            self.mean is buffers.get("mean")
+            and self.var is buffers.get("var")
+            and self.count is buffers.get("count")
+            and self.dropped is buffers.get("nonfinite_rows")
+        )
 
 
 class RunningMeanStd(nn.Module):
@@ -113,6 +182,8 @@ class RunningMeanStd(nn.Module):
         self._workspace_stash: dict = {}
         self._stash = None
         self._sync_state = None
+        self._layout_cache: Optional[_Layout] = None
+        self._discounted_rows = None  # (discounted_reward, its [B, D] view)
 
     def _lazy_init(self, x: Tensor) -> None:
         if not self._initialized:
@@ -121,18 +192,28 @@ class RunningMeanStd(nn.Module):
             self._create_buffers(tuple(x.shape[1:]), x.device)
             self._initialized = True
 
+    def _layout(self) -> _Layout:
+        layout = self._layout_cache
+        if layout is None or not layout.current(self._buffers):
+            # Through the attributes: a module without buffers (lazy, never fed) raises AttributeError as before.
+            layout = _Layout(self.mean, self.var, self.count, self.nonfinite_rows)
+            if not _is_compiling():  # a traced graph must not leave views of its tensors behind
+                self._layout_cache = layout
+        return layout
+
     def _flat_stats(self):
         """``(mean [D], var [D], count, nonfinite_rows)``: the views backends work on."""
-        return self.mean.view(-1), self.var.view(-1), self.count, self.nonfinite_rows
+        layout = self._layout()
+        return layout.flat_mean, layout.flat_var, layout.count, layout.dropped
 
     @property
     def num_features(self) -> int:
-        return math.prod(self.mean.shape)
+        return self._layout().num_features
 
     def __getstate__(self):
         # Caches hold weak references (unpicklable) and scratch buffers; a pickled module starts without them.
         state = self.__dict__.copy()
-        for key in ("_workspace_record", "_workspace_stash", "_stash", "_sync_state"):
+        for key in ("_workspace_record", "_workspace_stash", "_stash", "_sync_state", "_layout_cache", "_discounted_rows"):
             state[key] = None
         return state
 
@@ -151,6 +232,7 @@ class RunningMeanStd(nn.Module):
             # A lazy module has no buffers yet; remember where the model was moved, so a checkpoint loaded
             # later materializes its statistics there.
             self._lazy_device = fn(torch.empty(0, device=self._lazy_device or "cpu")).device
+        self._layout_cache = None
         return super()._apply(keep_dtype, recurse)
 
     def to(self, *args, **kwargs):
@@ -185,43 +267,47 @@ class RunningMeanStd(nn.Module):
 
     # ----------------------------------------------------------------------------------------- routing
     def _backend_for(self, x: Tensor) -> Backend:
-        return backends.resolve(self.backend, x.device)
+        layout = self._layout()
+        if x.device != layout.device:
+            return backends.resolve(self.backend, x.device)
+        return self._resolved_backend(layout)
 
-    def _rows(self, arr: Tensor, what: str) -> Tensor:
+    def _resolved_backend(self, layout: _Layout) -> Backend:
+        """The backend for tensors on the statistics' device, resolved once per layout (an unusable choice raises
+        on every call)."""
+        if layout.choice != self.backend:
+            layout.backend = backends.resolve(self.backend, layout.device)
+            layout.choice = self.backend
+        return layout.backend
+
+    def _rows(self, arr: Tensor, what: str, layout: _Layout) -> Tensor:
         """``arr`` as ``[B, D]`` rows for recording; raises if its feature shape is not this module's."""
-        shape = tuple(self.mean.shape)
-        if arr.dim() == 0:
+        shape = layout.shape
+        dim = arr.dim()
+        if dim == 0:
             raise ValueError(f"{what}: expected a batch of shape [B, *{shape}], got a 0-d tensor")
-        features = tuple(arr.shape[1:])
-        d = self.num_features
-        if features != shape and not (d == 1 and arr.dim() == 1):
+        d = layout.num_features
+        if arr.shape[1:] != shape and not (d == 1 and dim == 1):
+            features = tuple(arr.shape[1:])
             raise ValueError(
                 f"{what}: expected a batch of shape [B, *{shape}], got {tuple(arr.shape)} "
                 f"(feature shape {features} differs from {shape})"
             )
-        if arr.device != self.mean.device:
-            raise ValueError(
-                f"{what}: the input is on {arr.device} but the statistics are on {self.mean.device}; "
-                f"move the module with .to({arr.device!s})"
-            )
+        _check_device(what, arr, layout)
         return _as_rows(arr, d)
 
-    def _elementwise_rows(self, arr: Tensor, what: str) -> Tensor:
+    def _elementwise_rows(self, arr: Tensor, what: str, layout: _Layout) -> Tensor:
         """``arr`` as ``[N, D]`` for normalize, which broadcasts like upstream: trailing dims must be the shape."""
-        shape = tuple(self.mean.shape)
-        d = self.num_features
-        if d != 1 and tuple(arr.shape[arr.dim() - len(shape):]) != shape:
+        shape = layout.shape
+        d = layout.num_features
+        if d != 1 and arr.shape[arr.dim() - len(shape):] != shape:
             raise ValueError(
                 f"{what}: expected a tensor whose trailing dimensions are {shape}, got {tuple(arr.shape)}"
             )
-        if arr.device != self.mean.device:
-            raise ValueError(
-                f"{what}: the input is on {arr.device} but the statistics are on {self.mean.device}; "
-                f"move the module with .to({arr.device!s})"
-            )
+        _check_device(what, arr, layout)
         return _as_rows(arr, d)
 
-    def _fold(self, parts: Tensor, backend: Backend) -> None:
+    def _fold(self, parts: Tensor, backend: Backend, layout: Optional[_Layout] = None) -> None:
         """Merge recorded moments into the statistics (all ranks' when distributed)."""
         check = self._raise_if_nonfinite if self.nonfinite == "raise" else None
         if self.fabric is not None:
@@ -232,8 +318,9 @@ class RunningMeanStd(nn.Module):
                 return
         if check is not None:
             check(parts)
-        mean, var, count, dropped = self._flat_stats()
-        backend.merge(parts, mean, var, count, dropped, self.ema_decay)
+        if layout is None:
+            layout = self._layout()
+        backend.merge(parts, layout.flat_mean, layout.flat_var, layout.count, layout.dropped, self.ema_decay)
 
     def _fold_empty(self, x: Tensor) -> None:
         """A batch without rows changes nothing, but in per-call sync every rank must still join the collective."""
@@ -281,39 +368,45 @@ class RunningMeanStd(nn.Module):
         In training mode the batch's moments are computed in the same pass, so that a following
         ``record_moments`` of the same, unmodified tensor costs only the merge.
         """
-        self._lazy_init(arr)
+        if not self._initialized:
+            self._lazy_init(arr)
         return self._normalize(arr, un_norm, center=True)
 
     def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
-        if _is_exporting() or (arr.requires_grad and torch.is_grad_enabled()):
+        if (arr.requires_grad and torch.is_grad_enabled()) or _is_exporting():
             # Traced / exported graphs (ProtoMotions exports its actor to ONNX) get the plain reference math, and
             # so does an input that needs gradients: the fast kernels define no backward.
             return reference.normalize(arr, self.mean, self.var, self.epsilon, self.clamp_value, un_norm, center)
         if not arr.is_floating_point():
             arr = arr.float()
-        x = self._elementwise_rows(arr, "normalize")
-        out = torch.empty(arr.shape, dtype=normalized_dtype(arr.dtype), device=arr.device)
+        layout = self._layout()
+        x = self._elementwise_rows(arr, "normalize", layout)
+        out = torch.empty_like(arr, dtype=_normalized_dtype(arr.dtype), memory_format=torch.contiguous_format)
         if arr.numel() == 0:
             return out
-        backend = self._backend_for(x)
-        mean, var, _, _ = self._flat_stats()
-        out_rows = out.view(-1, x.shape[1])
-        stash = self.training and center and not un_norm and not _is_compiling() and x.shape[1] == self.num_features
-        if stash and tuple(arr.shape[1:]) == tuple(self.mean.shape):
-            parts = backend.normalize_moments(x, mean, var, self.epsilon, self.clamp_value, out_rows, self._workspace_stash)
+        backend = self._resolved_backend(layout)
+        # x is arr itself when arr already is [B, D] rows; out then needs no view either.
+        out_rows = out if x is arr else out.view(-1, x.shape[1])
+        stash = self.training and center and not un_norm and not _is_compiling() and x.shape[1] == layout.num_features
+        if stash and arr.shape[1:] == layout.shape:
+            parts = backend.normalize_moments(
+                x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out_rows, self._workspace_stash
+            )
             self._stash = (weakref.ref(arr), arr._version, parts, backend)
         else:
-            backend.normalize(x, mean, var, self.epsilon, self.clamp_value, un_norm, center, out_rows)
+            backend.normalize(x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, un_norm, center, out_rows)
         return out
 
-    @torch.no_grad()
+    @_without_grad
     def record_moments(self, arr: Tensor, mask: Optional[Tensor] = None) -> None:
         """Fold the moments of the ``[B, *shape]`` batch ``arr`` over dim 0 into the statistics.
 
         ``mask`` (optional, ``[B]`` bool): rows where it is False are ignored and not counted.
         """
-        self._lazy_init(arr)
-        x = self._rows(arr, "record_moments")
+        if not self._initialized:
+            self._lazy_init(arr)
+        layout = self._layout()
+        x = self._rows(arr, "record_moments", layout)
         if mask is not None:
             mask = _check_mask(mask, x)
         if x.shape[0] == 0:
@@ -321,9 +414,9 @@ class RunningMeanStd(nn.Module):
             return
         parts, backend = self._take_stash(arr, mask)
         if parts is None:
-            backend = self._backend_for(x)
+            backend = self._resolved_backend(layout)
             parts = backend.moments(x, mask, self._workspace_record)
-        self._fold(parts, backend)
+        self._fold(parts, backend, layout)
 
     def _take_stash(self, arr: Tensor, mask: Optional[Tensor]):
         """The moments a training-mode ``normalize`` computed for this very tensor, if it is unchanged since."""
@@ -366,21 +459,25 @@ class RewardRunningMeanStd(RunningMeanStd):
         self.gamma = gamma
         self.discounted_reward: Optional[Tensor] = None
 
-    @torch.no_grad()
+    @_without_grad
     def record_reward(self, reward: Tensor, terminated: Tensor) -> None:
         """Advance the discounted returns by one environment step and record them."""
-        self._lazy_init(reward)
-        rows = self._rows(reward, "record_reward")
+        if not self._initialized:
+            self._lazy_init(reward)
+        layout = self._layout()
+        rows = self._rows(reward, "record_reward", layout)
+        num_rows = rows.shape[0]
         if not isinstance(terminated, Tensor):
             terminated = torch.as_tensor(terminated, device=reward.device)
-        elif terminated.device != reward.device:
+        elif terminated.device != layout.device:  # reward is on the statistics' device (checked above)
             raise ValueError(f"record_reward: expected terminated on {reward.device} like reward, got {terminated.device}")
-        if terminated.numel() != rows.shape[0] or (terminated.dim() > 0 and terminated.shape[0] != rows.shape[0]):
+        terminated_dim = terminated.dim()
+        if terminated.numel() != num_rows or (terminated_dim > 0 and terminated.shape[0] != num_rows):
             raise ValueError(
-                f"record_reward: expected terminated with one entry per environment ({rows.shape[0]}), "
+                f"record_reward: expected terminated with one entry per environment ({num_rows}), "
                 f"got shape {tuple(terminated.shape)}"
             )
-        if rows.shape[0] == 0:
+        if num_rows == 0:
             self._fold_empty(rows)
             return
         previous = self.discounted_reward
@@ -389,19 +486,27 @@ class RewardRunningMeanStd(RunningMeanStd):
                 f"record_reward: expected reward of shape {tuple(previous.shape)} like the previous steps, "
                 f"got {tuple(reward.shape)}"
             )
-        backend = self._backend_for(rows)
+        backend = self._resolved_backend(layout)
         if previous is None:
             dtype = normalized_dtype(reward.dtype)
             self.discounted_reward = reward.to(dtype=dtype, copy=True).contiguous()
             parts = backend.moments(_as_rows(self.discounted_reward, rows.shape[1]), None, self._workspace_record)
         else:
-            discounted = _as_rows(previous, rows.shape[1])
-            parts = backend.reward_moments(rows, terminated.reshape(-1), discounted, float(self.gamma), self._workspace_record)
-        self._fold(parts, backend)
+            cached = self._discounted_rows
+            if cached is not None and cached[0] is previous:
+                discounted = cached[1]
+            else:
+                discounted = _as_rows(previous, rows.shape[1])
+                if not _is_compiling():
+                    self._discounted_rows = (previous, discounted)
+            flags = terminated if terminated_dim == 1 else terminated.reshape(-1)
+            parts = backend.reward_moments(rows, flags, discounted, float(self.gamma), self._workspace_record)
+        self._fold(parts, backend, layout)
 
     def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:
         """``clamp(arr / sqrt(var + epsilon))``; ``un_norm=True`` clamps ``arr`` then multiplies back."""
-        self._lazy_init(arr)
+        if not self._initialized:
+            self._lazy_init(arr)
         return self._normalize(arr, un_norm, center=False)
 
 
@@ -468,6 +573,22 @@ def _as_shape(shape) -> Tuple[int, ...]:
     if any(s < 0 for s in shape):
         raise ValueError(f"shape: expected non-negative sizes, got {shape}")
     return shape
+
+
+_NORMALIZED_DTYPES = {dtype: normalized_dtype(dtype) for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+
+
+def _normalized_dtype(dtype: torch.dtype) -> torch.dtype:
+    found = _NORMALIZED_DTYPES.get(dtype)
+    return normalized_dtype(dtype) if found is None else found
+
+
+def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:
+    if arr.device != layout.device:
+        raise ValueError(
+            f"{what}: the input is on {arr.device} but the statistics are on {layout.device}; "
+            f"move the module with .to({arr.device!s})"
+        )
 
 
 def _as_rows(arr: Tensor, d: int) -> Tensor:

@@ -21,7 +21,7 @@ under ``torch.compile``, FakeTensor tracing or a ``TorchDispatchMode`` it always
 from __future__ import annotations
 
 import importlib
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -61,6 +61,21 @@ def parts_layout(rows: int, cols: int) -> Tuple[int, int]:
     return max(1, -(-rows // rows_per_part)), rows_per_part
 
 
+_known_layouts: Dict[Tuple[int, int], Tuple[int, int]] = {}
+
+
+def _cached_parts_layout(rows: int, cols: int) -> Tuple[int, int]:
+    """``parts_layout`` remembered for eager calls, which come with the same few shapes over and over (a plain
+    dict rather than ``functools.lru_cache``, which Dynamo warns about when it traces a backend method)."""
+    key = (rows, cols)
+    found = _known_layouts.get(key)
+    if found is None:
+        if len(_known_layouts) >= 256:
+            _known_layouts.clear()
+        found = _known_layouts[key] = parts_layout(rows, cols)
+    return found
+
+
 # ------------------------------------------------------------------------------------------------ checks
 def _check_cpu(name: str, t: Tensor) -> None:
     if not t.is_cpu:
@@ -68,7 +83,8 @@ def _check_cpu(name: str, t: Tensor) -> None:
 
 
 def _check_float_rows(name: str, x: Tensor) -> None:
-    _check_cpu(name, x)
+    if not x.is_cpu:
+        _check_cpu(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [B, D] tensor, got shape {tuple(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -81,7 +97,8 @@ def _unit_columns(x: Tensor) -> Tensor:
 
 
 def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> None:
-    _check_cpu(name, t)
+    if not t.is_cpu:
+        _check_cpu(name, t)
     if t.shape != shape or t.dtype != dtype:
         raise ValueError(f"{name}: expected a {dtype} tensor of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
     if t.shape[1] > 1 and t.stride(1) != 1:
@@ -89,20 +106,36 @@ def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> Non
 
 
 def _check_stats(mean: Tensor, var: Tensor, cols: int) -> None:
-    for name, t in (("mean", mean), ("var", var)):
+    _check_stat("mean", mean, cols)
+    _check_stat("var", var, cols)
+
+
+def _check_stat(name: str, t: Tensor, cols: int) -> None:
+    if not t.is_cpu:
         _check_cpu(name, t)
-        if t.dtype != torch.float64 or t.shape != (cols,):
-            raise ValueError(f"{name}: expected a float64 tensor of shape ({cols},), got {t.dtype} {tuple(t.shape)}")
+    if t.dtype != torch.float64 or t.dim() != 1 or t.shape[0] != cols:
+        raise ValueError(f"{name}: expected a float64 tensor of shape ({cols},), got {t.dtype} {tuple(t.shape)}")
+
+
+def _check_counter(name: str, t: Tensor) -> None:
+    if not t.is_cpu:
+        _check_cpu(name, t)
+    if t.dtype != torch.int64 or t.dim() != 0:
+        raise ValueError(f"{name}: expected a 0-d int64 tensor, got {t.dtype} {tuple(t.shape)}")
 
 
 def _check_parts(parts: Tensor) -> None:
-    _check_cpu("parts", parts)
-    if parts.dtype != torch.float64 or parts.dim() != 2 or parts.shape[0] < 1 or parts.shape[1] < 2 or parts.shape[1] % 2:
+    if not parts.is_cpu:
+        _check_cpu("parts", parts)
+    if parts.dtype != torch.float64 or parts.dim() != 2:
+        raise ValueError(f"parts: expected a float64 [K >= 1, 2 + 2D] tensor, got {parts.dtype} {tuple(parts.shape)}")
+    k, width = parts.shape
+    if k < 1 or width < 2 or width % 2:
         raise ValueError(f"parts: expected a float64 [K >= 1, 2 + 2D] tensor, got {parts.dtype} {tuple(parts.shape)}")
 
 
 def _parts_out(parts: Tensor, rows: int, cols: int) -> Tuple[int, int]:
-    num_parts, rows_per_part = parts_layout(rows, cols)
+    num_parts, rows_per_part = _cached_parts_layout(rows, cols)
     _check_writable_rows("parts", parts, (num_parts, parts_width(cols)), torch.float64)
     if not parts.is_contiguous():
         raise ValueError("parts: expected a contiguous tensor")
@@ -114,9 +147,10 @@ def _threads() -> int:
 
 
 def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, Tensor]:
-    """The statistics as ``reference.normalize`` rounds them, with the same torch expressions: torch's float32
-    sqrt is not always correctly rounded, so recomputing it in C++ would change the last bit of some outputs."""
-    return mean.float().contiguous(), torch.sqrt(var.float() + epsilon).contiguous()
+    """The statistics as ``reference.normalize`` rounds them, with the same torch kernels: torch's float32
+    sqrt is not always correctly rounded, so recomputing it in C++ would change the last bit of some outputs.
+    ``add_``/``sqrt_`` run the kernels of ``+``/``torch.sqrt`` in place on the fresh float32 copy."""
+    return mean.float().contiguous(), var.float().add_(epsilon).sqrt_().contiguous()
 
 
 # ------------------------------------------------------------------------------------------------ operators
@@ -153,13 +187,12 @@ def _merge_kernel(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropp
                   ema_decay: Optional[float]) -> None:
     _check_parts(parts)
     parts = _unit_columns(parts)
-    cols = (parts.shape[1] - 2) // 2
+    num_parts, width = parts.shape
+    cols = (width - 2) // 2
     _check_stats(mean, var, cols)
-    for name, t in (("count", count), ("dropped", dropped)):
-        _check_cpu(name, t)
-        if t.dtype != torch.int64 or t.dim() != 0:
-            raise ValueError(f"{name}: expected a 0-d int64 tensor, got {t.dtype} {tuple(t.shape)}")
-    _C.merge(parts.data_ptr(), parts.shape[0], cols, parts.stride(0), mean.data_ptr(), mean.stride(0),
+    _check_counter("count", count)
+    _check_counter("dropped", dropped)
+    _C.merge(parts.data_ptr(), num_parts, cols, parts.stride(0), mean.data_ptr(), mean.stride(0),
              var.data_ptr(), var.stride(0), count.data_ptr(), dropped.data_ptr(), ema_decay is not None,
              0.0 if ema_decay is None else float(ema_decay), _threads())
 
@@ -222,8 +255,9 @@ def _reward_moments_kernel(reward: Tensor, terminated: Tensor, discounted: Tenso
     if discounted.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"discounted: expected float32 or float64, got {discounted.dtype}")
     _check_writable_rows("discounted", discounted, (rows, cols), discounted.dtype)
-    _check_cpu("terminated", terminated)
-    if terminated.dtype not in _DTYPE_CODES or tuple(terminated.shape) != (rows,):
+    if not terminated.is_cpu:
+        _check_cpu("terminated", terminated)
+    if terminated.dtype not in _DTYPE_CODES or terminated.dim() != 1 or terminated.shape[0] != rows:
         raise ValueError(
             f"terminated: expected a real or bool tensor of shape ({rows},), got {terminated.dtype} "
             f"{tuple(terminated.shape)}"
@@ -267,11 +301,16 @@ def _(reward, terminated, discounted, gamma, parts):
 
 
 # ------------------------------------------------------------------------------------------------ backend
-def _parts_buffer(workspace: dict, rows: int, cols: int, device: torch.device) -> Tensor:
-    shape = (parts_layout(rows, cols)[0], parts_width(cols))
+def _parts_buffer(workspace: dict, x: Tensor) -> Tensor:
     if torch.compiler.is_compiling():  # a traced graph allocates its own; no cache side effects in the graph
-        return torch.empty(shape, dtype=torch.float64, device=device)
-    return workspace_buffer(workspace, "cpp_parts", shape, torch.float64, device)
+        shape = (parts_layout(x.shape[0], x.shape[1])[0], parts_width(x.shape[1]))
+        return torch.empty(shape, dtype=torch.float64, device=x.device)
+    shape = (_cached_parts_layout(x.shape[0], x.shape[1])[0], parts_width(x.shape[1]))
+    buf = workspace.get("cpp_parts")
+    # The common case, checked without building a device: a CPU buffer of the shape for a CPU input.
+    if buf is not None and buf.shape == shape and buf.dtype == torch.float64 and buf.is_cpu and x.is_cpu:
+        return buf
+    return workspace_buffer(workspace, "cpp_parts", shape, torch.float64, x.device)
 
 
 _dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
@@ -282,7 +321,10 @@ def _eager_plain(*tensors) -> bool:
     compiling, no dispatch mode to notify, and plain tensors (no FakeTensor or other subclass)."""
     if torch.compiler.is_compiling() or _dispatch_stack_depth is None or _dispatch_stack_depth():
         return False
-    return all(type(t) is Tensor for t in tensors if t is not None)
+    for t in tensors:
+        if type(t) is not Tensor and t is not None:
+            return False
+    return True
 
 
 class CppBackend(Backend):
@@ -295,7 +337,7 @@ class CppBackend(Backend):
         return None if device.type == "cpu" else f"the C++ kernels run on CPU tensors only, not on {device.type}"
 
     def moments(self, x, mask, workspace):
-        parts = _parts_buffer(workspace, x.shape[0], x.shape[1], x.device)
+        parts = _parts_buffer(workspace, x)
         op = _moments_kernel if _eager_plain(x, mask) else torch.ops.protonorm.cpp_moments
         op(x, mask, parts)
         return parts
@@ -312,14 +354,14 @@ class CppBackend(Backend):
         op(x, mean, var, epsilon, clamp_value, un_norm, center, out)
 
     def normalize_moments(self, x, mean, var, epsilon, clamp_value, out, workspace):
-        parts = _parts_buffer(workspace, x.shape[0], x.shape[1], x.device)
+        parts = _parts_buffer(workspace, x)
         direct = _eager_plain(x, mean, var, out)
         op = _normalize_moments_kernel if direct else torch.ops.protonorm.cpp_normalize_moments
         op(x, mean, var, epsilon, clamp_value, out, parts)
         return parts
 
     def reward_moments(self, reward, terminated, discounted, gamma, workspace):
-        parts = _parts_buffer(workspace, reward.shape[0], reward.shape[1], reward.device)
+        parts = _parts_buffer(workspace, reward)
         direct = _eager_plain(reward, terminated, discounted)
         op = _reward_moments_kernel if direct else torch.ops.protonorm.cpp_reward_moments
         op(reward, terminated, discounted, gamma, parts)
