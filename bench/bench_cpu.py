@@ -8,8 +8,8 @@ What runs (all in one process, contenders interleaved round by round so that a n
   observations of 8192 x 1024 and 16384 x 342, Welford and EMA (0.999), clamp 5:
     - ``protonorm``: ``protonorm.RunningMeanStd(..., backend="cpp")`` in training mode (the fused one-pass path);
     - ``eager``: the upstream-style sequence (torch.mean, torch.var(unbiased=False), a float32-count Chan merge built
-      with torch.tensor([...]), then (x - mean.float()) / sqrt(var.float() + eps) and clamp), written here from the
-      specification;
+      with torch.tensor([...]), then (x - mean.float()) / sqrt(var.float() + eps) and clamp): the baseline of
+      ``protonorm bench`` (``protonorm.benchmark.baseline``);
     - ``compiled``: torch.compile of that same function;
     - ``copy``: ``y.copy_(obs)``, the memory traffic floor (one read, one write) on the same threads;
     - ``kernel``: the backend's fused call and merge writing into a preallocated output (what ``copy`` does), and
@@ -31,53 +31,14 @@ import torch
 
 import protonorm
 from protonorm.backends import load
+from protonorm.benchmark.baseline import BaselineRewardRunningMeanStd, BaselineRunningMeanStd
 
 
-# ------------------------------------------------------------------------------------ upstream-style contenders
-def upstream_normalize(x, mean, var, eps: float, clamp: float):
-    y = (x - mean.float()) / torch.sqrt(var.float() + eps)
-    return torch.clamp(y, -clamp, clamp)
-
-
-def upstream_combine(mean_a, var_a, count_a, mean_b, var_b, count_b):
-    counts = torch.tensor([count_a, count_b]).float()
-    n_a, n_b = counts[0], counts[1]
-    total = n_a + n_b
-    delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / total)
-    m2 = var_a * n_a + var_b * n_b + delta**2 * (n_a * n_b / total)
-    return mean, torch.clamp(m2 / total, min=0.0), total.long()
-
-
-def upstream_record(x, mean, var, count, ema_decay):
-    batch_mean = torch.mean(x, dim=0)
-    batch_var = torch.var(x, dim=0, unbiased=False)
-    if ema_decay is not None:
-        mean[:] = ema_decay * mean + (1 - ema_decay) * batch_mean
-        var[:] = ema_decay * var + (1 - ema_decay) * batch_var
-        return
-    new_mean, new_var, new_count = upstream_combine(mean, var, count, batch_mean, batch_var, x.shape[0])
-    mean[:] = new_mean
-    var[:] = new_var
-    count.fill_(new_count)
-
-
-def upstream_step(x, mean, var, count, ema_decay, eps=1e-5, clamp=5.0):
-    y = upstream_normalize(x, mean, var, eps, clamp)
-    upstream_record(x, mean, var, count, ema_decay)
+def baseline_step(norm: BaselineRunningMeanStd, x):
+    """ProtoMotions' minibatch order on the upstream-style baseline: normalize, then record the same batch."""
+    y = norm.normalize(x)
+    norm.record_moments(x)
     return y
-
-
-def upstream_reward(state, reward, terminated, gamma=0.99):
-    state["discounted"] = state["discounted"] * gamma * (1 - terminated.float()) + reward.clone()
-    d = state["discounted"]
-    batch_mean = torch.mean(d, dim=0)
-    batch_var = torch.var(d, dim=0, unbiased=False)
-    mean, var, count = state["mean"], state["var"], state["count"]
-    new_mean, new_var, new_count = upstream_combine(mean, var, count, batch_mean, batch_var, d.shape[0])
-    mean[:] = new_mean
-    var[:] = new_var
-    count.fill_(new_count)
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -115,11 +76,14 @@ def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, co
         norm.normalize(x)
         norm.record_moments(x)
 
-    stats = dict(mean=torch.zeros(features, dtype=torch.float64), var=torch.ones(features, dtype=torch.float64),
-                 count=torch.ones((), dtype=torch.long))
+    def baseline():
+        return BaselineRunningMeanStd((features,), clamp_value=5.0, ema_decay=ema_decay)
+
+    eager = baseline()
     out = torch.empty_like(x)
     backend = load("cpp")[0]
-    kstats = {k: v.clone() for k, v in stats.items()}
+    kstats = dict(mean=torch.zeros(features, dtype=torch.float64), var=torch.ones(features, dtype=torch.float64),
+                  count=torch.ones((), dtype=torch.long))
     kdropped, workspace = torch.zeros((), dtype=torch.long), {}
 
     def kernel():
@@ -128,15 +92,14 @@ def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, co
 
     contenders = {
         "protonorm": ours,
-        "eager": lambda: upstream_step(x, stats["mean"], stats["var"], stats["count"], ema_decay),
+        "eager": lambda: baseline_step(eager, x),
         "copy": lambda: out.copy_(x),
         "kernel": kernel,
         "alloc+copy": lambda: torch.empty_like(x).copy_(x),
     }
     if compile_too:
-        compiled = torch.compile(upstream_step)
-        cstats = {k: v.clone() for k, v in stats.items()}
-        contenders["compiled"] = lambda: compiled(x, cstats["mean"], cstats["var"], cstats["count"], ema_decay)
+        compiled, compiled_norm = torch.compile(baseline_step), baseline()
+        contenders["compiled"] = lambda: compiled(compiled_norm, x)
     times = interleaved(contenders, rounds)
     mode = "Welford" if ema_decay is None else f"EMA {ema_decay}"
     median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
@@ -157,8 +120,7 @@ def bench_reward(envs: int, rounds: int) -> None:
     rewards = [torch.randn(envs, generator=gen) for _ in range(8)]
     terminated = [torch.rand(envs, generator=gen) < 0.02 for _ in range(8)]
     norm = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, clamp_value=5.0, device="cpu", backend="cpp")
-    state = dict(discounted=rewards[0].clone(), mean=torch.zeros(1, dtype=torch.float64),
-                 var=torch.ones(1, dtype=torch.float64), count=torch.ones((), dtype=torch.long))
+    eager = BaselineRewardRunningMeanStd((1,), gamma=0.99, clamp_value=5.0)
     step = {"i": 0}
 
     def ours():
@@ -167,7 +129,7 @@ def bench_reward(envs: int, rounds: int) -> None:
 
     def upstream():
         i = step["i"]
-        upstream_reward(state, rewards[i], terminated[i])
+        eager.record_reward(rewards[i], terminated[i])
 
     times = interleaved({"protonorm": ours, "eager": upstream}, rounds, calls=50)
     median = {k: statistics.median(v) * 1e6 for k, v in times.items()}
