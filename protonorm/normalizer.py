@@ -21,7 +21,6 @@ from .backends.base import Backend, normalized_dtype
 
 NONFINITE_POLICIES = ("drop", "raise")
 SYNC_MODES = ("per_call", "deferred")
-_STAT_KEYS = ("mean", "var", "count")
 
 
 def _resolve_default_device(device):

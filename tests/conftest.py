@@ -12,7 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-import protonorm  # noqa: E402
+import protonorm  # noqa: E402,F401  (imported after TRITON_INTERPRET is set)
 from protonorm import backends  # noqa: E402
 
 
