@@ -11,6 +11,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
+#endif
+
 #include "common.h"
 
 namespace py = pybind11;
@@ -127,6 +131,20 @@ void normalize(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_
   kernels().normalize(a);
 }
 
+// How much input normalize_moments normalizes before those rows enter the moments: an eighth of the L2 cache
+// (input, output and the moment sums share it), within [32 KB, 128 KB].
+int64_t normalize_block_bytes() {
+  static const int64_t bytes = [] {
+    int64_t l2 = 0;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+    l2 = static_cast<int64_t>(sysconf(_SC_LEVEL2_CACHE_SIZE));
+#endif
+    const int64_t share = l2 > 0 ? l2 / 8 : 64 * 1024;
+    return share < 32 * 1024 ? 32 * 1024 : share > 128 * 1024 ? 128 * 1024 : share;
+  }();
+  return bytes;
+}
+
 void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t out,
                        int64_t out_stride, uintptr_t mean32, uintptr_t std32, bool has_clamp, double clamp_value,
                        uintptr_t parts, int64_t num_parts, int64_t rows_per_part, int threads) {
@@ -134,7 +152,8 @@ void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride
   NormalizeMomentsArgs a{matrix(x, rows, cols, x_stride, x_dtype), matrix(out, rows, cols, out_stride, out_dtype),
                          NormalizeParams{ptr<const float>(mean32), ptr<const float>(std32), true, false, has_clamp,
                                          clamp_value},
-                         PartsOut{ptr<double>(parts), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
+                         PartsOut{ptr<double>(parts), num_parts, rows_per_part}, threads_for(threads, rows * cols),
+                         normalize_block_bytes()};
   kernels().normalize_moments(a);
 }
 

@@ -72,6 +72,7 @@ struct NormalizeMomentsArgs {
   NormalizeParams params;  // center, no un_norm
   PartsOut parts;
   int threads;
+  int64_t block_bytes;  // input rows normalized before they enter the moments: a share of the L2 cache
 };
 
 struct RewardArgs {

@@ -297,12 +297,38 @@ def test_normalize_moments_equals_separate_calls(b, d, dtype):
     x = data(b, d, dtype)
     if b > 2:
         x[2, 0] = float("nan")
+    fused_equals_separate_calls(x)
+
+
+def fused_equals_separate_calls(x):
+    """The fused call's output and parts against normalize (C++ and torch) and moments, bit for bit."""
+    b, d = x.shape
     mean, var = stats(d)
-    out, want = (torch.empty(b, d, dtype=normalized_dtype(dtype)) for _ in range(2))
+    out, want_cpp, want_torch = (torch.empty(b, d, dtype=normalized_dtype(x.dtype)) for _ in range(3))
     parts = CPP.normalize_moments(x, mean, var, 1e-5, 5.0, out, {})
-    CPP.normalize(x, mean, var, 1e-5, 5.0, False, True, want)
-    assert_same(out, want)
+    CPP.normalize(x, mean, var, 1e-5, 5.0, False, True, want_cpp)
+    TORCH.normalize(x, mean, var, 1e-5, 5.0, False, True, want_torch)
+    assert_same(out, want_cpp)
+    assert_same(out, want_torch)
     assert_same(parts, CPP.moments(x, None, {}))
+    return parts
+
+
+@pytest.mark.parametrize("dtype,b,d", [(torch.float32, 16384, 300), (torch.float64, 4096, 257)], ids=str)
+def test_normalize_moments_over_several_blocks_per_part(isa, dtype, b, d):
+    """Parts of 256 KB and more: the fused kernel normalizes each part in at least two blocks (at most 128 KB of
+    input each) before those rows enter the sums. NaN/inf rows sit at part and block edges, and one part holds no
+    finite row at all; outputs and parts must still equal the separate calls bit for bit."""
+    x = data(b, d, dtype)
+    num_parts, rows_per_part = parts_layout(b, d)
+    assert rows_per_part * d * x.element_size() >= 2 * 128 * 1024 and num_parts > 4
+    bad_rows = [0, 1, rows_per_part - 1, rows_per_part, rows_per_part + 91, 2 * rows_per_part + 31, b - 1]
+    for i, r in enumerate(bad_rows):
+        x[r, (7 * i) % d] = (float("nan"), float("inf"), float("-inf"))[i % 3]
+    x[3 * rows_per_part : 4 * rows_per_part, d // 2] = float("nan")
+    parts = fused_equals_separate_calls(x)
+    assert parts[3, 0] == 0 and parts[3, 1] == rows_per_part
+    assert_parts_close(parts, reference.batch_moments(x))
 
 
 # ------------------------------------------------------------------------------------------------ reward
