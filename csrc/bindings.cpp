@@ -161,7 +161,12 @@ void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride
 std::vector<uint8_t> reset_flags(uintptr_t data, int64_t rows, int64_t stride, int dtype) {
   std::vector<uint8_t> reset(rows > 0 ? rows : 1);
   auto fill = [&](auto* p, auto nonzero) {
-    for (int64_t r = 0; r < rows; ++r) reset[r] = nonzero(p[r * stride]) ? 1 : 0;
+    uint8_t* __restrict out = reset.data();
+    if (stride == 1) {  // the usual case, as a loop that vectorizes
+      for (int64_t r = 0; r < rows; ++r) out[r] = nonzero(p[r]) ? 1 : 0;
+      return;
+    }
+    for (int64_t r = 0; r < rows; ++r) out[r] = nonzero(p[r * stride]) ? 1 : 0;
   };
   auto plain = [](auto v) { return v != 0; };
   auto half_bits = [](uint16_t v) { return (v & 0x7fffu) != 0; };  // NaN counts as nonzero, as `!= 0` in torch

@@ -262,56 +262,63 @@ inline void moments_by_rows(int64_t rows, int64_t cols, const PartsOut& parts, i
 // --------------------------------------------------------------------------------------- moments, one column
 // With a single feature the row loop would do one element of work per row; instead a first, op-specific loop
 // writes each row's value and status (0 ignored, 1 dropped, 2 valid) to a buffer, and this reduction runs
-// across rows in eight fixed lanes.
+// across rows in fixed lanes. (finish_column_part counts valid rows as status / 2 and dropped ones as status % 2.)
 enum : uint8_t { kIgnored = 0, kDropped = 1, kValid = 2 };
 
-inline void finish_column_part(const double* __restrict values, const uint8_t* __restrict status, int64_t count,
+inline void finish_column_part(double* __restrict values, const uint8_t* __restrict status, int64_t count,
                                double* __restrict part) {
-  double n = 0.0, dropped = 0.0, shift = 0.0;
+  double shift = 0.0;
   for (int64_t i = 0; i < count; ++i) {
     if (status[i] == kValid) {
       shift = values[i];
       break;
     }
   }
-  double lane1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  double lane2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  double lane_n[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  double lane_dropped[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // Counts, and every row that is not valid set to the shift (so that it adds exactly zero below): the lane loop
+  // then runs on doubles alone. The counts use status / 2 (valid) and status % 2 (dropped), summed in 32 bits per
+  // chunk, which vectorizes without widening every byte to 64 bits.
+  int64_t n = 0, dropped = 0;
+  for (int64_t begin = 0; begin < count; begin += (int64_t{1} << 30)) {
+    const int64_t end = count - begin > (int64_t{1} << 30) ? begin + (int64_t{1} << 30) : count;
+    uint32_t chunk_valid = 0, chunk_dropped = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      chunk_valid += status[i] >> 1;
+      chunk_dropped += status[i] & 1u;
+    }
+    n += chunk_valid;
+    dropped += chunk_dropped;
+  }
+  for (int64_t i = 0; i < count; ++i) values[i] = status[i] == kValid ? values[i] : shift;
+  // 32 lanes: four independent chains per vector lane, so the adds do not wait on each other's latency.
+  constexpr int kLanes = 32;
+  double lane1[kLanes], lane2[kLanes];
+  for (int l = 0; l < kLanes; ++l) lane1[l] = lane2[l] = 0.0;
   int64_t i = 0;
-  for (; i + 8 <= count; i += 8) {
-    for (int l = 0; l < 8; ++l) {
-      const bool ok = status[i + l] == kValid;
-      const double d = ok ? values[i + l] - shift : 0.0;
+  for (; i + kLanes <= count; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const double d = values[i + l] - shift;
       lane1[l] += d;
       lane2[l] = add_square(lane2[l], d);
-      lane_n[l] += ok ? 1.0 : 0.0;
-      lane_dropped[l] += status[i + l] == kDropped ? 1.0 : 0.0;
     }
   }
   for (int l = 0; i < count; ++i, ++l) {
-    const bool ok = status[i] == kValid;
-    const double d = ok ? values[i] - shift : 0.0;
+    const double d = values[i] - shift;
     lane1[l] += d;
     lane2[l] = add_square(lane2[l], d);
-    lane_n[l] += ok ? 1.0 : 0.0;
-    lane_dropped[l] += status[i] == kDropped ? 1.0 : 0.0;
   }
   double s1 = 0.0, s2 = 0.0;
-  for (int l = 0; l < 8; ++l) {
+  for (int l = 0; l < kLanes; ++l) {
     s1 += lane1[l];
     s2 += lane2[l];
-    n += lane_n[l];
-    dropped += lane_dropped[l];
   }
-  part[0] = n;
-  part[1] = dropped;
-  if (n == 0.0) {
+  part[0] = static_cast<double>(n);
+  part[1] = static_cast<double>(dropped);
+  if (n == 0) {
     part[2] = 0.0;
     part[3] = 0.0;
     return;
   }
-  const double centered = s1 / n;
+  const double centered = s1 / static_cast<double>(n);
   part[2] = shift + centered;
   const double m = s2 - s1 * centered;
   part[3] = m < 0.0 ? 0.0 : m;
@@ -321,7 +328,10 @@ inline void finish_column_part(const double* __restrict values, const uint8_t* _
 template <class Fill>
 inline void moments_by_column(int64_t rows, const PartsOut& parts, int threads, const Fill& fill) {
   parallel_ranges(parts.num_parts, threads, [&](int64_t p_begin, int64_t p_end) {
-    const int64_t capacity = parts.rows_per_part > 0 ? parts.rows_per_part : 1;
+    // The longest part this thread sees: a small batch in one big part must not allocate (and fault in) a
+    // buffer sized for the part's nominal length.
+    const int64_t longest = parts.rows_per_part < rows ? parts.rows_per_part : rows;
+    const int64_t capacity = longest > 0 ? longest : 1;
     double* values = new double[capacity];
     uint8_t* status = new uint8_t[capacity];
     for (int64_t p = p_begin; p < p_end; ++p) {
@@ -608,6 +618,18 @@ void reward_moments_typed(const RewardArgs& a) {
     const int64_t dstride = disc.row_stride;
     moments_by_column(disc.rows, a.parts, a.threads,
                       [&](int64_t r_begin, int64_t r_end, double* __restrict values, uint8_t* __restrict status) {
+                        if (rstride == 1 && dstride == 1) {  // the usual [num_envs] vectors: a loop that vectorizes
+                          const R* __restrict x = rbase + r_begin;
+                          D* __restrict d = dbase + r_begin;
+                          const uint8_t* __restrict restart = reset + r_begin;
+                          for (int64_t i = 0; i < r_end - r_begin; ++i) {
+                            const D v = discounted_step<D, R>(d[i], x[i], restart[i] != 0, gamma);
+                            d[i] = v;
+                            values[i] = static_cast<double>(v);
+                            status[i] = nonfinite<D>(v) ? kDropped : kValid;
+                          }
+                          return;
+                        }
                         for (int64_t r = r_begin; r < r_end; ++r) {
                           const D v = discounted_step<D, R>(dbase[r * dstride], rbase[r * rstride], reset[r] != 0,
                                                             gamma);
