@@ -197,6 +197,27 @@ void reward_moments(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward
   kernels().reward_moments(a);
 }
 
+// reward_moments, then merge of its parts into the running statistics, in one call: the per-environment-step
+// record of a single process, where the parts need not be seen by anyone else.
+void reward_record(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_stride, int reward_dtype,
+                   uintptr_t terminated, int64_t terminated_stride, int terminated_dtype, uintptr_t discounted,
+                   int64_t discounted_stride, int discounted_dtype, double gamma, int64_t num_parts,
+                   int64_t rows_per_part, uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride,
+                   uintptr_t count, uintptr_t dropped, bool has_ema, double ema_decay, int threads) {
+  const int64_t width = 2 + 2 * cols;
+  std::vector<double> parts(static_cast<size_t>(num_parts * width));
+  const std::vector<uint8_t> reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
+  RewardArgs r{matrix(reward, rows, cols, reward_stride, reward_dtype), reset.data(),
+               matrix(discounted, rows, cols, discounted_stride, discounted_dtype), gamma,
+               PartsOut{parts.data(), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
+  kernels().reward_moments(r);
+  std::vector<double> scratch(num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
+  MergeArgs m{parts.data(), num_parts, cols, width, scratch.data(), nullptr, ptr<double>(mean), mean_stride,
+              ptr<double>(var), var_stride, ptr<int64_t>(count), ptr<int64_t>(dropped), has_ema, ema_decay,
+              threads_for(threads, num_parts * cols)};
+  kernels().merge(m);
+}
+
 void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t mean,
            int64_t mean_stride, uintptr_t var, int64_t var_stride, uintptr_t count, uintptr_t dropped,
            bool has_ema, double ema_decay, int threads) {
@@ -230,6 +251,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("normalize", &normalize, nogil);
   m.def("normalize_moments", &normalize_moments, nogil);
   m.def("reward_moments", &reward_moments, nogil);
+  m.def("reward_record", &reward_record, nogil);
   m.def("merge", &merge, nogil);
   m.def("combine", &combine, nogil);
   m.def("isa", []() { return std::string(kernels().isa); }, "The instruction set the kernels run with.");

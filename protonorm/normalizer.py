@@ -330,6 +330,17 @@ class RunningMeanStd(nn.Module):
                 parts = torch.zeros((1, reference.parts_width(self.num_features)), dtype=torch.float64, device=x.device)
                 self._fold(parts, self._backend_for(x))
 
+    def _merges_alone(self) -> bool:
+        """Whether recorded moments go straight into this process's statistics and nowhere else (no other ranks,
+        no check of the parts), so that a backend may fuse computing them with the merge."""
+        if self.nonfinite != "drop":
+            return False
+        if self.fabric is None:
+            return True
+        from . import distributed
+
+        return distributed.world_size(self.fabric) <= 1
+
     @staticmethod
     def _raise_if_nonfinite(parts: Tensor) -> None:
         dropped = int(parts[:, reference.DROPPED_COL].sum().item())  # the documented sync of nonfinite="raise"
@@ -499,6 +510,10 @@ class RewardRunningMeanStd(RunningMeanStd):
                 if not _is_compiling():
                     self._discounted_rows = (previous, discounted)
             flags = terminated if terminated_dim == 1 else terminated.reshape(-1)
+            if self._merges_alone():  # nobody else needs the parts: update and merge in one backend call
+                backend.reward_record(rows, flags, discounted, float(self.gamma), layout.flat_mean, layout.flat_var,
+                                      layout.count, layout.dropped, self.ema_decay, self._workspace_record)
+                return
             parts = backend.reward_moments(rows, flags, discounted, float(self.gamma), self._workspace_record)
         self._fold(parts, backend, layout)
 

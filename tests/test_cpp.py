@@ -369,6 +369,31 @@ def test_reward_strided_inputs():
     assert_parts_close(parts, expected)
 
 
+@pytest.mark.parametrize("ema_decay", [None, 0.99])
+@pytest.mark.parametrize("b,d,disc_dtype", [(1, 1, torch.float32), (4097, 1, torch.float32),
+                                            (70001, 1, torch.float64), (1023, 3, torch.float32)])
+def test_fused_reward_record_equals_moments_then_merge(b, d, disc_dtype, ema_decay):
+    g = torch.Generator().manual_seed(b + d)
+    discounted = (torch.randn(b, d, generator=g, dtype=torch.float64) * 5).to(disc_dtype)
+    if b > 10:
+        discounted[10, 0] = float("nan")  # dropped this step, cleared by its reset on the next
+    fused_disc, split_disc = discounted.clone(), discounted.clone()
+    fused_stats = [*stats(d), torch.tensor(5), torch.tensor(1)]
+    split_stats = [t.clone() for t in fused_stats]
+    for step in range(3):
+        reward = torch.randn(b, d, generator=g)
+        terminated = torch.rand(b, generator=g) < 0.1
+        if b > 10:
+            terminated[10] = step == 1
+        CPP.reward_record(reward, terminated, fused_disc, 0.99, *fused_stats, ema_decay, {})
+        parts = CPP.reward_moments(reward, terminated, split_disc, 0.99, {})
+        CPP.merge(parts, *split_stats, ema_decay)
+        assert_same(fused_disc, split_disc)
+        for a, e in zip(fused_stats, split_stats):
+            assert_same(a, e)
+    assert int(fused_stats[3]) == (2 if b > 10 else 1)
+
+
 def test_reward_record_through_module_matches_torch():
     g = torch.Generator().manual_seed(9)
     mods = {name: protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, clamp_value=5.0, device="cpu", backend=name)
@@ -527,10 +552,14 @@ def _op_samples():
                                              torch.empty(k, 12, dtype=torch.float64))),
         (ops.cpp_reward_moments.default, (reward, torch.rand(70) < 0.2, torch.randn(70, 1), 0.99,
                                           torch.empty(k, 4, dtype=torch.float64))),
+        (ops.cpp_reward_record.default, (reward, torch.rand(70) < 0.2, torch.randn(70, 1), 0.99,
+                                         *(t[:1] for t in stats_args()[:2]), *stats_args()[2:], None)),
+        (ops.cpp_reward_record.default, (reward, torch.rand(70) < 0.2, torch.randn(70, 1).double(), 0.99,
+                                         *(t[:1] for t in stats_args()[:2]), *stats_args()[2:], 0.99)),
     ]
 
 
-@pytest.mark.parametrize("index", range(9))
+@pytest.mark.parametrize("index", range(11))
 def test_opcheck(index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)

@@ -81,6 +81,24 @@ class Backend:
         float; nonzero = reset)."""
         raise NotImplementedError
 
+    def reward_record(
+        self,
+        reward: Tensor,
+        terminated: Tensor,
+        discounted: Tensor,
+        gamma: float,
+        mean: Tensor,
+        var: Tensor,
+        count: Tensor,
+        dropped: Tensor,
+        ema_decay: Optional[float],
+        workspace: dict,
+    ) -> None:
+        """``reward_moments`` then ``merge`` of its parts, for a caller that needs the parts for nothing else;
+        a backend may fuse the two."""
+        parts = self.reward_moments(reward, terminated, discounted, gamma, workspace)
+        self.merge(parts, mean, var, count, dropped, ema_decay)
+
 
 def workspace_buffer(workspace: dict, key, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A buffer cached in ``workspace`` under ``key``; reallocated only when shape, dtype or device change."""

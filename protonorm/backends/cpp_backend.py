@@ -245,10 +245,8 @@ def _normalize_moments_kernel(x: Tensor, mean: Tensor, var: Tensor, epsilon: flo
                          rows_per_part, _threads())
 
 
-@_define("cpp_reward_moments", "(Tensor reward, Tensor terminated, Tensor(a!) discounted, float gamma, "
-         "Tensor(b!) parts) -> ()")
-def _reward_moments_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float,
-                           parts: Tensor) -> None:
+def _check_reward_inputs(reward: Tensor, terminated: Tensor, discounted: Tensor) -> Tensor:
+    """``reward`` with unit column stride, once it and the other two are known to fit the reward kernel."""
     _check_float_rows("reward", reward)
     reward = _unit_columns(reward)
     rows, cols = reward.shape
@@ -262,11 +260,38 @@ def _reward_moments_kernel(reward: Tensor, terminated: Tensor, discounted: Tenso
             f"terminated: expected a real or bool tensor of shape ({rows},), got {terminated.dtype} "
             f"{tuple(terminated.shape)}"
         )
+    return reward
+
+
+@_define("cpp_reward_moments", "(Tensor reward, Tensor terminated, Tensor(a!) discounted, float gamma, "
+         "Tensor(b!) parts) -> ()")
+def _reward_moments_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float,
+                           parts: Tensor) -> None:
+    reward = _check_reward_inputs(reward, terminated, discounted)
+    rows, cols = reward.shape
     num_parts, rows_per_part = _parts_out(parts, rows, cols)
     _C.reward_moments(reward.data_ptr(), rows, cols, reward.stride(0), _DTYPE_CODES[reward.dtype],
                       terminated.data_ptr(), terminated.stride(0), _DTYPE_CODES[terminated.dtype],
                       discounted.data_ptr(), discounted.stride(0), _DTYPE_CODES[discounted.dtype], float(gamma),
                       parts.data_ptr(), num_parts, rows_per_part, _threads())
+
+
+@_define("cpp_reward_record", "(Tensor reward, Tensor terminated, Tensor(a!) discounted, float gamma, "
+         "Tensor(b!) mean, Tensor(c!) var, Tensor(d!) count, Tensor(e!) dropped, float? ema_decay) -> ()")
+def _reward_record_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float, mean: Tensor,
+                          var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]) -> None:
+    reward = _check_reward_inputs(reward, terminated, discounted)
+    rows, cols = reward.shape
+    _check_stats(mean, var, cols)
+    _check_counter("count", count)
+    _check_counter("dropped", dropped)
+    num_parts, rows_per_part = _cached_parts_layout(rows, cols)
+    _C.reward_record(reward.data_ptr(), rows, cols, reward.stride(0), _DTYPE_CODES[reward.dtype],
+                     terminated.data_ptr(), terminated.stride(0), _DTYPE_CODES[terminated.dtype],
+                     discounted.data_ptr(), discounted.stride(0), _DTYPE_CODES[discounted.dtype], float(gamma),
+                     num_parts, rows_per_part, mean.data_ptr(), mean.stride(0), var.data_ptr(), var.stride(0),
+                     count.data_ptr(), dropped.data_ptr(), ema_decay is not None,
+                     0.0 if ema_decay is None else float(ema_decay), _threads())
 
 
 # Fake implementations: shapes only, for torch.compile and FakeTensor tracing.
@@ -297,6 +322,11 @@ def _(x, mean, var, epsilon, clamp_value, out, parts):
 
 @torch.library.register_fake("protonorm::cpp_reward_moments")
 def _(reward, terminated, discounted, gamma, parts):
+    return None
+
+
+@torch.library.register_fake("protonorm::cpp_reward_record")
+def _(reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay):
     return None
 
 
@@ -366,6 +396,11 @@ class CppBackend(Backend):
         op = _reward_moments_kernel if direct else torch.ops.protonorm.cpp_reward_moments
         op(reward, terminated, discounted, gamma, parts)
         return parts
+
+    def reward_record(self, reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay, workspace):
+        direct = _eager_plain(reward, terminated, discounted, mean, var, count, dropped)
+        op = _reward_record_kernel if direct else torch.ops.protonorm.cpp_reward_record
+        op(reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
 
 
 BACKEND = CppBackend()
