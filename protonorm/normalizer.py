@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import backends, reference
 from .backends.base import Backend, normalized_dtype
+from .output_cache import OutputCache
 
 NONFINITE_POLICIES = ("drop", "raise")
 SYNC_MODES = ("per_call", "deferred")
@@ -183,6 +184,7 @@ class RunningMeanStd(nn.Module):
         self._sync_state = None
         self._layout_cache: Optional[_Layout] = None
         self._discounted_rows = None  # (discounted_reward, its [B, D] view)
+        self._outputs = OutputCache()  # large CPU outputs of normalize, recycled once the caller drops them
 
     def _lazy_init(self, x: Tensor) -> None:
         if not self._initialized:
@@ -212,7 +214,8 @@ class RunningMeanStd(nn.Module):
     def __getstate__(self):
         # Caches hold weak references (unpicklable) and scratch buffers; a pickled module starts without them.
         state = self.__dict__.copy()
-        for key in ("_workspace_record", "_workspace_stash", "_stash", "_sync_state", "_layout_cache", "_discounted_rows"):
+        for key in ("_workspace_record", "_workspace_stash", "_stash", "_sync_state", "_layout_cache", "_discounted_rows",
+                    "_outputs"):
             state[key] = None
         return state
 
@@ -232,6 +235,7 @@ class RunningMeanStd(nn.Module):
             # later materializes its statistics there.
             self._lazy_device = fn(torch.empty(0, device=self._lazy_device or "cpu")).device
         self._layout_cache = None
+        self._outputs.clear()  # CPU memory kept for outputs is not wanted once the module moves
         return super()._apply(keep_dtype, recurse)
 
     def to(self, *args, **kwargs):
@@ -391,7 +395,11 @@ class RunningMeanStd(nn.Module):
             arr = arr.float()
         layout = self._layout()
         x = self._elementwise_rows(arr, "normalize", layout)
-        out = torch.empty_like(arr, dtype=_normalized_dtype(arr.dtype), memory_format=torch.contiguous_format)
+        dtype = _normalized_dtype(arr.dtype)
+        if layout.device.type == "cpu" and not _is_compiling():
+            out = self._outputs.empty(arr.shape, dtype, arr)
+        else:
+            out = torch.empty_like(arr, dtype=dtype, memory_format=torch.contiguous_format)
         if arr.numel() == 0:
             return out
         backend = self._resolved_backend(layout)

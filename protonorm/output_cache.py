@@ -1,0 +1,90 @@
+"""Recycled storage for the large CPU tensors that ``normalize`` returns.
+
+A fresh CPU tensor of a few MB is a fresh memory mapping from the C library, and its pages fault in one by one as
+the kernel first writes them: on the machines measured that costs 3-5x the kernel's own time for an 8192 x 1024
+float32 batch. GPU tensors do not pay it (torch's caching allocator reuses freed blocks), so this is for CPU tensors
+only, and it does for them what the caching allocator does: hand out again memory that nothing uses any more.
+
+"Nothing uses it" is decided by two reference counts of the storage, each compared with its value when the
+cache alone held the storage. Every tensor that can reach the memory (the output, any view of it, an autograd
+graph that saved it, the tensor behind a ``numpy()`` array or a DLPack capsule) holds a C++ reference to the
+storage; a Python storage object (``out.untyped_storage()``) is one object per storage, which the cache holds too,
+so a caller keeping it raises that object's Python reference count instead. A caller that keeps its outputs simply
+gets fresh ones.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+# torch's own count of the references to a storage (private, present since torch 1.x); without it nothing is reused.
+_storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+# Below this size an allocation comes from the C library's heap without page faults: nothing to save.
+MIN_BYTES = 256 * 1024
+# Storages kept per module: enough for the two batch sizes a training loop alternates between (rollout and
+# minibatch), and a bound on the memory held (at most this many outputs, freed with the module).
+MAX_SLOTS = 2
+
+
+def enabled() -> bool:
+    """Recycling is on unless ``PROTONORM_REUSE_OUTPUTS=0``, and needs torch's storage reference count."""
+    return _storage_use_count is not None and os.environ.get("PROTONORM_REUSE_OUTPUTS", "1") != "0"
+
+
+class _Slot:
+    """One cached storage, with its reference counts at the time nothing but the cache held it."""
+
+    __slots__ = ("storage", "cdata", "nbytes", "idle_uses", "idle_refs")
+
+    def __init__(self, nbytes: int):
+        self.storage = torch.UntypedStorage(nbytes)
+        self.cdata = self.storage._cdata
+        self.nbytes = nbytes
+        # Measured here, where nothing but this object refers to the storage, exactly as idle() measures them.
+        self.idle_uses = _storage_use_count(self.cdata)
+        self.idle_refs = sys.getrefcount(self.storage)
+
+    def idle(self) -> bool:
+        return _storage_use_count(self.cdata) == self.idle_uses and sys.getrefcount(self.storage) == self.idle_refs
+
+
+class OutputCache:
+    """Up to ``MAX_SLOTS`` CPU storages, handed out again as new tensors once their previous tensor is gone."""
+
+    __slots__ = ("_slots", "_lock", "_enabled")
+
+    def __init__(self):
+        self._slots: List[_Slot] = []
+        self._lock = threading.Lock()  # two threads must not both claim the same idle storage
+        self._enabled = enabled()
+
+    def empty(self, shape: Tuple[int, ...], dtype: torch.dtype, like: Tensor) -> Tensor:
+        """An uninitialized contiguous tensor of ``shape`` and ``dtype`` on ``like``'s (CPU) device."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        nbytes = numel * dtype.itemsize
+        if not self._enabled or nbytes < MIN_BYTES or like.device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=like.device)
+        with self._lock:
+            slots = self._slots
+            for i, slot in enumerate(slots):
+                if slot.nbytes == nbytes and slot.idle():
+                    # Most recently used last, so that the other size's storage is the one evicted below.
+                    slots.append(slots.pop(i))
+                    return torch.empty(0, dtype=dtype).set_(slot.storage, 0, shape)
+            slot = _Slot(nbytes)
+            slots.append(slot)
+            if len(slots) > MAX_SLOTS:
+                del slots[0]  # only forgotten here: its tensor, if still alive, keeps its memory
+            return torch.empty(0, dtype=dtype).set_(slot.storage, 0, shape)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._slots.clear()

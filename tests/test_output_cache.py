@@ -1,0 +1,158 @@
+"""Recycling of large CPU normalize outputs (protonorm/output_cache.py): memory is handed out again only when no
+tensor, view, autograd graph, numpy array or storage object can reach it any more, and never changes a result."""
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import protonorm
+from protonorm import output_cache, reference
+
+pytestmark = pytest.mark.skipif(not output_cache.enabled(), reason="this torch has no storage reference count")
+
+B, D = 512, 256  # 512 KB of float32 output: above output_cache.MIN_BYTES
+
+
+def make(backend="auto", **kwargs):
+    norm = protonorm.RunningMeanStd(None, (D,), device="cpu", clamp_value=5.0, backend=backend, **kwargs)
+    norm.record_moments(torch.randn(64, D, generator=torch.Generator().manual_seed(1)) * 2 + 1)
+    return norm.eval()
+
+
+def batch(seed=0, rows=B):
+    return torch.randn(rows, D, generator=torch.Generator().manual_seed(seed)) * 3 - 1
+
+
+def expected(norm, x):
+    return reference.normalize(x, norm.mean, norm.var, norm.epsilon, norm.clamp_value, False, True)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_memory_of_a_dropped_output_is_reused_and_results_are_unchanged(backend):
+    if backend == "cpp" and protonorm.backends.load("cpp")[0] is None:
+        pytest.skip("C++ extension not built")
+    norm = make(backend)
+    first = norm.normalize(batch(0))
+    address = first.data_ptr()
+    del first
+    x = batch(1)
+    again = norm.normalize(x)
+    assert again.data_ptr() == address
+    assert again._base is None and again.is_contiguous() and not again.requires_grad
+    torch.testing.assert_close(again, expected(norm, x), rtol=0, atol=0)
+
+
+def test_a_live_output_is_never_handed_out_again():
+    norm = make()
+    outputs = [norm.normalize(batch(i)) for i in range(5)]
+    addresses = {o.data_ptr() for o in outputs}
+    assert len(addresses) == 5
+    for i, o in enumerate(outputs):
+        torch.testing.assert_close(o, expected(norm, batch(i)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("holder", ["view", "numpy", "storage", "autograd", "clone_of_view_base"])
+def test_anything_reaching_the_memory_keeps_it(holder):
+    norm = make()
+    x0 = batch(0)
+    out = norm.normalize(x0)
+    address = out.data_ptr()
+    snapshot = out.clone()
+    weight = torch.randn(D, 3, requires_grad=True)
+    if holder == "view":
+        kept = out[:, :5]
+    elif holder == "numpy":
+        kept = out.numpy()
+    elif holder == "storage":
+        kept = out.untyped_storage()
+    elif holder == "autograd":
+        kept = (out @ weight).sum()  # the matmul saves `out` for the weight's gradient
+    else:
+        kept = out.view(-1)[10:]
+    del out
+    newer = [norm.normalize(batch(i)) for i in range(1, 4)]
+    assert all(n.data_ptr() != address for n in newer)
+    if holder == "autograd":
+        kept.backward()
+        torch.testing.assert_close(weight.grad, snapshot.sum(0, keepdim=True).T.expand(D, 3))
+    elif holder == "view":
+        assert torch.equal(kept, snapshot[:, :5])
+    elif holder == "numpy":
+        assert np.array_equal(kept, snapshot.numpy())
+
+
+def test_two_batch_sizes_alternate_without_fresh_allocations():
+    norm = make()
+    small, large = batch(0, rows=B), batch(1, rows=2 * B)
+    addresses = {small.shape[0]: set(), large.shape[0]: set()}
+    for _ in range(4):
+        for x in (small, large):
+            addresses[x.shape[0]].add(norm.normalize(x).data_ptr())
+    assert all(len(a) == 1 for a in addresses.values())
+
+
+def test_small_outputs_and_a_disabled_cache_keep_nothing(monkeypatch):
+    norm = make()
+    norm.normalize(torch.randn(4, D))
+    assert norm._outputs._slots == []
+    monkeypatch.setenv("PROTONORM_REUSE_OUTPUTS", "0")
+    off = make()
+    first = off.normalize(batch(0))
+    assert off._outputs._slots == []
+    torch.testing.assert_close(first, expected(off, batch(0)), rtol=0, atol=0)
+
+
+def test_inference_mode_and_grad_mode_get_their_own_kind_of_tensor():
+    norm = make()
+    with torch.inference_mode():
+        inside = norm.normalize(batch(0))
+    assert inside.is_inference()
+    del inside
+    outside = norm.normalize(batch(1))
+    assert not outside.is_inference()
+    (outside @ torch.randn(D, 2, requires_grad=True)).sum().backward()  # usable in autograd
+
+
+def test_copies_and_pickles_start_without_cached_memory():
+    norm = make()
+    norm.normalize(batch(0))
+    assert len(norm._outputs._slots) == 1
+    for clone in (copy.deepcopy(norm), pickle.loads(pickle.dumps(norm))):
+        assert clone._outputs._slots == []
+        torch.testing.assert_close(clone.normalize(batch(2)), norm.normalize(batch(2)), rtol=0, atol=0)
+
+
+def test_moving_the_module_releases_the_cache():
+    norm = make()
+    for move in (lambda m: m.to("cpu"), lambda m: m.float()):  # .float() from a parent keeps the float64 stats
+        norm.normalize(batch(0))
+        assert len(norm._outputs._slots) == 1
+        move(norm)
+        assert norm._outputs._slots == []
+    assert norm.mean.dtype == torch.float64
+
+
+def test_threads_sharing_a_module_never_share_an_output():
+    norm = make()
+    inputs = [batch(i) for i in range(4)]
+    wanted = [expected(norm, x) for x in inputs]
+    errors = []
+
+    def work(offset):
+        for step in range(60):
+            i = (step + offset) % 4
+            out = norm.normalize(inputs[i])
+            if not torch.equal(out, wanted[i]):
+                errors.append((offset, step))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
