@@ -1,6 +1,6 @@
 """CPU benchmark of the C++ backend against the upstream-style eager code, torch.compile of it, and a plain copy.
 
-    python bench/bench_cpu.py [--rounds 60] [--threads N]
+    python bench/bench_cpu.py [--rounds 40] [--threads N] [--no-compile] [--keep-freed-memory]
 
 What runs (all in one process, contenders interleaved round by round so that a noisy neighbour hits them alike):
 
@@ -13,12 +13,17 @@ What runs (all in one process, contenders interleaved round by round so that a n
     - ``compiled``: torch.compile of that same function;
     - ``copy``: ``y.copy_(obs)``, the memory traffic floor (one read, one write) on the same threads;
     - ``kernel``: the backend's fused call and merge writing into a preallocated output (what ``copy`` does), and
-      ``alloc+copy``: ``torch.empty_like(obs).copy_(obs)``. The module returns a fresh tensor, like upstream; a
-      fresh 32 MB tensor is a fresh mmap whose page faults cost as much as the copy itself on a VM.
+      ``alloc+copy``: ``torch.empty_like(obs).copy_(obs)``, what a fresh output costs: a fresh 32 MB tensor is a
+      fresh mapping whose page faults cost several copies on a VM. The module returns a new tensor per call, like
+      upstream, but recycles the memory of an output the caller has dropped (protonorm/output_cache.py), as the
+      benchmark loop does.
 * reward record of 4096 environments (``record_reward(reward, terminated)``): protonorm vs the upstream-style
   sequence.
 
 For each pair the script reports the median of the per-round time ratios and their 20th-80th percentile spread.
+Each contender starts once the machine is quiet (``wait_until_quiet``): the kernel's page-freeing work after an
+upstream-style call would otherwise run during, and be timed as part of, whichever contender comes next.
+``--keep-freed-memory`` also makes glibc keep freed memory, which spares the upstream-style code its page faults.
 """
 from __future__ import annotations
 
@@ -42,6 +47,58 @@ def baseline_step(norm: BaselineRunningMeanStd, x):
 
 
 # ------------------------------------------------------------------------------------------------ measuring
+def keep_freed_memory() -> str:
+    """Ask glibc to keep freed memory instead of handing it back to the kernel (``--keep-freed-memory``; Linux/glibc
+    only). The upstream-style code then reuses heap memory for its tens of MB of temporaries instead of faulting in
+    fresh pages each call: a faster, harder baseline than the default allocator users run with."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return "allocator: default (no C library found)"
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        largest_heap_block = 32 * 1024 * 1024  # glibc's ceiling for the mmap threshold on 64-bit
+        ok = libc.mallopt(m_mmap_threshold, largest_heap_block) and libc.mallopt(m_trim_threshold, 2**31 - 1)
+    except (OSError, AttributeError):
+        ok = False
+    if not ok:
+        return "allocator: default (mallopt unavailable)"
+    return "allocator: glibc keeps freed memory (blocks below 32 MB from its never-trimmed heap)"
+
+
+def _cpu_busy_ticks():
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_until_quiet(max_seconds: float = 1.0, window: float = 0.01, busy_share: float = 0.1) -> None:
+    """Sleep until the machine has been nearly idle for one ``window`` (Linux; elsewhere a single window).
+
+    With the default allocator the upstream-style code returns tens of MB to the kernel per call, and the kernel's
+    page-freeing workers then run on the same cores for tens of ms: measured here, about one core's worth while the
+    loop ran, making whichever contender came next up to 3x slower. Each contender starts once that has drained.
+    """
+    deadline = time.perf_counter() + max_seconds
+    before = _cpu_busy_ticks()
+    while True:
+        time.sleep(window)
+        after = _cpu_busy_ticks()
+        if before is None or after is None:
+            return
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total > 0 and busy <= busy_share * total or time.perf_counter() > deadline:
+            return
+        before = after
+
+
 def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: int = 1) -> Dict[str, List[float]]:
     """Per-round seconds per call of every contender, run in turn (rotating the order) each round."""
     names = list(contenders)
@@ -53,6 +110,7 @@ def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: i
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             fn = contenders[name]
+            wait_until_quiet()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -142,6 +200,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="make glibc keep freed memory: no page faults for the baseline's temporaries")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -150,7 +210,8 @@ def main() -> None:
         raise SystemExit(f"the C++ backend is not available: {reason}")
     import protonorm._C as _C
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {_C.isa()}")
+    allocator = keep_freed_memory() if args.keep_freed_memory else "allocator: default"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {_C.isa()}; {allocator}")
     for batch, features in ((8192, 1024), (16384, 342)):
         for ema in (None, 0.999):
             bench_normalize_record(batch, features, ema, args.rounds, not args.no_compile)
