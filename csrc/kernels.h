@@ -106,6 +106,47 @@ inline void prefetch_row(const void* row, int64_t bytes) {
 // How many rows ahead to prefetch: about 8 KB ahead of the row being read.
 inline int64_t prefetch_distance(int64_t row_bytes) { return row_bytes >= 8192 ? 1 : 8192 / (row_bytes > 0 ? row_bytes : 1); }
 
+// Calls body(next) once on each of `threads` threads, where next(begin, end) hands out the next unclaimed range
+// [begin, end) of [0, n), `grain` items long, and returns false once none is left. A thread that is slowed down
+// (the machine is busy, or its core is shared) takes fewer ranges instead of holding up the others; what each item
+// computes does not depend on which thread takes it.
+template <class Body>
+inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& body) {
+  if (grain < 1) grain = 1;
+#ifdef _OPENMP
+  if (threads > 1 && n > grain) {
+    int64_t cursor = 0;
+#pragma omp parallel num_threads(threads)
+    {
+      const auto next = [&](int64_t& begin, int64_t& end) {
+        int64_t claimed;
+#pragma omp atomic capture
+        {
+          claimed = cursor;
+          cursor += grain;
+        }
+        if (claimed >= n) return false;
+        begin = claimed;
+        end = claimed + grain < n ? claimed + grain : n;
+        return true;
+      };
+      body(next);
+    }
+    return;
+  }
+#endif
+  (void)threads;
+  bool given = false;
+  const auto once = [&](int64_t& begin, int64_t& end) {
+    if (given || n <= 0) return false;
+    given = true;
+    begin = 0;
+    end = n;
+    return true;
+  };
+  body(once);
+}
+
 // Calls body(begin, end) on [0, n) split into contiguous ranges, one per thread.
 template <class Body>
 inline void parallel_ranges(int64_t n, int threads, const Body& body) {
@@ -235,25 +276,29 @@ inline void moments_by_rows(int64_t rows, int64_t cols, const PartsOut& parts, i
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
   const int64_t ahead = prefetch_distance(row_bytes);
   const int64_t source_bytes = cols * element_size(source.dtype);
-  parallel_ranges(parts.num_parts, threads, [&](int64_t p_begin, int64_t p_end) {
-    const int64_t last_row = p_end * parts.rows_per_part < rows ? p_end * parts.rows_per_part : rows;
+  parallel_dynamic(parts.num_parts, 1, threads, [&](const auto& next) {
     double* scratch = new double[3 * (cols > 0 ? cols : 1)];
     RowAccumulator acc;
     acc.shift = scratch;
     acc.s1 = scratch + cols;
     acc.s2 = scratch + 2 * cols;
     acc.cols = cols;
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      start_part<T>(acc);
-      const int64_t r_begin = p * parts.rows_per_part;
-      const int64_t r_end = r_begin + parts.rows_per_part < rows ? r_begin + parts.rows_per_part : rows;
-      for (int64_t r = r_begin; r < r_end; ++r) {
-        if (r + ahead < last_row)
-          prefetch_row(static_cast<const char*>(source.data) + (r + ahead) * source.row_stride * element_size(source.dtype),
-                       source_bytes);
-        row_step(acc, r);
+    int64_t p_begin, p_end;
+    while (next(p_begin, p_end)) {
+      const int64_t last_row = p_end * parts.rows_per_part < rows ? p_end * parts.rows_per_part : rows;
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        start_part<T>(acc);
+        const int64_t r_begin = p * parts.rows_per_part;
+        const int64_t r_end = r_begin + parts.rows_per_part < rows ? r_begin + parts.rows_per_part : rows;
+        for (int64_t r = r_begin; r < r_end; ++r) {
+          if (r + ahead < last_row)
+            prefetch_row(static_cast<const char*>(source.data) +
+                             (r + ahead) * source.row_stride * element_size(source.dtype),
+                         source_bytes);
+          row_step(acc, r);
+        }
+        finish_part<T>(acc, parts.data + p * width);
       }
-      finish_part<T>(acc, parts.data + p * width);
     }
     delete[] scratch;
   });
@@ -327,19 +372,22 @@ inline void finish_column_part(double* __restrict values, const uint8_t* __restr
 // Runs `fill(r_begin, r_end, values, status)` for each part, then reduces it.
 template <class Fill>
 inline void moments_by_column(int64_t rows, const PartsOut& parts, int threads, const Fill& fill) {
-  parallel_ranges(parts.num_parts, threads, [&](int64_t p_begin, int64_t p_end) {
-    // The longest part this thread sees: a small batch in one big part must not allocate (and fault in) a
-    // buffer sized for the part's nominal length.
+  parallel_dynamic(parts.num_parts, 1, threads, [&](const auto& next) {
+    // The longest part there is: a small batch in one big part must not allocate (and fault in) a buffer sized
+    // for the part's nominal length.
     const int64_t longest = parts.rows_per_part < rows ? parts.rows_per_part : rows;
     const int64_t capacity = longest > 0 ? longest : 1;
     double* values = new double[capacity];
     uint8_t* status = new uint8_t[capacity];
-    for (int64_t p = p_begin; p < p_end; ++p) {
-      const int64_t r_begin = p * parts.rows_per_part;
-      const int64_t r_end = r_begin + parts.rows_per_part < rows ? r_begin + parts.rows_per_part : rows;
-      const int64_t count = r_end > r_begin ? r_end - r_begin : 0;
-      if (count > 0) fill(r_begin, r_end, values, status);
-      finish_column_part(values, status, count, parts.data + p * 4);
+    int64_t p_begin, p_end;
+    while (next(p_begin, p_end)) {
+      for (int64_t p = p_begin; p < p_end; ++p) {
+        const int64_t r_begin = p * parts.rows_per_part;
+        const int64_t r_end = r_begin + parts.rows_per_part < rows ? r_begin + parts.rows_per_part : rows;
+        const int64_t count = r_end > r_begin ? r_end - r_begin : 0;
+        if (count > 0) fill(r_begin, r_end, values, status);
+        finish_column_part(values, status, count, parts.data + p * 4);
+      }
     }
     delete[] values;
     delete[] status;
@@ -453,14 +501,18 @@ void normalize_rows(const NormalizeArgs& a) {
   const Matrix& out = a.out;
   const NormalizeParams& p = a.params;
   const M hi = static_cast<M>(p.clamp_value);
-  parallel_ranges(x.rows, a.threads, [&](int64_t r_begin, int64_t r_end) {
-    for (int64_t r = r_begin; r < r_end; ++r) {
-      const T* xr = row_ptr<const T>(x, r);
-      M* yr = row_ptr<M>(out, r);
-      if (kUnNorm)
-        unnormalize_row<T, kCenter, kClamp>(xr, yr, p.mean, p.stddev, hi, x.cols);
-      else
-        normalize_row<T, kCenter, kClamp, false>(xr, yr, p.mean, p.stddev, hi, x.cols);
+  const int64_t grain = x.cols > 0 && x.cols < (int64_t{1} << 15) ? (int64_t{1} << 15) / x.cols : 1;
+  parallel_dynamic(x.rows, grain, a.threads, [&](const auto& next) {
+    int64_t r_begin, r_end;
+    while (next(r_begin, r_end)) {
+      for (int64_t r = r_begin; r < r_end; ++r) {
+        const T* xr = row_ptr<const T>(x, r);
+        M* yr = row_ptr<M>(out, r);
+        if (kUnNorm)
+          unnormalize_row<T, kCenter, kClamp>(xr, yr, p.mean, p.stddev, hi, x.cols);
+        else
+          normalize_row<T, kCenter, kClamp, false>(xr, yr, p.mean, p.stddev, hi, x.cols);
+      }
     }
   });
 }
@@ -538,7 +590,7 @@ void normalize_moments_typed(const NormalizeMomentsArgs& a) {
   const int64_t block = fit < 4 ? 4 : fit;
   const int64_t width = 2 + 2 * cols;
   const PartsOut& parts = a.parts;
-  parallel_ranges(parts.num_parts, a.threads, [&](int64_t p_begin, int64_t p_end) {
+  parallel_dynamic(parts.num_parts, 1, a.threads, [&](const auto& next) {
     double* scratch = new double[3 * (cols > 0 ? cols : 1)];
     uint8_t* bad = new uint8_t[block];
     RowAccumulator acc;
@@ -546,23 +598,26 @@ void normalize_moments_typed(const NormalizeMomentsArgs& a) {
     acc.s1 = scratch + cols;
     acc.s2 = scratch + 2 * cols;
     acc.cols = cols;
-    for (int64_t q = p_begin; q < p_end; ++q) {
-      start_part<T>(acc);
-      const int64_t r_begin = q * parts.rows_per_part;
-      const int64_t r_end = r_begin + parts.rows_per_part < rows ? r_begin + parts.rows_per_part : rows;
-      for (int64_t b = r_begin; b < r_end; b += block) {
-        const int64_t b_end = b + block < r_end ? b + block : r_end;
-        for (int64_t r = b; r < b_end; ++r)
-          bad[r - b] = normalize_row<T, true, kClamp, true>(row_ptr<const T>(x, r), row_ptr<M>(out, r), p.mean,
-                                                             p.stddev, hi, cols);
-        for (int64_t r = b; r < b_end; ++r) {
-          if (bad[r - b])
-            acc.dropped += 1.0;
-          else
-            add_valid_row<T>(acc, row_ptr<const T>(x, r));
+    int64_t p_begin, p_end;
+    while (next(p_begin, p_end)) {
+      for (int64_t q = p_begin; q < p_end; ++q) {
+        start_part<T>(acc);
+        const int64_t r_begin = q * parts.rows_per_part;
+        const int64_t r_end = r_begin + parts.rows_per_part < rows ? r_begin + parts.rows_per_part : rows;
+        for (int64_t b = r_begin; b < r_end; b += block) {
+          const int64_t b_end = b + block < r_end ? b + block : r_end;
+          for (int64_t r = b; r < b_end; ++r)
+            bad[r - b] = normalize_row<T, true, kClamp, true>(row_ptr<const T>(x, r), row_ptr<M>(out, r), p.mean,
+                                                               p.stddev, hi, cols);
+          for (int64_t r = b; r < b_end; ++r) {
+            if (bad[r - b])
+              acc.dropped += 1.0;
+            else
+              add_valid_row<T>(acc, row_ptr<const T>(x, r));
+          }
         }
+        finish_part<T>(acc, parts.data + q * width);
       }
-      finish_part<T>(acc, parts.data + q * width);
     }
     delete[] bad;
     delete[] scratch;
