@@ -396,10 +396,10 @@ class RunningMeanStd(nn.Module):
         layout = self._layout()
         x = self._elementwise_rows(arr, "normalize", layout)
         dtype = _normalized_dtype(arr.dtype)
-        if layout.device.type == "cpu" and not _is_compiling():
-            out = self._outputs.empty(arr.shape, dtype, arr)
-        else:
+        if _is_compiling():
             out = torch.empty_like(arr, dtype=dtype, memory_format=torch.contiguous_format)
+        else:
+            out = self._outputs.empty(arr.shape, dtype, arr.device)
         if arr.numel() == 0:
             return out
         backend = self._resolved_backend(layout)

@@ -64,14 +64,17 @@ class OutputCache:
         self._lock = threading.Lock()  # two threads must not both claim the same idle storage
         self._enabled = enabled()
 
-    def empty(self, shape: Tuple[int, ...], dtype: torch.dtype, like: Tensor) -> Tensor:
-        """An uninitialized contiguous tensor of ``shape`` and ``dtype`` on ``like``'s (CPU) device."""
+    def empty(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialized contiguous tensor of ``shape`` and ``dtype`` on ``device``; recycled when it is a CPU
+        tensor of at least ``MIN_BYTES``."""
+        if device.type != "cpu" or not self._enabled:
+            return torch.empty(shape, dtype=dtype, device=device)
         numel = 1
         for size in shape:
             numel *= size
         nbytes = numel * dtype.itemsize
-        if not self._enabled or nbytes < MIN_BYTES or like.device.type != "cpu":
-            return torch.empty(shape, dtype=dtype, device=like.device)
+        if nbytes < MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
         with self._lock:
             slots = self._slots
             for i, slot in enumerate(slots):
