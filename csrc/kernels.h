@@ -346,7 +346,7 @@ inline void finish_column_part(double* __restrict values, const uint8_t* __restr
       lane2[l] = add_square(lane2[l], d);
     }
   }
-  for (int l = 0; i < count; ++i, ++l) {
+  for (int l = 0; l < kLanes && i < count; ++i, ++l) {  // fewer than kLanes rows are left
     const double d = values[i] - shift;
     lane1[l] += d;
     lane2[l] = add_square(lane2[l], d);
