@@ -11,8 +11,7 @@ def test_call(benchmark, case, contender, synchronized):
     benchmark.group = f"{case.name} {'x'.join(map(str, case.shape))}"
     benchmark.extra_info.update(bytes_moved=case.moved_bytes(), resolved=contender.resolved or contender.name)
     benchmark.pedantic(call, warmup_rounds=WARMUP_ROUNDS, rounds=_rounds(case), iterations=1)
-    seconds = benchmark.stats.stats.median
-    benchmark.extra_info["gbps"] = case.moved_bytes() / seconds / 1e9
+    _record_gbps(benchmark, case.moved_bytes())
 
 
 def test_copy_roofline(benchmark, case, synchronized):
@@ -20,7 +19,13 @@ def test_copy_roofline(benchmark, case, synchronized):
     call = synchronized(case.copy_call())
     benchmark.group = f"{case.name} {'x'.join(map(str, case.shape))}"
     benchmark.pedantic(call, warmup_rounds=WARMUP_ROUNDS, rounds=_rounds(case), iterations=1)
-    benchmark.extra_info["gbps"] = case.copy_bytes() / benchmark.stats.stats.median / 1e9
+    _record_gbps(benchmark, case.copy_bytes())
+
+
+def _record_gbps(benchmark, moved_bytes: int) -> None:
+    """Bandwidth of the median call, when timings exist (``--benchmark-disable`` runs each call once, untimed)."""
+    if benchmark.stats is not None:
+        benchmark.extra_info["gbps"] = moved_bytes / benchmark.stats.stats.median / 1e9
 
 
 def _rounds(case) -> int:
