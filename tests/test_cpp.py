@@ -185,17 +185,90 @@ def test_strided_rows_match_contiguous():
     assert_parts_close(CPP.moments(transposed, None, {}), reference.batch_moments(transposed))
 
 
-def test_results_do_not_depend_on_thread_count():
+def _every_kernel(x):
+    """Outputs of each threaded kernel on ``x`` (moments, normalize, normalize+moments, merge)."""
+    mean, var = stats(x.shape[1])
+    out = torch.empty_like(x)
+    fused_out = torch.empty_like(x)
+    fused_parts = CPP.normalize_moments(x, mean, var, 1e-5, 5.0, fused_out, {}).clone()
+    CPP.normalize(x, mean, var, 1e-5, 5.0, False, True, out)
+    parts = CPP.moments(x, None, {}).clone()
+    merged = [mean.clone(), var.clone(), torch.tensor(7), torch.tensor(0)]
+    CPP.merge(parts, *merged, None)
+    return [parts, out, fused_out, fused_parts, *merged]
+
+
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_results_do_not_depend_on_thread_count(threads):
     x = data(4097, 342, torch.float32)
-    threads = torch.get_num_threads()
+    before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = CPP.moments(x, None, {}).clone()
-        torch.set_num_threads(2)
-        two = CPP.moments(x, None, {}).clone()
-    finally:
+        one = _every_kernel(x)
         torch.set_num_threads(threads)
-    assert_same(one, two)
+        many = _every_kernel(x)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(one, many):
+        assert_same(a, b)
+
+
+def test_concurrent_callers_share_the_pool():
+    """The kernels release the GIL; calls from several Python threads at once share the helper threads, and each
+    call still gets exactly its single-threaded result."""
+    import threading
+
+    inputs = [data(2049, 342, torch.float32, seed=s) for s in range(4)]
+    expected = [CPP.moments(x, None, {}).clone() for x in inputs]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    failures = []
+
+    def worker(i):
+        for _ in range(20):
+            got = CPP.moments(inputs[i], None, {})
+            if not torch.equal(got, expected[i]):
+                failures.append(i)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in threads), "a kernel call did not return"
+    finally:
+        torch.set_num_threads(before)
+    assert not failures
+
+
+def _moments_in_child(x, queue):
+    # What DataLoader workers do: torch's own OpenMP ops hang in a child forked after the parent used the GNU
+    # OpenMP pool unless it runs on one thread, and the kernels share that pool.
+    torch.set_num_threads(1)
+    queue.put(CPP.moments(x, None, {}).numpy().copy())  # by value: a shared tensor would die with the child
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_kernels_run_in_a_forked_child():
+    """A child forked after the parent ran the kernels on several threads gets the same results on one thread."""
+    import multiprocessing
+
+    x = data(4097, 342, torch.float32)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        expected = CPP.moments(x, None, {}).clone()  # the parent's OpenMP team now exists
+        ctx = multiprocessing.get_context("fork")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_moments_in_child, args=(x, queue))
+        child.start()
+        got = torch.from_numpy(queue.get(timeout=120))
+        child.join(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+    assert child.exitcode == 0
+    assert_same(got, expected)
 
 
 # ------------------------------------------------------------------------------------------------ merge
