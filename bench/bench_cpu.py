@@ -1,6 +1,7 @@
 """CPU benchmark of the C++ backend against the upstream-style eager code, torch.compile of it, and a plain copy.
 
     python bench/bench_cpu.py [--rounds 40] [--threads N] [--no-compile] [--keep-freed-memory]
+                              [--shapes 8192x1024,16384x342] [--envs 4096]
 
 What runs (all in one process, contenders interleaved round by round so that a noisy neighbour hits them alike):
 
@@ -37,6 +38,8 @@ import torch
 import protonorm
 from protonorm.backends import load
 from protonorm.benchmark.baseline import BaselineRewardRunningMeanStd, BaselineRunningMeanStd
+
+from cpu_common import add_common_arguments, paired_ratio, setup
 
 
 def baseline_step(norm: BaselineRunningMeanStd, x):
@@ -118,12 +121,6 @@ def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: i
     return times
 
 
-def ratio_summary(times: Dict[str, List[float]], ours: str, other: str) -> str:
-    ratios = sorted(o / p for p, o in zip(times[ours], times[other]))
-    q = statistics.quantiles(ratios, n=10)
-    return f"{statistics.median(ratios):6.2f}x  (p20-p80 {q[1]:.2f}-{q[7]:.2f})"
-
-
 def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, compile_too: bool) -> None:
     x = torch.randn(batch, features) * 2.0 + 3.0
     norm = protonorm.RunningMeanStd(None, (features,), device="cpu", clamp_value=5.0, ema_decay=ema_decay,
@@ -163,13 +160,11 @@ def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, co
     median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"normalize+record {batch}x{features} fp32, {mode}: "
           + ", ".join(f"{k} {v:.3f} ms" for k, v in median.items()))
-    print(f"    eager / protonorm     {ratio_summary(times, 'protonorm', 'eager')}   (target >= 15x)")
+    print(f"    eager / protonorm     {paired_ratio(times['eager'], times['protonorm'])}   (target >= 15x)")
     if compile_too:
-        print(f"    compiled / protonorm  {ratio_summary(times, 'protonorm', 'compiled')}   (target >= 4x)")
+        print(f"    compiled / protonorm  {paired_ratio(times['compiled'], times['protonorm'])}   (target >= 4x)")
     for ours_name, floor in (("kernel", "copy"), ("protonorm", "alloc+copy"), ("protonorm", "copy")):
-        ratios = sorted(p / c for p, c in zip(times[ours_name], times[floor]))
-        q = statistics.quantiles(ratios, n=10)
-        print(f"    {ours_name} / {floor}".ljust(26) + f"{statistics.median(ratios):6.2f}x  (p20-p80 {q[1]:.2f}-{q[7]:.2f})"
+        print(f"    {ours_name} / {floor}".ljust(26) + paired_ratio(times[ours_name], times[floor])
               + ("   (target <= 1.5x)" if floor == "copy" else ""))
 
 
@@ -192,30 +187,25 @@ def bench_reward(envs: int, rounds: int) -> None:
     times = interleaved({"protonorm": ours, "eager": upstream}, rounds, calls=50)
     median = {k: statistics.median(v) * 1e6 for k, v in times.items()}
     print(f"reward record, {envs} envs: " + ", ".join(f"{k} {v:.1f} us" for k, v in median.items()))
-    print(f"    eager / protonorm     {ratio_summary(times, 'protonorm', 'eager')}   (target >= 5x)")
+    print(f"    eager / protonorm     {paired_ratio(times['eager'], times['protonorm'])}   (target >= 5x)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile contender")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="make glibc keep freed memory: no page faults for the baseline's temporaries")
+    parser.add_argument("--envs", type=int, default=4096, help="environments of the reward case")
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    backend, reason = load("cpp")
-    if backend is None:
-        raise SystemExit(f"the C++ backend is not available: {reason}")
-    import protonorm._C as _C
-
+    header, shapes = setup(args)
     allocator = keep_freed_memory() if args.keep_freed_memory else "allocator: default"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, kernels: {_C.isa()}; {allocator}")
-    for batch, features in ((8192, 1024), (16384, 342)):
+    print(f"{header}; {allocator}")
+    for batch, features in shapes:
         for ema in (None, 0.999):
             bench_normalize_record(batch, features, ema, args.rounds, not args.no_compile)
-    bench_reward(4096, args.rounds)
+    bench_reward(args.envs, args.rounds)
 
 
 if __name__ == "__main__":

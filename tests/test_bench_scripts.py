@@ -1,0 +1,37 @@
+"""The standalone CPU benchmark scripts in ``bench/`` run end to end on tiny shapes and print every line they promise.
+
+Timings are not checked (speed is shown by the benchmarks, not by tests); this keeps the scripts from rotting as the
+package changes under them.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protonorm.backends import load
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+CPP, CPP_REASON = load("cpp")
+
+pytestmark = pytest.mark.skipif(CPP is None, reason=f"C++ extension unavailable: {CPP_REASON}")
+
+
+def run_script(name: str, *args: str) -> str:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(BENCH.parent), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, str(BENCH / name), *args], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_bench_cpu_prints_every_ratio():
+    out = run_script("bench_cpu.py", "--rounds", "3", "--no-compile", "--shapes", "64x7", "--envs", "33")
+    for mode in ("Welford", "EMA 0.999"):
+        assert f"normalize+record 64x7 fp32, {mode}:" in out
+    assert out.count("eager / protonorm") == 3  # two normalize cases and the reward case
+    assert out.count("kernel / copy") == 2
+    assert "reward record, 33 envs" in out
