@@ -35,3 +35,18 @@ def test_bench_cpu_prints_every_ratio():
     assert out.count("eager / protonorm") == 3  # two normalize cases and the reward case
     assert out.count("kernel / copy") == 2
     assert "reward record, 33 envs" in out
+
+
+def test_bench_cpu_step_prints_both_ratios():
+    out = run_script("bench_cpu_step.py", "--iters", "3", "--shapes", "64x7,5x3")
+    for shape in ("64x7", "5x3"):
+        assert f"normalize+record + MLP step, {shape} fp32" in out
+    assert out.count("baseline / protonorm") == 2
+    assert out.count("protonorm / copy") == 2
+
+
+def test_cpu_kernel_breakdown_prints_every_kernel():
+    out = run_script("cpu_kernel_breakdown.py", "--rounds", "8", "--shapes", "96x7")
+    assert "cache-resident: 256x7" in out and "streaming: 96x7" in out
+    for kernel in ("copy", "normalize", "moments", "fused"):
+        assert out.count(f"    {kernel} ") == 2, kernel

@@ -1,0 +1,105 @@
+"""Where the C++ fused normalize+moments kernel spends its time, next to a copy of the same tensor.
+
+    python bench/cpu_kernel_breakdown.py [--shapes 16384x342] [--threads N] [--rounds 200]
+
+Times four calls of the ``cpp`` backend side by side, round-robin in one process: ``copy`` (``out.copy_(x)``, one
+read and one write), ``normalize`` (clamped, into ``out``), ``moments`` (the batch moments alone) and ``fused``
+(``normalize_moments``, what a training-mode ``normalize`` followed by ``record_moments`` runs), in two settings:
+
+* cache-resident, one thread: a batch small enough for the L2 cache (256 rows), repeated; the time per 16 elements
+  in nanoseconds is the kernel's compute cost, with memory out of the picture;
+* streaming: the full batch on the given threads, with the caches emptied (a 96 MB buffer written) before every
+  call, as in a training step where the batch comes from the simulator.
+
+The fused kernel's streaming time is about its normalize time plus the moments' compute on cached rows, since the
+moments of a block of rows run while no memory traffic is pending; see bench/RESULTS.md for figures.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, Dict
+
+import torch
+
+from cpu_common import add_common_arguments, setup
+
+
+def contenders(x: torch.Tensor, threads: int) -> Dict[str, Callable[[], None]]:
+    """The kernels of ``protonorm._C`` called directly with precomputed float32 statistics, so that the figures are
+    the kernels' own (the ops add argument checks and the statistics' float32 rounding, about 10 us a call)."""
+    import protonorm._C as _C
+    from protonorm.backends.cpp_backend import parts_layout
+    from protonorm.reference import parts_width
+
+    rows, features = x.shape
+    out = torch.empty_like(x)
+    mean32, std32 = torch.zeros(features), torch.ones(features)
+    num_parts, rows_per_part = parts_layout(rows, features)
+    parts = torch.empty(num_parts, parts_width(features), dtype=torch.float64)
+    xp, op, mp, sp, pp = x.data_ptr(), out.data_ptr(), mean32.data_ptr(), std32.data_ptr(), parts.data_ptr()
+    return {
+        "copy": lambda: out.copy_(x),
+        "normalize": lambda: _C.normalize(xp, rows, features, features, 0, op, features, mp, sp, True, 5.0, False,
+                                          True, threads),
+        "moments": lambda: _C.moments(xp, rows, features, features, 0, 0, 0, pp, num_parts, rows_per_part, threads),
+        "fused": lambda: _C.normalize_moments(xp, rows, features, features, 0, op, features, mp, sp, True, 5.0, pp,
+                                              num_parts, rows_per_part, threads),
+    }
+
+
+def measure(calls: Dict[str, Callable[[], None]], rounds: int, repeat: int, evict) -> Dict[str, list]:
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
+    times = {name: [] for name in calls}
+    names = list(calls)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            if evict is not None:
+                evict.add_(1.0)
+            else:  # cache-resident: bring this contender's own data back into the cache first
+                for _ in range(5):
+                    calls[name]()
+            start = time.perf_counter()
+            for _ in range(repeat):
+                calls[name]()
+            times[name].append((time.perf_counter() - start) / repeat)
+    return times
+
+
+def report(title: str, times: Dict[str, list], elements: int) -> None:
+    print(title)
+    for name, values in times.items():
+        ordered = sorted(values)
+        median = statistics.median(ordered)
+        ratios = sorted(v / c for v, c in zip(values, times["copy"]))
+        print(f"    {name:10s} {median * 1e6:9.1f} us  (p20-p80 {ordered[len(ordered) // 5] * 1e6:.1f}-"
+              f"{ordered[4 * len(ordered) // 5] * 1e6:.1f})  {median * 1e9 / (elements / 16):6.2f} ns / 16 elements"
+              f"  {statistics.median(ratios):5.2f}x copy")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    add_common_arguments(parser, shapes="16384x342")
+    args = parser.parse_args()
+    header, shapes = setup(args)
+    threads = torch.get_num_threads()
+    print(f"{header}, float32")
+    gen = torch.Generator().manual_seed(0)
+    for rows, features in shapes:
+        torch.set_num_threads(1)
+        small = torch.randn(256, features, generator=gen) * 2.0 + 3.0
+        report(f"cache-resident: 256x{features}, 1 thread, 50 calls per round",
+               measure(contenders(small, 1), max(args.rounds // 4, 2), 50, None), small.numel())
+        torch.set_num_threads(threads)
+        x = torch.randn(rows, features, generator=gen) * 2.0 + 3.0
+        evict = torch.empty(96 * 2**20 // 4)
+        report(f"streaming: {rows}x{features}, {threads} threads, caches emptied before each call",
+               measure(contenders(x, threads), args.rounds, 1, evict), x.numel())
+
+
+if __name__ == "__main__":
+    main()
