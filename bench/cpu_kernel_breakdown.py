@@ -2,9 +2,10 @@
 
     python bench/cpu_kernel_breakdown.py [--shapes 16384x342] [--threads N] [--rounds 200]
 
-Times four calls of the ``cpp`` backend side by side, round-robin in one process: ``copy`` (``out.copy_(x)``, one
-read and one write), ``normalize`` (clamped, into ``out``), ``moments`` (the batch moments alone) and ``fused``
-(``normalize_moments``, what a training-mode ``normalize`` followed by ``record_moments`` runs), in two settings:
+Times a copy and three kernels of ``protonorm._C`` side by side, round-robin in one process: ``copy``
+(``out.copy_(x)``, one read and one write), ``normalize`` (clamped, into ``out``), ``moments`` (the batch moments
+alone) and ``fused`` (``normalize_moments``, what a training-mode ``normalize`` followed by ``record_moments`` runs),
+in two settings:
 
 * cache-resident, one thread: a batch small enough for the L2 cache (256 rows), repeated; the time per 16 elements
   in nanoseconds is the kernel's compute cost, with memory out of the picture;

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one script a GPU session runs: environment, the GPU tests, the Triton tests compiled (no interpreter),
+# The one script to run on a CUDA machine: environment, the GPU tests, the Triton tests compiled (no interpreter),
 # the CLI benchmark and the Triton roofline. Results go to $OUT (default: ./gpu_out). Every step runs even
 # if an earlier one fails; the exit status is the first failure's.
 set -u
