@@ -15,7 +15,6 @@ the C++ kernels use, and the caches hold whatever the MLP left there.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -23,13 +22,12 @@ import torch
 import protonorm
 from protonorm.benchmark.baseline import BaselineRunningMeanStd
 
-from cpu_common import add_common_arguments, paired_ratio, setup
+from cpu_common import add_common_arguments, paired_ratio, setup, spread
 
 
-def spread(values) -> str:
-    ordered = sorted(values)
-    return f"{statistics.median(ordered) * 1e3:7.3f} ms (p20-p80 {ordered[len(ordered) // 5] * 1e3:.3f}-" \
-           f"{ordered[4 * len(ordered) // 5] * 1e3:.3f})"
+def in_ms(seconds) -> str:
+    median, between = spread(seconds, 1e3, 3)
+    return f"{median:7.3f} ms ({between})"
 
 
 def bench_step(rows: int, features: int, iters: int) -> None:
@@ -70,7 +68,7 @@ def bench_step(rows: int, features: int, iters: int) -> None:
 
     print(f"normalize+record + MLP step, {rows}x{features} fp32, {iters} iterations")
     for name, (norm_times, step_times) in times.items():
-        print(f"    {name:10s} normalizer {spread(norm_times)}   whole step {spread(step_times)}")
+        print(f"    {name:10s} normalizer {in_ms(norm_times)}   whole step {in_ms(step_times)}")
     for label, num, den in (("baseline / protonorm", "baseline", "protonorm"), ("protonorm / copy", "protonorm", "copy")):
         print(f"    {label:21s} {paired_ratio(times[num][0], times[den][0])}")
 

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import List, Sequence, Tuple
 
 import torch
 
 from protonorm.backends import load
 from protonorm.benchmark.cases import parse_shapes
+from protonorm.benchmark.timing import percentile
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, shapes: str = "8192x1024,16384x342") -> None:
@@ -30,8 +30,13 @@ def setup(args: argparse.Namespace) -> Tuple[str, List[Tuple[int, int]]]:
     return header, parse_shapes(args.shapes)
 
 
+def spread(seconds: Sequence[float], scale: float, digits: int) -> Tuple[float, str]:
+    """The median of ``seconds`` times ``scale``, and ``"p20-p80 a-b"`` in the same unit with ``digits`` decimals."""
+    low, high = percentile(seconds, 20) * scale, percentile(seconds, 80) * scale
+    return percentile(seconds, 50) * scale, f"p20-p80 {low:.{digits}f}-{high:.{digits}f}"
+
+
 def paired_ratio(numerators: Sequence[float], denominators: Sequence[float]) -> str:
-    """Median of the per-round ratios and their 20th-80th percentile spread: ``"  2.50x  (p20-p80 2.1-2.9)"``."""
-    ratios = sorted(n / d for n, d in zip(numerators, denominators))
-    q = statistics.quantiles(ratios, n=10) if len(ratios) > 1 else [ratios[0]] * 9
-    return f"{statistics.median(ratios):6.2f}x  (p20-p80 {q[1]:.2f}-{q[7]:.2f})"
+    """Median of the per-round ratios and their 20th-80th percentile spread: ``"  2.50x  (p20-p80 2.10-2.90)"``."""
+    median, between = spread([n / d for n, d in zip(numerators, denominators)], 1.0, 2)
+    return f"{median:6.2f}x  ({between})"

@@ -18,13 +18,12 @@ moments of a block of rows run while no memory traffic is pending; see bench/RES
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Callable, Dict
 
 import torch
 
-from cpu_common import add_common_arguments, setup
+from cpu_common import add_common_arguments, setup, spread
 
 
 def _placed_output(x: torch.Tensor) -> torch.Tensor:
@@ -93,12 +92,10 @@ def measure(calls: Dict[str, Callable[[], None]], rounds: int, repeat: int, evic
 def report(title: str, times: Dict[str, list], elements: int) -> None:
     print(title)
     for name, values in times.items():
-        ordered = sorted(values)
-        median = statistics.median(ordered)
-        ratios = sorted(v / c for v, c in zip(values, times["copy"]))
-        print(f"    {name:10s} {median * 1e6:9.1f} us  (p20-p80 {ordered[len(ordered) // 5] * 1e6:.1f}-"
-              f"{ordered[4 * len(ordered) // 5] * 1e6:.1f})  {median * 1e9 / (elements / 16):6.2f} ns / 16 elements"
-              f"  {statistics.median(ratios):5.2f}x copy")
+        median, between = spread(values, 1e6, 1)
+        to_copy = spread([v / c for v, c in zip(values, times["copy"])], 1.0, 2)[0]
+        print(f"    {name:10s} {median:9.1f} us  ({between})  {median * 1e3 / (elements / 16):6.2f} ns / 16 elements"
+              f"  {to_copy:5.2f}x copy")
 
 
 def main() -> None:
