@@ -200,10 +200,11 @@ inline void accumulate1(const T* __restrict r0, const double* __restrict shift, 
   }
 }
 
+// Four rows into the sums at once: one load and store of s1 and s2 per four rows.
 template <class T>
-inline void accumulate4(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
-                        const T* __restrict r3, const double* __restrict shift, double* __restrict s1,
-                        double* __restrict s2, int64_t cols) {
+inline void accumulate4_columns(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
+                                const T* __restrict r3, const double* __restrict shift, double* __restrict s1,
+                                double* __restrict s2, int64_t cols) {
   for (int64_t j = 0; j < cols; ++j) {
     const double sh = shift[j];
     const double d0 = static_cast<double>(Elem<T>::load(r0[j])) - sh;
@@ -214,6 +215,47 @@ inline void accumulate4(const T* __restrict r0, const T* __restrict r1, const T*
     s2[j] = add_square(add_square(add_square(add_square(s2[j], d0), d1), d2), d3);
   }
 }
+
+// The generic four-row step; specialized below for float32 rows where the instruction set allows.
+template <class T>
+inline void accumulate4(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
+                        const T* __restrict r3, const double* __restrict shift, double* __restrict s1,
+                        double* __restrict s2, int64_t cols) {
+  accumulate4_columns<T>(r0, r1, r2, r3, shift, s1, s2, cols);
+}
+
+#ifdef PROTONORM_KERNELS_X86_V3
+// accumulate4 for float32 rows, spelled out with 256-bit intrinsics: what g++ makes of the generic loop loads each
+// row twice (a 512-bit load split by a shuffle, plus a 256-bit load converted from memory) and runs all the
+// subtractions on the add pipes, which the conversions and the sums already keep busy. Here each subtraction is a
+// fused multiply-subtract by one, run on the multiply pipes; x * 1 - s rounds once, exactly as x - s, so the sums
+// are bitwise those of the generic loop. Measured on a Zen 4 (bench/RESULTS.md): the moments of cached rows 15-25%
+// faster, the fused kernel 10% faster with the rows in cache and about 4% streaming from memory.
+template <>
+inline void accumulate4<float>(const float* __restrict r0, const float* __restrict r1, const float* __restrict r2,
+                               const float* __restrict r3, const double* __restrict shift, double* __restrict s1,
+                               double* __restrict s2, int64_t cols) {
+  __m256d one = _mm256_set1_pd(1.0);
+  __asm__("" : "+x"(one));  // hides the constant, or the compiler folds x * 1 - s back into a subtraction
+  int64_t j = 0;
+  for (; j + 4 <= cols; j += 4) {
+    const __m256d sh = _mm256_loadu_pd(shift + j);
+    const __m256d d0 = _mm256_fmsub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r0 + j)), one, sh);
+    const __m256d d1 = _mm256_fmsub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r1 + j)), one, sh);
+    const __m256d d2 = _mm256_fmsub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r2 + j)), one, sh);
+    const __m256d d3 = _mm256_fmsub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r3 + j)), one, sh);
+    const __m256d sum = _mm256_add_pd(_mm256_add_pd(d0, d1), _mm256_add_pd(d2, d3));
+    _mm256_storeu_pd(s1 + j, _mm256_add_pd(_mm256_loadu_pd(s1 + j), sum));
+    __m256d squares = _mm256_loadu_pd(s2 + j);
+    squares = _mm256_fmadd_pd(d0, d0, squares);
+    squares = _mm256_fmadd_pd(d1, d1, squares);
+    squares = _mm256_fmadd_pd(d2, d2, squares);
+    squares = _mm256_fmadd_pd(d3, d3, squares);
+    _mm256_storeu_pd(s2 + j, squares);
+  }
+  if (j < cols) accumulate4_columns<float>(r0 + j, r1 + j, r2 + j, r3 + j, shift + j, s1 + j, s2 + j, cols - j);
+}
+#endif
 
 template <class T>
 inline void start_part(RowAccumulator& acc) {

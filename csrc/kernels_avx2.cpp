@@ -3,6 +3,7 @@
 #include "kernels_isa.h"
 
 #define PROTONORM_KERNELS_FMA 1
+#define PROTONORM_KERNELS_X86_V3 1  // AVX2 + FMA intrinsics (g++ does not define __AVX2__ under the pragma)
 
 #pragma GCC push_options
 #pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2")

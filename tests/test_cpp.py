@@ -136,6 +136,21 @@ def test_each_instruction_set(isa, b, d):
         assert_parts_close(parts, reference.batch_moments(x))
 
 
+@pytest.mark.parametrize("b,d", [(7, 3), (33, 7), (260, 342), (129, 1023)])
+def test_float32_rows_sum_exactly_as_their_float64_values(isa, b, d):
+    """float32 rows take a hand-vectorized four-row step on x86-64-v3 (a multiply-subtract by one instead of the
+    subtraction); float64 rows the generic loop. Widening float32 to float64 is exact and x * 1 - s rounds once like
+    x - s, so the same values as float32 and as float64 must give bitwise the same parts, tails included."""
+    x = data(b, d, torch.float32, seed=b * d, offset=1e4, scale=1e-2)
+    x[b // 2, d // 2] = float("nan")
+    wide = x.double()
+    assert_same(CPP.moments(x, None, {}), CPP.moments(wide, None, {}))
+    mean, var = stats(d)
+    parts = CPP.normalize_moments(x, mean, var, 1e-5, 5.0, torch.empty(b, d), {})
+    wide_parts = CPP.normalize_moments(wide, mean, var, 1e-5, 5.0, torch.empty(b, d, dtype=torch.float64), {})
+    assert_same(parts, wide_parts)
+
+
 def test_mask_ignores_rows_without_counting_them():
     x = data(1023, 7, torch.float32)
     x[5, 3] = float("nan")  # masked out: neither counted nor dropped
