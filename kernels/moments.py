@@ -177,6 +177,29 @@ def chan_update(n, mean, m2, n_b, mean_b, m2_b):
 
 
 @triton.jit
+def rows_finite(x, x_ptr, rows, row_ok, stride_x, D, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Per-row flag of the float64 tile ``x``: no NaN/inf in the row, tested on the tile itself when it holds
+    all ``D`` columns, else by the pre-pass over the whole rows."""
+    if ONE_TILE:
+        finite = tl.sum(x * 0.0, axis=1) == 0.0
+    else:
+        finite = rows_all_finite(x_ptr, rows, row_ok, stride_x, D, BLOCK_R, BLOCK_D)
+    return finite
+
+
+@triton.jit
+def fold_block(x, considered, finite, shift, n, mean, m2, dropped):
+    """One row block into a program's running moments: the rows of the float64 tile ``x`` that are
+    ``considered`` enter ``(n, mean, m2)`` (about ``shift``) when ``finite``, and count in ``dropped`` when not."""
+    valid = considered & finite
+    dropped += tl.sum((considered & (finite == 0)).to(tl.int32), axis=0)
+    n_b, mean_b, m2_b = block_moments(x, valid, shift)
+    n, mean, m2 = chan_update(n, mean, m2, n_b, mean_b, m2_b)
+    return n, mean, m2, dropped
+
+
+@triton.jit
 def store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift):
     """Write this program's share of parts row ``split`` (``mean`` relative to ``shift``): its columns, and
     the header from tile 0. An empty part stores mean 0."""
@@ -214,14 +237,8 @@ def _moments_kernel(
         considered = row_ok
         if HAS_MASK:
             considered = considered & (tl.load(mask_ptr + rows * stride_mask, mask=row_ok, other=0) != 0)
-        if ONE_TILE:
-            finite = tl.sum(x * 0.0, axis=1) == 0.0
-        else:
-            finite = rows_all_finite(x_ptr, rows, row_ok, stride_x, D, BLOCK_R, BLOCK_D)
-        valid = considered & finite
-        dropped += tl.sum((considered & (finite == 0)).to(tl.int32), axis=0)
-        n_b, mean_b, m2_b = block_moments(x, valid, shift)
-        n, mean, m2 = chan_update(n, mean, m2, n_b, mean_b, m2_b)
+        finite = rows_finite(x, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
+        n, mean, m2, dropped = fold_block(x, considered, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift)
 
 

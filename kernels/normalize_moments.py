@@ -11,14 +11,13 @@ import triton
 import triton.language as tl
 
 from .moments import (
-    block_moments,
-    chan_update,
     compute_is_f64,
     device_guard,
     f64_bits,
+    fold_block,
     load_shift,
     num_warps_for,
-    rows_all_finite,
+    rows_finite,
     split_rows,
     store_part,
     tile_plan,
@@ -53,14 +52,8 @@ def _normalize_moments_kernel(
         y = normalize_values(raw, mu, std, clamp_bits, F64, HAS_CLAMP, False, True)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=ok)
         x = raw.to(tl.float64)
-        if ONE_TILE:
-            finite = tl.sum(x * 0.0, axis=1) == 0.0
-        else:
-            finite = rows_all_finite(x_ptr, rows, row_ok, stride_x, D, BLOCK_R, BLOCK_D)
-        valid = row_ok & finite
-        dropped += tl.sum((row_ok & (finite == 0)).to(tl.int32), axis=0)
-        n_b, mean_b, m2_b = block_moments(x, valid, shift)
-        n, mean, m2 = chan_update(n, mean, m2, n_b, mean_b, m2_b)
+        finite = rows_finite(x, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
+        n, mean, m2, dropped = fold_block(x, row_ok, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift)
 
 

@@ -16,11 +16,10 @@ import triton
 import triton.language as tl
 
 from .moments import (
-    block_moments,
-    chan_update,
     device_guard,
     f64_bits,
     finite_or_zero,
+    fold_block,
     from_f64_bits,
     num_warps_for,
     split_rows,
@@ -77,10 +76,7 @@ def _reward_moments_kernel(
         tl.store(discounted_ptr + rows[:, None] * stride_d + cols[None, :], new, mask=row_ok[:, None] & col_ok[None, :])
         x = new.to(tl.float64)
         finite = tl.sum(x * 0.0, axis=1) == 0.0
-        valid = row_ok & finite
-        dropped += tl.sum((row_ok & (finite == 0)).to(tl.int32), axis=0)
-        n_b, mean_b, m2_b = block_moments(x, valid, shift)
-        n, mean, m2 = chan_update(n, mean, m2, n_b, mean_b, m2_b)
+        n, mean, m2, dropped = fold_block(x, row_ok, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, 0, D, cols, col_ok, n, dropped, mean, m2, shift)
 
 
