@@ -12,6 +12,8 @@
 #include <omp.h>
 #endif
 
+#include <type_traits>
+
 #include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)

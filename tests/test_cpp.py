@@ -151,6 +151,32 @@ def test_float32_rows_sum_exactly_as_their_float64_values(isa, b, d):
     assert_same(parts, wide_parts)
 
 
+@pytest.mark.parametrize("d", [1, 7, 8, 9, 342])
+def test_float32_normalize_edges_on_each_instruction_set(isa, d):
+    """float32 rows take hand-vectorized 256-bit loops on x86-64-v3: NaN, infinities, signed zeros and values at
+    and just past the clamp bounds must come out bitwise as from the torch path, in the vector body and the tail."""
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 2.0, -2.0, 2.0000002, -2.0000002,
+                            1e-30, -1e-30, 3e38, -3e38])
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(40, d, generator=g) * 3
+    picks = torch.randint(0, special.numel(), (40, d), generator=g)
+    x = torch.where(torch.rand(40, d, generator=g) < 0.3, special[picks], x)
+    mean, var = stats(d)
+    var[0] = 1.0 - 1e-5  # a std of exactly 1 where the statistics reach column 0: values meet the bounds exactly
+    mean[0] = 0.0
+    for clamp in (2.0, None):
+        for center in (True, False):
+            out, want = torch.empty(40, d), torch.empty(40, d)
+            CPP.normalize(x, mean, var, 1e-5, clamp, False, center, out)
+            TORCH.normalize(x, mean, var, 1e-5, clamp, False, center, want)
+            assert_same(out, want)
+        out, want = torch.empty(40, d), torch.empty(40, d)
+        parts = CPP.normalize_moments(x, mean, var, 1e-5, clamp, out, {})
+        TORCH.normalize(x, mean, var, 1e-5, clamp, False, True, want)
+        assert_same(out, want)
+        assert_parts_close(parts, reference.batch_moments(x))
+
+
 def test_mask_ignores_rows_without_counting_them():
     x = data(1023, 7, torch.float32)
     x[5, 3] = float("nan")  # masked out: neither counted nor dropped
