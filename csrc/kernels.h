@@ -225,25 +225,40 @@ inline void accumulate4(const T* __restrict r0, const T* __restrict r1, const T*
 }
 
 #ifdef PROTONORM_KERNELS_X86_V3
-// accumulate4 for float32 rows, spelled out with 256-bit intrinsics: what g++ makes of the generic loop loads each
-// row twice (a 512-bit load split by a shuffle, plus a 256-bit load converted from memory) and runs all the
-// subtractions on the add pipes, which the conversions and the sums already keep busy. Here each subtraction is a
-// fused multiply-subtract by one, run on the multiply pipes; x * 1 - s rounds once, exactly as x - s, so the sums
-// are bitwise those of the generic loop. Measured on a Zen 4 (bench/RESULTS.md): the moments of cached rows 15-25%
-// faster, the fused kernel 10% faster with the rows in cache and about 4% streaming from memory.
-template <>
-inline void accumulate4<float>(const float* __restrict r0, const float* __restrict r1, const float* __restrict r2,
-                               const float* __restrict r3, const double* __restrict shift, double* __restrict s1,
-                               double* __restrict s2, int64_t cols) {
+// Elements with a float32 math type as float32 lanes, exactly: float16 through F16C, bfloat16 by a shift.
+inline __m128 load4_f32(const float* p) { return _mm_loadu_ps(p); }
+inline __m128 load4_f32(const Half* p) { return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))); }
+inline __m128 load4_f32(const BFloat16* p) {
+  const __m128i bits = _mm_cvtepu16_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm_castsi128_ps(_mm_slli_epi32(bits, 16));
+}
+inline __m256 load8_f32(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8_f32(const Half* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8_f32(const BFloat16* p) {
+  const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+}
+
+// accumulate4 for float32, float16 and bfloat16 rows, spelled out with 256-bit intrinsics: what g++ makes of the
+// generic loop loads each float32 row twice (a 512-bit load split by a shuffle, plus a 256-bit load converted from
+// memory), runs all the subtractions on the add pipes, which the conversions and the sums already keep busy, and
+// does not vectorize the float16 decoding on AVX2. Here each subtraction is a fused multiply-subtract by one, run
+// on the multiply pipes; x * 1 - s rounds once, exactly as x - s, and the loaders are exact, so the sums are
+// bitwise those of the generic loop. Measured on a Zen 4 (bench/RESULTS.md): the moments of cached float32 rows
+// 15-25% faster, the fused kernel 10% faster with the rows in cache; float16 rows on AVX2 several times faster.
+template <class T>
+inline void accumulate4_x86(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
+                            const T* __restrict r3, const double* __restrict shift, double* __restrict s1,
+                            double* __restrict s2, int64_t cols) {
   __m256d one = _mm256_set1_pd(1.0);
   __asm__("" : "+x"(one));  // hides the constant, or the compiler folds x * 1 - s back into a subtraction
   int64_t j = 0;
   for (; j + 4 <= cols; j += 4) {
     const __m256d sh = _mm256_loadu_pd(shift + j);
-    const __m256d d0 = _mm256_fmsub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r0 + j)), one, sh);
-    const __m256d d1 = _mm256_fmsub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r1 + j)), one, sh);
-    const __m256d d2 = _mm256_fmsub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r2 + j)), one, sh);
-    const __m256d d3 = _mm256_fmsub_pd(_mm256_cvtps_pd(_mm_loadu_ps(r3 + j)), one, sh);
+    const __m256d d0 = _mm256_fmsub_pd(_mm256_cvtps_pd(load4_f32(r0 + j)), one, sh);
+    const __m256d d1 = _mm256_fmsub_pd(_mm256_cvtps_pd(load4_f32(r1 + j)), one, sh);
+    const __m256d d2 = _mm256_fmsub_pd(_mm256_cvtps_pd(load4_f32(r2 + j)), one, sh);
+    const __m256d d3 = _mm256_fmsub_pd(_mm256_cvtps_pd(load4_f32(r3 + j)), one, sh);
     const __m256d sum = _mm256_add_pd(_mm256_add_pd(d0, d1), _mm256_add_pd(d2, d3));
     _mm256_storeu_pd(s1 + j, _mm256_add_pd(_mm256_loadu_pd(s1 + j), sum));
     __m256d squares = _mm256_loadu_pd(s2 + j);
@@ -253,7 +268,27 @@ inline void accumulate4<float>(const float* __restrict r0, const float* __restri
     squares = _mm256_fmadd_pd(d3, d3, squares);
     _mm256_storeu_pd(s2 + j, squares);
   }
-  if (j < cols) accumulate4_columns<float>(r0 + j, r1 + j, r2 + j, r3 + j, shift + j, s1 + j, s2 + j, cols - j);
+  if (j < cols) accumulate4_columns<T>(r0 + j, r1 + j, r2 + j, r3 + j, shift + j, s1 + j, s2 + j, cols - j);
+}
+
+template <>
+inline void accumulate4<float>(const float* __restrict r0, const float* __restrict r1, const float* __restrict r2,
+                               const float* __restrict r3, const double* __restrict shift, double* __restrict s1,
+                               double* __restrict s2, int64_t cols) {
+  accumulate4_x86<float>(r0, r1, r2, r3, shift, s1, s2, cols);
+}
+template <>
+inline void accumulate4<Half>(const Half* __restrict r0, const Half* __restrict r1, const Half* __restrict r2,
+                              const Half* __restrict r3, const double* __restrict shift, double* __restrict s1,
+                              double* __restrict s2, int64_t cols) {
+  accumulate4_x86<Half>(r0, r1, r2, r3, shift, s1, s2, cols);
+}
+template <>
+inline void accumulate4<BFloat16>(const BFloat16* __restrict r0, const BFloat16* __restrict r1,
+                                  const BFloat16* __restrict r2, const BFloat16* __restrict r3,
+                                  const double* __restrict shift, double* __restrict s1, double* __restrict s2,
+                                  int64_t cols) {
+  accumulate4_x86<BFloat16>(r0, r1, r2, r3, shift, s1, s2, cols);
 }
 #endif
 
@@ -518,21 +553,22 @@ inline bool normalize_columns(const T* __restrict x, typename OutOf<T>::type* __
 }
 
 #ifdef PROTONORM_KERNELS_X86_V3
-// normalize_columns for float32 rows in 256-bit vectors, whatever width the rest of the file prefers: on the Zen 4
-// this was measured on, 512-bit divisions make the AVX-512 build's float32 normalize 10-15% slower than 256-bit
-// ones with the rows in cache, and its fused kernel 4-7% slower streaming, while 16-bit and float64 inputs run
-// faster at 512 bits. The same operations in the same order as the generic loop, so the same bits: max(lo, v)
-// and min(hi, v) return v unless the bound is strictly beyond it, NaN included, exactly as the generic selects.
-template <bool kCenter, bool kClamp, bool kCheck>
-inline bool normalize_columns_f32x8(const float* __restrict x, float* __restrict y, const float* __restrict mean,
-                                    const float* __restrict stddev, float hi, int64_t cols) {
+// normalize_columns for float32, float16 and bfloat16 rows in 256-bit vectors, whatever width the rest of the file
+// prefers: on the Zen 4 this was measured on, 512-bit divisions make the AVX-512 build's float32 normalize 10-15%
+// slower than 256-bit ones with the rows in cache, and g++ does not vectorize the float16 decoding on AVX2. The same
+// operations in the same order as the generic loop, so the same bits: max(lo, v) and min(hi, v) return v unless
+// the bound is strictly beyond it, NaN included, exactly as the generic selects; a NaN/inf element has the
+// all-ones float32 exponent after its exact widening, as before it.
+template <class T, bool kCenter, bool kClamp, bool kCheck>
+inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, const float* __restrict mean,
+                                  const float* __restrict stddev, float hi, int64_t cols) {
   const __m256 upper = _mm256_set1_ps(hi);
   const __m256 lower = _mm256_set1_ps(-hi);
   const __m256i exponent = _mm256_set1_epi32(static_cast<int>(Elem<float>::kNonFinite));
   __m256i largest = _mm256_setzero_si256();
   int64_t j = 0;
   for (; j + 8 <= cols; j += 8) {
-    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 v = load8_f32(x + j);
     const __m256 centered = kCenter ? _mm256_sub_ps(v, _mm256_loadu_ps(mean + j)) : v;
     __m256 out = _mm256_div_ps(centered, _mm256_loadu_ps(stddev + j));
     if (kClamp) out = _mm256_min_ps(upper, _mm256_max_ps(lower, out));
@@ -542,7 +578,7 @@ inline bool normalize_columns_f32x8(const float* __restrict x, float* __restrict
   bool nonfinite = false;
   if (kCheck) nonfinite = _mm256_movemask_epi8(_mm256_cmpeq_epi32(largest, exponent)) != 0;
   if (j < cols)
-    nonfinite |= normalize_columns<float, kCenter, kClamp, kCheck>(x + j, y + j, mean + j, stddev + j, hi, cols - j);
+    nonfinite |= normalize_columns<T, kCenter, kClamp, kCheck>(x + j, y + j, mean + j, stddev + j, hi, cols - j);
   return nonfinite;
 }
 #endif
@@ -553,8 +589,8 @@ template <class T, bool kCenter, bool kClamp, bool kCheck>
 inline bool normalize_row(const T* __restrict x, typename OutOf<T>::type* __restrict y, const float* __restrict mean,
                           const float* __restrict stddev, typename OutOf<T>::type hi, int64_t cols) {
 #ifdef PROTONORM_KERNELS_X86_V3
-  if constexpr (std::is_same<T, float>::value)
-    return normalize_columns_f32x8<kCenter, kClamp, kCheck>(x, y, mean, stddev, hi, cols);
+  if constexpr (std::is_same<typename OutOf<T>::type, float>::value)
+    return normalize_columns_x86<T, kCenter, kClamp, kCheck>(x, y, mean, stddev, hi, cols);
 #endif
   return normalize_columns<T, kCenter, kClamp, kCheck>(x, y, mean, stddev, hi, cols);
 }

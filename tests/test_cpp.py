@@ -136,12 +136,15 @@ def test_each_instruction_set(isa, b, d):
         assert_parts_close(parts, reference.batch_moments(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("b,d", [(7, 3), (33, 7), (260, 342), (129, 1023)])
-def test_float32_rows_sum_exactly_as_their_float64_values(isa, b, d):
-    """float32 rows take a hand-vectorized four-row step on x86-64-v3 (a multiply-subtract by one instead of the
-    subtraction); float64 rows the generic loop. Widening float32 to float64 is exact and x * 1 - s rounds once like
-    x - s, so the same values as float32 and as float64 must give bitwise the same parts, tails included."""
-    x = data(b, d, torch.float32, seed=b * d, offset=1e4, scale=1e-2)
+def test_narrow_rows_sum_exactly_as_their_float64_values(isa, dtype, b, d):
+    """float32/16-bit rows take a hand-vectorized four-row step on x86-64-v3 (exact vector widening, a
+    multiply-subtract by one instead of the subtraction); float64 rows the generic loop. Widening to float64 is
+    exact and x * 1 - s rounds once like x - s, so the same values as float32/16-bit and as float64 must give
+    bitwise the same parts, tails included."""
+    offset = 1e4 if dtype == torch.float32 else 100.0  # a large offset with a spread each dtype can still hold
+    x = data(b, d, dtype, seed=b * d, offset=offset, scale=offset * 1e-3)
     x[b // 2, d // 2] = float("nan")
     wide = x.double()
     assert_same(CPP.moments(x, None, {}), CPP.moments(wide, None, {}))
@@ -151,16 +154,20 @@ def test_float32_rows_sum_exactly_as_their_float64_values(isa, b, d):
     assert_same(parts, wide_parts)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("d", [1, 7, 8, 9, 342])
-def test_float32_normalize_edges_on_each_instruction_set(isa, d):
-    """float32 rows take hand-vectorized 256-bit loops on x86-64-v3: NaN, infinities, signed zeros and values at
-    and just past the clamp bounds must come out bitwise as from the torch path, in the vector body and the tail."""
-    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 2.0, -2.0, 2.0000002, -2.0000002,
-                            1e-30, -1e-30, 3e38, -3e38])
+def test_normalize_edges_on_each_instruction_set(isa, dtype, d):
+    """float32 and 16-bit rows take hand-vectorized 256-bit loops on x86-64-v3: NaN, infinities, signed zeros,
+    subnormals and values at and just past the clamp bounds must come out bitwise as from the torch path, in the
+    vector body and the tail."""
+    tiny = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}[dtype]  # subnormal in each dtype
+    past = 2.0 * (1.0 + torch.finfo(dtype).eps)  # the next value above the bound in each dtype
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 2.0, -2.0, past,
+                            -past, tiny, -tiny, 1e-3, 6e4])
     g = torch.Generator().manual_seed(d)
     x = torch.randn(40, d, generator=g) * 3
     picks = torch.randint(0, special.numel(), (40, d), generator=g)
-    x = torch.where(torch.rand(40, d, generator=g) < 0.3, special[picks], x)
+    x = torch.where(torch.rand(40, d, generator=g) < 0.3, special[picks], x).to(dtype)
     mean, var = stats(d)
     var[0] = 1.0 - 1e-5  # a std of exactly 1 where the statistics reach column 0: values meet the bounds exactly
     mean[0] = 0.0
