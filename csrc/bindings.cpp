@@ -21,6 +21,20 @@ namespace py = pybind11;
 
 namespace protonorm {
 
+double* scratch_doubles(Scratch slot, size_t n) {
+  static thread_local std::vector<double> buffers[static_cast<int>(Scratch::kCount)];
+  std::vector<double>& buffer = buffers[static_cast<int>(slot)];
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
+uint8_t* scratch_bytes(Scratch slot, size_t n) {
+  static thread_local std::vector<uint8_t> buffers[static_cast<int>(Scratch::kCount)];
+  std::vector<uint8_t>& buffer = buffers[static_cast<int>(slot)];
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+
 extern const KernelTable kBaselineKernels;
 #if defined(__x86_64__) && defined(__GNUC__)
 extern const KernelTable kAvx2Kernels;
@@ -157,11 +171,16 @@ void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride
   kernels().normalize_moments(a);
 }
 
-// terminated (any dtype, strided) -> one byte per row, 1 = restart.
-std::vector<uint8_t> reset_flags(uintptr_t data, int64_t rows, int64_t stride, int dtype) {
-  std::vector<uint8_t> reset(rows > 0 ? rows : 1);
+// The merge tree's scratch (MergeArgs::scratch), in this thread's buffer.
+double* merge_scratch(int64_t num_parts, int64_t cols) {
+  return scratch_doubles(Scratch::kMergeTree, num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
+}
+
+// terminated (any dtype, strided) -> one byte per row, 1 = restart, in this thread's scratch.
+const uint8_t* reset_flags(uintptr_t data, int64_t rows, int64_t stride, int dtype) {
+  uint8_t* reset = scratch_bytes(Scratch::kResetFlags, rows > 0 ? rows : 1);
   auto fill = [&](auto* p, auto nonzero) {
-    uint8_t* __restrict out = reset.data();
+    uint8_t* __restrict out = reset;
     if (stride == 1) {  // the usual case, as a loop that vectorizes
       for (int64_t r = 0; r < rows; ++r) out[r] = nonzero(p[r]) ? 1 : 0;
       return;
@@ -190,8 +209,8 @@ void reward_moments(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward
                     uintptr_t terminated, int64_t terminated_stride, int terminated_dtype, uintptr_t discounted,
                     int64_t discounted_stride, int discounted_dtype, double gamma, uintptr_t parts,
                     int64_t num_parts, int64_t rows_per_part, int threads) {
-  const std::vector<uint8_t> reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
-  RewardArgs a{matrix(reward, rows, cols, reward_stride, reward_dtype), reset.data(),
+  const uint8_t* reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
+  RewardArgs a{matrix(reward, rows, cols, reward_stride, reward_dtype), reset,
                matrix(discounted, rows, cols, discounted_stride, discounted_dtype), gamma,
                PartsOut{ptr<double>(parts), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
   kernels().reward_moments(a);
@@ -205,15 +224,14 @@ void reward_record(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_
                    int64_t rows_per_part, uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride,
                    uintptr_t count, uintptr_t dropped, bool has_ema, double ema_decay, int threads) {
   const int64_t width = 2 + 2 * cols;
-  std::vector<double> parts(static_cast<size_t>(num_parts * width));
-  const std::vector<uint8_t> reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
-  RewardArgs r{matrix(reward, rows, cols, reward_stride, reward_dtype), reset.data(),
+  double* parts = scratch_doubles(Scratch::kRewardParts, static_cast<size_t>(num_parts * width));
+  const uint8_t* reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
+  RewardArgs r{matrix(reward, rows, cols, reward_stride, reward_dtype), reset,
                matrix(discounted, rows, cols, discounted_stride, discounted_dtype), gamma,
-               PartsOut{parts.data(), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
+               PartsOut{parts, num_parts, rows_per_part}, threads_for(threads, rows * cols)};
   kernels().reward_moments(r);
-  std::vector<double> scratch(num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
-  MergeArgs m{parts.data(), num_parts, cols, width, scratch.data(), nullptr, ptr<double>(mean), mean_stride,
-              ptr<double>(var), var_stride, ptr<int64_t>(count), ptr<int64_t>(dropped), has_ema, ema_decay,
+  MergeArgs m{parts, num_parts, cols, width, merge_scratch(num_parts, cols), nullptr, ptr<double>(mean),
+              mean_stride, ptr<double>(var), var_stride, ptr<int64_t>(count), ptr<int64_t>(dropped), has_ema, ema_decay,
               threads_for(threads, num_parts * cols)};
   kernels().merge(m);
 }
@@ -221,17 +239,16 @@ void reward_record(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_
 void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t mean,
            int64_t mean_stride, uintptr_t var, int64_t var_stride, uintptr_t count, uintptr_t dropped,
            bool has_ema, double ema_decay, int threads) {
-  std::vector<double> scratch(num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
-  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, scratch.data(), nullptr, ptr<double>(mean),
-              mean_stride, ptr<double>(var), var_stride, ptr<int64_t>(count), ptr<int64_t>(dropped), has_ema,
-              ema_decay, threads_for(threads, num_parts * cols)};
+  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, merge_scratch(num_parts, cols), nullptr,
+              ptr<double>(mean), mean_stride, ptr<double>(var), var_stride, ptr<int64_t>(count),
+              ptr<int64_t>(dropped), has_ema, ema_decay, threads_for(threads, num_parts * cols)};
   kernels().merge(a);
 }
 
 void combine(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t out, int threads) {
-  std::vector<double> scratch(num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
-  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, scratch.data(), ptr<double>(out), nullptr,
-              0, nullptr, 0, nullptr, nullptr, false, 0.0, threads_for(threads, num_parts * cols)};
+  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, merge_scratch(num_parts, cols),
+              ptr<double>(out), nullptr, 0, nullptr, 0, nullptr, nullptr, false, 0.0,
+              threads_for(threads, num_parts * cols)};
   kernels().merge(a);
 }
 

@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace protonorm {
 
@@ -113,6 +114,30 @@ struct KernelTable {
   void (*reward_moments)(const RewardArgs&);
   void (*merge)(const MergeArgs&);
 };
+
+// ------------------------------------------------------------------------------------------------- scratch
+// Per-thread buffers that only grow, one per purpose, so that a kernel call allocates and frees nothing on the
+// heap once its thread has seen the largest shape. A free inside the call can be the one that makes glibc trim its
+// heap, which then unmaps there, for milliseconds, memory that other code (torch's temporaries) freed earlier:
+// measured as calls 2-4x slower in bench/RESULTS.md. The buffers live as long as their thread (torch's OpenMP
+// workers and the callers' threads) and hold at most a few hundred KB each.
+enum class Scratch {
+  kRowSums,
+  kColumnValues,
+  kColumnStatus,
+  kBadRows,
+  kMergeCounts,
+  kMergeTree,
+  kRewardParts,
+  kResetFlags,
+  kCount
+};
+
+// At least n elements of the calling thread's buffer for `slot` (defined in bindings.cpp, which is compiled for the
+// baseline instruction set: an inline definition here would be instantiated, and possibly kept by the linker, from a
+// translation unit compiled for AVX-512).
+double* scratch_doubles(Scratch slot, size_t n);
+uint8_t* scratch_bytes(Scratch slot, size_t n);
 
 // ---------------------------------------------------------------------------------------------- 16-bit floats
 // Storage types that keep the raw bits; decoding is written with selects so that loops over them vectorize.

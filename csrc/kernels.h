@@ -354,7 +354,7 @@ inline void moments_by_rows(int64_t rows, int64_t cols, const PartsOut& parts, i
   const int64_t ahead = prefetch_distance(row_bytes);
   const int64_t source_bytes = cols * element_size(source.dtype);
   parallel_dynamic(parts.num_parts, 1, threads, [&](const auto& next) {
-    double* scratch = new double[3 * (cols > 0 ? cols : 1)];
+    double* scratch = scratch_doubles(Scratch::kRowSums, 3 * (cols > 0 ? cols : 1));
     RowAccumulator acc;
     acc.shift = scratch;
     acc.s1 = scratch + cols;
@@ -377,7 +377,6 @@ inline void moments_by_rows(int64_t rows, int64_t cols, const PartsOut& parts, i
         finish_part<T>(acc, parts.data + p * width);
       }
     }
-    delete[] scratch;
   });
 }
 
@@ -454,8 +453,8 @@ inline void moments_by_column(int64_t rows, const PartsOut& parts, int threads, 
     // for the part's nominal length.
     const int64_t longest = parts.rows_per_part < rows ? parts.rows_per_part : rows;
     const int64_t capacity = longest > 0 ? longest : 1;
-    double* values = new double[capacity];
-    uint8_t* status = new uint8_t[capacity];
+    double* values = scratch_doubles(Scratch::kColumnValues, capacity);
+    uint8_t* status = scratch_bytes(Scratch::kColumnStatus, capacity);
     int64_t p_begin, p_end;
     while (next(p_begin, p_end)) {
       for (int64_t p = p_begin; p < p_end; ++p) {
@@ -466,8 +465,6 @@ inline void moments_by_column(int64_t rows, const PartsOut& parts, int threads, 
         finish_column_part(values, status, count, parts.data + p * 4);
       }
     }
-    delete[] values;
-    delete[] status;
   });
 }
 
@@ -711,8 +708,8 @@ void normalize_moments_typed(const NormalizeMomentsArgs& a) {
   const int64_t width = 2 + 2 * cols;
   const PartsOut& parts = a.parts;
   parallel_dynamic(parts.num_parts, 1, a.threads, [&](const auto& next) {
-    double* scratch = new double[3 * (cols > 0 ? cols : 1)];
-    uint8_t* bad = new uint8_t[block];
+    double* scratch = scratch_doubles(Scratch::kRowSums, 3 * (cols > 0 ? cols : 1));
+    uint8_t* bad = scratch_bytes(Scratch::kBadRows, block);
     RowAccumulator acc;
     acc.shift = scratch;
     acc.s1 = scratch + cols;
@@ -739,8 +736,6 @@ void normalize_moments_typed(const NormalizeMomentsArgs& a) {
         finish_part<T>(acc, parts.data + q * width);
       }
     }
-    delete[] bad;
-    delete[] scratch;
   });
 }
 
@@ -888,7 +883,7 @@ void merge(const MergeArgs& a) {
     double* scratch = a.scratch;
     int64_t len = k;
     double node_n[64];
-    double* ns = k <= 64 ? node_n : new double[k];
+    double* ns = k <= 64 ? node_n : scratch_doubles(Scratch::kMergeCounts, k);
     for (int64_t p = 0; p < k; ++p) ns[p] = parts[p * stride];
     bool first_level = true;
     while (len > 1) {
@@ -918,7 +913,6 @@ void merge(const MergeArgs& a) {
       first_level = false;
     }
     const double total = ns[0];
-    if (ns != node_n) delete[] ns;
     if (c_begin == 0) n_b = total;  // one writer; read after the parallel region
     if (a.combined != nullptr) {
       for (int64_t j = c_begin; j < c_end; ++j) {

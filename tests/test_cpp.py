@@ -261,6 +261,32 @@ def test_results_do_not_depend_on_thread_count(threads):
         assert_same(a, b)
 
 
+def test_scratch_reused_across_shapes_leaves_nothing_behind():
+    """The kernels keep grow-only per-thread scratch (row sums, column values, merge tree, reward parts): a call after
+    a larger one reuses buffers that still hold the larger call's data, and must give exactly its own fresh-process
+    result. The shapes alternate between large and small, one feature and many, before every result is compared."""
+    shapes = [(4097, 1023), (7, 3), (70001, 1), (33, 342), (1, 1), (2049, 7)]
+    fresh = {}
+    for b, d in shapes:
+        fresh[(b, d)] = _every_kernel_and_reward(b, d)
+    for b, d in shapes[::-1] + shapes:
+        for got, want in zip(_every_kernel_and_reward(b, d), fresh[(b, d)]):
+            assert_same(got, want)
+
+
+def _every_kernel_and_reward(b, d):
+    x = data(b, d, torch.float32, seed=b + d)
+    if b > 3:
+        x[b // 2, d - 1] = float("nan")
+    results = _every_kernel(x)
+    g = torch.Generator().manual_seed(b * d)
+    discounted = torch.randn(b, d, generator=g)
+    reward, terminated = torch.randn(b, d, generator=g), torch.rand(b, generator=g) < 0.1
+    record = [*stats(d), torch.tensor(5), torch.tensor(0)]
+    CPP.reward_record(reward, terminated, discounted, 0.99, *record, None, {})
+    return results + [discounted, *record, CPP.combine(CPP.moments(x, None, {}))]
+
+
 def test_concurrent_callers_share_the_pool():
     """The kernels release the GIL; calls from several Python threads at once share the helper threads, and each
     call still gets exactly its single-threaded result."""
