@@ -21,6 +21,7 @@ under ``torch.compile``, FakeTensor tracing or a ``TorchDispatchMode`` it always
 from __future__ import annotations
 
 import importlib
+import threading
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -146,11 +147,30 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+_scratch = threading.local()
+_MAX_SCRATCH_SIZES = 8
+
+
 def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, Tensor]:
     """The statistics as ``reference.normalize`` rounds them, with the same torch kernels: torch's float32
     sqrt is not always correctly rounded, so recomputing it in C++ would change the last bit of some outputs.
-    ``add_``/``sqrt_`` run the kernels of ``+``/``torch.sqrt`` in place on the fresh float32 copy."""
-    return mean.float().contiguous(), var.float().add_(epsilon).sqrt_().contiguous()
+    ``copy_``/``add_``/``sqrt_`` run the kernels of ``.float()``/``+``/``torch.sqrt`` in place.
+
+    They go to this thread's buffers rather than fresh tensors, for the reason the C++ kernels keep per-thread
+    scratch (csrc/common.h): a fresh pair of a few KB freed at the end of each call can be the free that makes glibc
+    trim its heap, unmapping there the memory that other code freed before."""
+    buffers: Dict[int, Tensor] = getattr(_scratch, "stats", None)
+    if buffers is None:
+        buffers = _scratch.stats = {}
+    pair = buffers.get(mean.shape[0])
+    if pair is None:
+        if len(buffers) >= _MAX_SCRATCH_SIZES:
+            buffers.clear()
+        pair = buffers[mean.shape[0]] = torch.empty((2, mean.shape[0]), dtype=torch.float32)
+    mean32, std32 = pair[0], pair[1]
+    mean32.copy_(mean)
+    std32.copy_(var).add_(epsilon).sqrt_()
+    return mean32, std32
 
 
 # ------------------------------------------------------------------------------------------------ operators
