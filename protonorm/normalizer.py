@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, reference
-from .backends.base import Backend, normalized_dtype
+from .backends.base import Backend, normalized_dtype, outside_inference_mode
 from .output_cache import OutputCache
 
 NONFINITE_POLICIES = ("drop", "raise")
@@ -167,11 +167,18 @@ class RunningMeanStd(nn.Module):
 
     # ----------------------------------------------------------------------------------------- state
     def _create_buffers(self, shape, device) -> None:
-        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64, device=device))
-        self.register_buffer("var", torch.ones(shape, dtype=torch.float64, device=device))
-        self.register_buffer("count", torch.ones((), dtype=torch.long, device=device))
+        # Normal tensors even when the first call comes under torch.inference_mode(): they are updated in place.
+        mean, var, count, nonfinite_rows = outside_inference_mode(lambda: (
+            torch.zeros(shape, dtype=torch.float64, device=device),
+            torch.ones(shape, dtype=torch.float64, device=device),
+            torch.ones((), dtype=torch.long, device=device),
+            torch.zeros((), dtype=torch.long, device=device),
+        ))
+        self.register_buffer("mean", mean)
+        self.register_buffer("var", var)
+        self.register_buffer("count", count)
         # Rows left out for holding NaN/inf. Not persistent: upstream's state_dict keys stay exactly mean/var/count.
-        self.register_buffer("nonfinite_rows", torch.zeros((), dtype=torch.long, device=device), persistent=False)
+        self.register_buffer("nonfinite_rows", nonfinite_rows, persistent=False)
         self.shape = shape
         self._reset_transient_state()
 
@@ -507,7 +514,8 @@ class RewardRunningMeanStd(RunningMeanStd):
         backend = self._resolved_backend(layout)
         if previous is None:
             dtype = normalized_dtype(reward.dtype)
-            self.discounted_reward = reward.to(dtype=dtype, copy=True).contiguous()
+            self.discounted_reward = outside_inference_mode(
+                lambda: reward.to(dtype=dtype, copy=True, memory_format=torch.contiguous_format))
             parts = backend.moments(_as_rows(self.discounted_reward, rows.shape[1]), None, self._workspace_record)
         else:
             cached = self._discounted_rows

@@ -287,6 +287,24 @@ def _every_kernel_and_reward(b, d):
     return results + [discounted, *record, CPP.combine(CPP.moments(x, None, {}))]
 
 
+def test_scratch_first_made_in_inference_mode_serves_calls_outside_it():
+    """The float32 statistics go to per-thread buffers that are written in place on every call: made under
+    torch.inference_mode() they must still be normal tensors, or the next call outside it would raise."""
+    from protonorm.backends import cpp_backend
+
+    cpp_backend._scratch.__dict__.clear()  # this thread's buffers: the next call makes them afresh
+    x = data(40, 13, torch.float32)
+    mean, var = stats(13)
+    with torch.inference_mode():
+        inside = torch.empty(40, 13)
+        CPP.normalize(x, mean, var, 1e-5, 5.0, False, True, inside)
+    outside = torch.empty(40, 13)
+    CPP.normalize(x, mean, var, 1e-5, 5.0, False, True, outside)
+    parts = CPP.normalize_moments(x, mean, var, 1e-5, 5.0, torch.empty(40, 13), {})
+    assert_same(outside, inside)
+    assert_parts_close(parts, reference.batch_moments(x))
+
+
 def test_concurrent_callers_share_the_pool():
     """The kernels release the GIL; calls from several Python threads at once share the helper threads, and each
     call still gets exactly its single-threaded result."""

@@ -477,3 +477,47 @@ def test_normalize_keeps_gradients_flowing(backend_name):
     x = torch.randn(4, 3, requires_grad=True)
     m.normalize(x).sum().backward()
     torch.testing.assert_close(x.grad, (1 / torch.sqrt(m.var.float() + m.epsilon)).expand(4, 3))
+
+
+@pytest.mark.parametrize("first_in_inference,train_in_inference", [(False, True), (True, False), (True, True)])
+def test_inference_mode_anywhere_in_the_sequence(backend_name, first_in_inference, train_in_inference):
+    """Rollouts often run under torch.inference_mode(): whichever call comes first there, and whether training calls
+    run inside or outside it, later calls in the other mode must work, as upstream's do. (A tensor the module
+    creates in inference mode and updates in place outside it raises in torch.)"""
+    x = torch.randn(300, 7, generator=torch.Generator().manual_seed(0))
+    reward = torch.randn(64, generator=torch.Generator().manual_seed(1))
+    terminated = torch.arange(64) % 9 == 0
+    obs = protonorm.RunningMeanStd(None, (7,), device="cpu", clamp_value=5.0, backend=backend_name)
+    rew = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, clamp_value=5.0, device="cpu", backend=backend_name)
+    plain_obs = protonorm.RunningMeanStd(None, (7,), device="cpu", clamp_value=5.0, backend=backend_name)
+    plain_rew = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, clamp_value=5.0, device="cpu",
+                                               backend=backend_name)
+
+    def rollout_then_train(o, r, first_mode, train_mode):
+        with first_mode():
+            r.record_reward(reward, terminated)
+            o.eval()
+            o.normalize(x)
+            r.normalize(reward)
+        with train_mode():
+            o.train()
+            o.normalize(x)
+            o.record_moments(x)
+            r.record_reward(reward, terminated)
+        with torch.inference_mode():
+            o.eval()
+            o.normalize(x)
+            r.record_reward(reward, terminated)
+        o.train()
+        y = o.normalize(x)
+        o.record_moments(x)
+        r.record_reward(reward, terminated)
+        return y
+
+    got = rollout_then_train(obs, rew, torch.inference_mode if first_in_inference else torch.no_grad,
+                             torch.inference_mode if train_in_inference else torch.no_grad)
+    want = rollout_then_train(plain_obs, plain_rew, torch.no_grad, torch.no_grad)
+    assert torch.equal(got, want)
+    for a, b in ((obs, plain_obs), (rew, plain_rew)):
+        for key, value in a.state_dict().items():
+            assert torch.equal(value, b.state_dict()[key]), key

@@ -100,11 +100,23 @@ class Backend:
         self.merge(parts, mean, var, count, dropped, ema_decay)
 
 
+def outside_inference_mode(factory):
+    """``factory()``, run so that the tensor it creates is a normal one even under ``torch.inference_mode()``.
+
+    For state and buffers that are later updated in place: torch refuses in-place updates of an inference tensor
+    outside inference mode, and rollouts often run under it, so whatever is created first there would break the
+    training calls that follow (in-place updates of a normal tensor inside inference mode are allowed)."""
+    if torch.is_inference_mode_enabled():
+        with torch.inference_mode(False):
+            return factory()
+    return factory()
+
+
 def workspace_buffer(workspace: dict, key, shape, dtype: torch.dtype, device: torch.device) -> Tensor:
     """A buffer cached in ``workspace`` under ``key``; reallocated only when shape, dtype or device change."""
     buf = workspace.get(key)
     if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype or buf.device != device:
-        buf = torch.empty(shape, dtype=dtype, device=device)
+        buf = outside_inference_mode(lambda: torch.empty(shape, dtype=dtype, device=device))
         workspace[key] = buf
     return buf
 

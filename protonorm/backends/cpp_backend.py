@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..reference import parts_width
-from .base import Backend, normalized_dtype, workspace_buffer
+from .base import Backend, normalized_dtype, outside_inference_mode, workspace_buffer
 
 try:
     _C = importlib.import_module("protonorm._C")
@@ -166,7 +166,8 @@ def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, T
     if pair is None:
         if len(buffers) >= _MAX_SCRATCH_SIZES:
             buffers.clear()
-        pair = buffers[mean.shape[0]] = torch.empty((2, mean.shape[0]), dtype=torch.float32)
+        pair = buffers[mean.shape[0]] = outside_inference_mode(
+            lambda: torch.empty((2, mean.shape[0]), dtype=torch.float32))
     mean32, std32 = pair[0], pair[1]
     mean32.copy_(mean)
     std32.copy_(var).add_(epsilon).sqrt_()
