@@ -129,9 +129,25 @@ void moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dt
   kernels().moments(a);
 }
 
-// mean32 / std32: contiguous float32 [cols], computed by the caller with the reference's own torch expressions
-// (mean.float(), torch.sqrt(var.float() + eps)): torch's float32 sqrt is not always correctly rounded, and the
-// output must match the reference bit for bit.
+// The reference's float32 statistics up to the square root: mean32 = float32(mean), var32 = float32(var) +
+// float32(eps) in float32 arithmetic, which is what torch computes for `mean.float()` and `var.float() + eps`
+// (tests compare them bit for bit). The caller takes torch's own sqrt of var32: torch's float32 sqrt is not always
+// correctly rounded, so a C++ one would change the last bit of some outputs.
+void float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride, int64_t cols,
+                   double epsilon, uintptr_t mean32, uintptr_t var32) {
+  const double* m = ptr<const double>(mean);
+  const double* v = ptr<const double>(var);
+  float* m32 = ptr<float>(mean32);
+  float* v32 = ptr<float>(var32);
+  const float eps = static_cast<float>(epsilon);
+  for (int64_t j = 0; j < cols; ++j) {
+    m32[j] = static_cast<float>(m[j * mean_stride]);
+    v32[j] = static_cast<float>(v[j * var_stride]) + eps;
+  }
+}
+
+// mean32 / std32: contiguous float32 [cols], the reference's mean.float() and torch.sqrt(var.float() + eps) (see
+// float32_stats): the output must match the reference bit for bit.
 void normalize(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t out,
                int64_t out_stride, uintptr_t mean32, uintptr_t std32, bool has_clamp, double clamp_value,
                bool un_norm, bool center, int threads) {
@@ -270,6 +286,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("reward_moments", &reward_moments, nogil);
   m.def("reward_record", &reward_record, nogil);
   m.def("merge", &merge, nogil);
+  m.def("float32_stats", &float32_stats, nogil);
   m.def("combine", &combine, nogil);
   m.def("isa", []() { return std::string(kernels().isa); }, "The instruction set the kernels run with.");
   m.def("isas", &isas, "Instruction sets this CPU can run, baseline first.");

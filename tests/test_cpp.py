@@ -287,6 +287,28 @@ def _every_kernel_and_reward(b, d):
     return results + [discounted, *record, CPP.combine(CPP.moments(x, None, {}))]
 
 
+@pytest.mark.parametrize("epsilon", [1e-5, 1e-8, 0.0, 1e-3, 0.1, 3.0])
+def test_float32_statistics_are_the_references_bit_for_bit(epsilon):
+    """The backend rounds the statistics and adds epsilon in C++, and takes torch's square root: the pair must be
+    exactly the reference's `mean.float()` and `torch.sqrt(var.float() + epsilon)`, over float64 values of every
+    magnitude, halfway cases of the float32 rounding, float32 subnormals and overflow, zeros, NaN and infinities."""
+    from protonorm.backends import cpp_backend
+
+    g = torch.Generator().manual_seed(int(epsilon * 1e9) % 1000)
+    n = 200_000
+    spread = torch.randn(n, generator=g, dtype=torch.float64) * torch.pow(
+        10.0, torch.randint(-45, 45, (n,), generator=g).double())
+    base = torch.randn(n, generator=g).float().double()
+    halfway = base + base.abs() * 2.0**-24 * torch.randint(-1, 2, (n,), generator=g).double()  # float32 ties
+    special = torch.tensor([0.0, -0.0, 1e-45, 1e-40, 3.5e38, 3.5e39, float("inf"), -float("inf"), float("nan"),
+                            -1.0, 1.0 - 1e-5], dtype=torch.float64)
+    values = torch.cat([spread, halfway, special])
+    for mean, var in ((values, values.abs()), (values.flip(0), values), (values[::3], values[1::3])):
+        mean32, std32 = cpp_backend._float32_stats(mean, var, epsilon)
+        assert_same(mean32, mean.float())
+        assert_same(std32, torch.sqrt(var.float() + epsilon))
+
+
 def test_scratch_first_made_in_inference_mode_serves_calls_outside_it():
     """The float32 statistics go to per-thread buffers that are written in place on every call: made under
     torch.inference_mode() they must still be normal tensors, or the next call outside it would raise."""

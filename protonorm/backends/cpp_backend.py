@@ -152,25 +152,27 @@ _MAX_SCRATCH_SIZES = 8
 
 
 def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, Tensor]:
-    """The statistics as ``reference.normalize`` rounds them, with the same torch kernels: torch's float32
-    sqrt is not always correctly rounded, so recomputing it in C++ would change the last bit of some outputs.
-    ``copy_``/``add_``/``sqrt_`` run the kernels of ``.float()``/``+``/``torch.sqrt`` in place.
+    """The statistics as ``reference.normalize`` rounds them: ``mean.float()`` and ``torch.sqrt(var.float() +
+    epsilon)``. ``_C.float32_stats`` does the rounding and the float32 addition, which are exact IEEE operations;
+    the square root stays torch's own, which is not always correctly rounded, so a C++ one would change the last
+    bit of some outputs. (One torch op instead of four: right after other work each small op costs tens of us.)
 
     They go to this thread's buffers rather than fresh tensors, for the reason the C++ kernels keep per-thread
     scratch (csrc/common.h): a fresh pair of a few KB freed at the end of each call can be the free that makes glibc
     trim its heap, unmapping there the memory that other code freed before."""
+    cols = mean.shape[0]
     buffers: Dict[int, Tensor] = getattr(_scratch, "stats", None)
     if buffers is None:
         buffers = _scratch.stats = {}
-    pair = buffers.get(mean.shape[0])
+    pair = buffers.get(cols)
     if pair is None:
         if len(buffers) >= _MAX_SCRATCH_SIZES:
             buffers.clear()
-        pair = buffers[mean.shape[0]] = outside_inference_mode(
-            lambda: torch.empty((2, mean.shape[0]), dtype=torch.float32))
+        pair = buffers[cols] = outside_inference_mode(lambda: torch.empty((2, cols), dtype=torch.float32))
     mean32, std32 = pair[0], pair[1]
-    mean32.copy_(mean)
-    std32.copy_(var).add_(epsilon).sqrt_()
+    _C.float32_stats(mean.data_ptr(), mean.stride(0), var.data_ptr(), var.stride(0), cols, float(epsilon),
+                     mean32.data_ptr(), std32.data_ptr())
+    std32.sqrt_()
     return mean32, std32
 
 
