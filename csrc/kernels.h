@@ -180,6 +180,17 @@ struct RowAccumulator {
   int num_pending;
 };
 
+// The calling thread's accumulators for `cols` columns, in its scratch (start_part resets the counts).
+inline RowAccumulator row_accumulator(int64_t cols) {
+  double* scratch = scratch_doubles(Scratch::kRowSums, 3 * (cols > 0 ? cols : 1));
+  RowAccumulator acc;
+  acc.shift = scratch;
+  acc.s1 = scratch + cols;
+  acc.s2 = scratch + 2 * cols;
+  acc.cols = cols;
+  return acc;
+}
+
 template <class T>
 inline void set_shift(const T* __restrict row, double* __restrict shift, double* __restrict s1,
                       double* __restrict s2, int64_t cols) {
@@ -354,12 +365,7 @@ inline void moments_by_rows(int64_t rows, int64_t cols, const PartsOut& parts, i
   const int64_t ahead = prefetch_distance(row_bytes);
   const int64_t source_bytes = cols * element_size(source.dtype);
   parallel_dynamic(parts.num_parts, 1, threads, [&](const auto& next) {
-    double* scratch = scratch_doubles(Scratch::kRowSums, 3 * (cols > 0 ? cols : 1));
-    RowAccumulator acc;
-    acc.shift = scratch;
-    acc.s1 = scratch + cols;
-    acc.s2 = scratch + 2 * cols;
-    acc.cols = cols;
+    RowAccumulator acc = row_accumulator(cols);
     int64_t p_begin, p_end;
     while (next(p_begin, p_end)) {
       const int64_t last_row = p_end * parts.rows_per_part < rows ? p_end * parts.rows_per_part : rows;
@@ -708,13 +714,8 @@ void normalize_moments_typed(const NormalizeMomentsArgs& a) {
   const int64_t width = 2 + 2 * cols;
   const PartsOut& parts = a.parts;
   parallel_dynamic(parts.num_parts, 1, a.threads, [&](const auto& next) {
-    double* scratch = scratch_doubles(Scratch::kRowSums, 3 * (cols > 0 ? cols : 1));
     uint8_t* bad = scratch_bytes(Scratch::kBadRows, block);
-    RowAccumulator acc;
-    acc.shift = scratch;
-    acc.s1 = scratch + cols;
-    acc.s2 = scratch + 2 * cols;
-    acc.cols = cols;
+    RowAccumulator acc = row_accumulator(cols);
     int64_t p_begin, p_end;
     while (next(p_begin, p_end)) {
       for (int64_t q = p_begin; q < p_end; ++q) {
