@@ -227,7 +227,7 @@ inline void accumulate4_columns(const T* __restrict r0, const T* __restrict r1, 
   }
 }
 
-// The generic four-row step; specialized below for float32 rows where the instruction set allows.
+// The generic four-row step; specialized below for float32 and 16-bit rows where the instruction set allows.
 template <class T>
 inline void accumulate4(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
                         const T* __restrict r3, const double* __restrict shift, double* __restrict s1,
