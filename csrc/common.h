@@ -120,7 +120,8 @@ struct KernelTable {
 // heap once its thread has seen the largest shape. A free inside the call can be the one that makes glibc trim its
 // heap, which then unmaps there, for milliseconds, memory that other code (torch's temporaries) freed earlier:
 // measured as calls 2-4x slower in bench/RESULTS.md. The buffers live as long as their thread (torch's OpenMP
-// workers and the callers' threads) and hold at most a few hundred KB each.
+// workers and the callers' threads) and follow the largest shape it has seen: the merge tree, the largest, takes up
+// to 512 bytes per feature (0.5 MB at 1024 features), the others 24 bytes per feature or a part's rows.
 enum class Scratch {
   kRowSums,
   kColumnValues,
