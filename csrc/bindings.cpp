@@ -21,19 +21,16 @@ namespace py = pybind11;
 
 namespace protonorm {
 
-double* scratch_doubles(Scratch slot, size_t n) {
-  static thread_local std::vector<double> buffers[static_cast<int>(Scratch::kCount)];
-  std::vector<double>& buffer = buffers[static_cast<int>(slot)];
+template <class T>
+static T* scratch(Scratch slot, size_t n) {
+  static thread_local std::vector<T> buffers[static_cast<int>(Scratch::kCount)];
+  std::vector<T>& buffer = buffers[static_cast<int>(slot)];
   if (buffer.size() < n) buffer.resize(n);
   return buffer.data();
 }
 
-uint8_t* scratch_bytes(Scratch slot, size_t n) {
-  static thread_local std::vector<uint8_t> buffers[static_cast<int>(Scratch::kCount)];
-  std::vector<uint8_t>& buffer = buffers[static_cast<int>(slot)];
-  if (buffer.size() < n) buffer.resize(n);
-  return buffer.data();
-}
+double* scratch_doubles(Scratch slot, size_t n) { return scratch<double>(slot, n); }
+uint8_t* scratch_bytes(Scratch slot, size_t n) { return scratch<uint8_t>(slot, n); }
 
 extern const KernelTable kBaselineKernels;
 #if defined(__x86_64__) && defined(__GNUC__)
