@@ -49,12 +49,13 @@ def _onnx_export_flag():
 _in_onnx_export = None
 
 
-def _is_exporting() -> bool:
+def _is_exporting(compiling: bool) -> bool:
+    """Whether a JIT trace or an ONNX export is recording this call; ``compiling`` is ``_is_compiling()``."""
     global _in_onnx_export
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
+    if compiling:  # Dynamo knows the public functions, not the flags behind them
+        return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+    if _is_tracing():
         return True
-    if _is_compiling():  # Dynamo knows the public function, not the flags behind it
-        return torch.onnx.is_in_onnx_export()
     if _in_onnx_export is None:
         _in_onnx_export = _onnx_export_flag()
     return _in_onnx_export()
@@ -62,6 +63,16 @@ def _is_exporting() -> bool:
 
 def _is_compiling() -> bool:
     return torch.compiler.is_compiling()
+
+
+# torch.jit.is_tracing() minus its is_scripting() check: these methods are never scripted.
+_is_tracing = torch._C._is_tracing
+
+
+def _set_plain(module: nn.Module, name: str, value) -> None:
+    """``module.name = value`` for an attribute that is never a parameter, buffer or submodule, without
+    ``nn.Module.__setattr__``'s isinstance checks (about 1 us, twice per normalize + record)."""
+    object.__setattr__(module, name, value)
 
 
 def _without_grad(method):
@@ -394,7 +405,8 @@ class RunningMeanStd(nn.Module):
         return self._normalize(arr, un_norm, center=True)
 
     def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
-        if (arr.requires_grad and torch.is_grad_enabled()) or _is_exporting():
+        compiling = _is_compiling()
+        if (arr.requires_grad and torch.is_grad_enabled()) or _is_exporting(compiling):
             # Traced / exported graphs (ProtoMotions exports its actor to ONNX) get the plain reference math, and
             # so does an input that needs gradients: the fast kernels define no backward.
             return reference.normalize(arr, self.mean, self.var, self.epsilon, self.clamp_value, un_norm, center)
@@ -402,8 +414,8 @@ class RunningMeanStd(nn.Module):
             arr = arr.float()
         layout = self._layout()
         x = self._elementwise_rows(arr, "normalize", layout)
-        dtype = _normalized_dtype(arr.dtype)
-        if _is_compiling():
+        dtype = normalized_dtype(arr.dtype)
+        if compiling:
             out = torch.empty_like(arr, dtype=dtype, memory_format=torch.contiguous_format)
         else:
             out = self._outputs.empty(arr.shape, dtype, arr.device)
@@ -412,12 +424,12 @@ class RunningMeanStd(nn.Module):
         backend = self._resolved_backend(layout)
         # x is arr itself when arr already is [B, D] rows; out then needs no view either.
         out_rows = out if x is arr else out.view(-1, x.shape[1])
-        stash = self.training and center and not un_norm and not _is_compiling() and x.shape[1] == layout.num_features
+        stash = self.training and center and not un_norm and not compiling and x.shape[1] == layout.num_features
         if stash and arr.shape[1:] == layout.shape:
             parts = backend.normalize_moments(
                 x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out_rows, self._workspace_stash
             )
-            self._stash = (weakref.ref(arr), arr._version, parts, backend)
+            _set_plain(self, "_stash", (weakref.ref(arr), arr._version, parts, backend))
         else:
             backend.normalize(x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, un_norm, center, out_rows)
         return out
@@ -445,7 +457,8 @@ class RunningMeanStd(nn.Module):
 
     def _take_stash(self, arr: Tensor, mask: Optional[Tensor]):
         """The moments a training-mode ``normalize`` computed for this very tensor, if it is unchanged since."""
-        stash, self._stash = self._stash, None
+        stash = self._stash
+        _set_plain(self, "_stash", None)
         if stash is None or mask is not None or _is_compiling():
             return None, None
         ref, version, parts, backend = stash
@@ -603,14 +616,6 @@ def _as_shape(shape) -> Tuple[int, ...]:
     if any(s < 0 for s in shape):
         raise ValueError(f"shape: expected non-negative sizes, got {shape}")
     return shape
-
-
-_NORMALIZED_DTYPES = {dtype: normalized_dtype(dtype) for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
-
-
-def _normalized_dtype(dtype: torch.dtype) -> torch.dtype:
-    found = _NORMALIZED_DTYPES.get(dtype)
-    return normalized_dtype(dtype) if found is None else found
 
 
 def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:
