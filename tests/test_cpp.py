@@ -136,6 +136,17 @@ def test_each_instruction_set(isa, b, d):
         assert_parts_close(parts, reference.batch_moments(x))
 
 
+def assert_same_parts_as_float64(x):
+    """The moments and the fused normalize's parts of ``x`` are bitwise those of the same values as float64."""
+    b, d = x.shape
+    wide = x.double()
+    assert_same(CPP.moments(x, None, {}), CPP.moments(wide, None, {}))
+    mean, var = stats(d)
+    parts = CPP.normalize_moments(x, mean, var, 1e-5, 5.0, torch.empty(b, d), {})
+    wide_parts = CPP.normalize_moments(wide, mean, var, 1e-5, 5.0, torch.empty(b, d, dtype=torch.float64), {})
+    assert_same(parts, wide_parts)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("b,d", [(7, 3), (33, 7), (260, 342), (129, 1023)])
 def test_narrow_rows_sum_exactly_as_their_float64_values(isa, dtype, b, d):
@@ -146,12 +157,20 @@ def test_narrow_rows_sum_exactly_as_their_float64_values(isa, dtype, b, d):
     offset = 1e4 if dtype == torch.float32 else 100.0  # a large offset with a spread each dtype can still hold
     x = data(b, d, dtype, seed=b * d, offset=offset, scale=offset * 1e-3)
     x[b // 2, d // 2] = float("nan")
-    wide = x.double()
-    assert_same(CPP.moments(x, None, {}), CPP.moments(wide, None, {}))
-    mean, var = stats(d)
-    parts = CPP.normalize_moments(x, mean, var, 1e-5, 5.0, torch.empty(b, d), {})
-    wide_parts = CPP.normalize_moments(wide, mean, var, 1e-5, 5.0, torch.empty(b, d, dtype=torch.float64), {})
-    assert_same(parts, wide_parts)
+    assert_same_parts_as_float64(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b,d", [(7, 3), (10, 5), (13, 9), (35, 20), (260, 342), (129, 1023)])
+def test_narrow_rows_round_in_the_same_order_as_float64_rows(isa, dtype, b, d):
+    """As above, with values over six decades, so that the squares and the running sums round (with the data
+    above, every sum is exact and any order passes): the hand-written four-row step must then do the float64
+    loop's additions in its order, or a last bit moves. Row counts leave every number of rows (0-3) to the end of
+    a part, column counts every vector tail."""
+    g = torch.Generator().manual_seed(b * d + 1)
+    decades = torch.randint(-3, 4, (b, d), generator=g).to(torch.float64)
+    x = (torch.randn(b, d, generator=g, dtype=torch.float64) * 10.0 ** decades).to(dtype)
+    assert_same_parts_as_float64(x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
