@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -126,21 +127,36 @@ void moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dt
   kernels().moments(a);
 }
 
-// The reference's float32 statistics up to the square root: mean32 = float32(mean), var32 = float32(var) +
+// The reference's float32 statistics up to the square root: mean32 = float32(mean), radicand = float32(var) +
 // float32(eps) in float32 arithmetic, which is what torch computes for `mean.float()` and `var.float() + eps`
-// (tests compare them bit for bit). The caller takes torch's own sqrt of var32: torch's float32 sqrt is not always
-// correctly rounded, so a C++ one would change the last bit of some outputs.
-void float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride, int64_t cols,
-                   double epsilon, uintptr_t mean32, uintptr_t var32) {
+// (tests compare them bit for bit). The caller takes torch's own sqrt of the radicand: torch's float32 sqrt is not
+// always correctly rounded, so a C++ one would change the last bit of some outputs.
+//
+// `radicand` keeps the previous call's radicand and `std32` its square root. When `primed` and every new radicand
+// has the same bits as the kept one, std32 is already the answer (the square root is a function of its argument's
+// bits) and this returns true; otherwise the new radicand goes to both buffers, for the caller to take the root
+// of std32 in place, and this returns false. So statistics that did not change since the last call (evaluation,
+// inference) cost no torch call, however the statistics were reached or written.
+bool float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride, int64_t cols,
+                   double epsilon, uintptr_t mean32, uintptr_t std32, uintptr_t radicand, bool primed) {
   const double* m = ptr<const double>(mean);
   const double* v = ptr<const double>(var);
   float* m32 = ptr<float>(mean32);
-  float* v32 = ptr<float>(var32);
+  float* kept = ptr<float>(radicand);
   const float eps = static_cast<float>(epsilon);
+  uint32_t changed = primed ? 0u : 1u;
   for (int64_t j = 0; j < cols; ++j) {
     m32[j] = static_cast<float>(m[j * mean_stride]);
-    v32[j] = static_cast<float>(v[j * var_stride]) + eps;
+    const float r = static_cast<float>(v[j * var_stride]) + eps;
+    uint32_t new_bits, old_bits;
+    std::memcpy(&new_bits, &r, sizeof r);
+    std::memcpy(&old_bits, kept + j, sizeof old_bits);
+    changed |= new_bits ^ old_bits;
+    kept[j] = r;
   }
+  if (changed == 0) return true;
+  std::memcpy(ptr<float>(std32), kept, static_cast<size_t>(cols) * sizeof(float));
+  return false;
 }
 
 // mean32 / std32: contiguous float32 [cols], the reference's mean.float() and torch.sqrt(var.float() + eps) (see

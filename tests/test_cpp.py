@@ -323,9 +323,49 @@ def test_float32_statistics_are_the_references_bit_for_bit(epsilon):
                             -1.0, 1.0 - 1e-5], dtype=torch.float64)
     values = torch.cat([spread, halfway, special])
     for mean, var in ((values, values.abs()), (values.flip(0), values), (values[::3], values[1::3])):
-        mean32, std32 = cpp_backend._float32_stats(mean, var, epsilon)
-        assert_same(mean32, mean.float())
-        assert_same(std32, torch.sqrt(var.float() + epsilon))
+        for _ in range(2):  # the second call reuses the first's square root
+            mean32, std32 = cpp_backend._float32_stats(mean, var, epsilon)
+            assert_same(mean32, mean.float())
+            assert_same(std32, torch.sqrt(var.float() + epsilon))
+
+
+def test_unchanged_statistics_reuse_the_square_root_and_changed_ones_never_do(monkeypatch):
+    """The square root of the float32 statistics is taken again only when `var + epsilon` changed in some bit
+    (csrc/bindings.cpp, float32_stats): frozen statistics take none, a record takes one, and so do statistics
+    written where no version counter sees it (through numpy) and a second module of the same width on the same
+    thread. Every output stays the reference's, bit for bit."""
+    from protonorm.backends import cpp_backend
+
+    cpp_backend._scratch.__dict__.clear()
+    first = protonorm.RunningMeanStd(None, (9,), device="cpu", clamp_value=5.0, backend="cpp")
+    second = protonorm.RunningMeanStd(None, (9,), device="cpu", clamp_value=5.0, backend="cpp").eval()
+    first.record_moments(data(50, 9, torch.float32, seed=1))
+    second.record_moments(data(50, 9, torch.float32, seed=2) * 3)
+    first.eval()
+    x = data(6, 9, torch.float32, seed=3)
+
+    roots = []
+    sqrt_ = torch.Tensor.sqrt_
+    monkeypatch.setattr(torch.Tensor, "sqrt_", lambda t: roots.append(t.numel()) or sqrt_(t))
+
+    def roots_for(norm):
+        roots.clear()
+        out = norm.normalize(x)
+        taken = len(roots)
+        want = reference.normalize(x, norm.mean, norm.var, norm.epsilon, norm.clamp_value, False, True)
+        assert_same(out, want)
+        return taken
+
+    assert roots_for(first) == 1
+    assert roots_for(first) == 0 and roots_for(first) == 0
+    first.train().record_moments(data(20, 9, torch.float32, seed=4))
+    first.eval()
+    assert roots_for(first) == 1
+    first.var.numpy()[4] *= 2.0  # a write no version counter sees
+    assert roots_for(first) == 1
+    assert roots_for(second) == 1 and roots_for(first) == 1 and roots_for(first) == 0
+    first.epsilon = 1e-3
+    assert roots_for(first) == 1
 
 
 def test_scratch_first_made_in_inference_mode_serves_calls_outside_it():

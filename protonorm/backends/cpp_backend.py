@@ -155,25 +155,31 @@ def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, T
     """The statistics as ``reference.normalize`` rounds them: ``mean.float()`` and ``torch.sqrt(var.float() +
     epsilon)``. ``_C.float32_stats`` does the rounding and the float32 addition, which are exact IEEE operations;
     the square root stays torch's own, which is not always correctly rounded, so a C++ one would change the last
-    bit of some outputs. (One torch op instead of four: right after other work each small op costs tens of us.)
+    bit of some outputs. It is taken only when the float32 ``var + epsilon`` differs in any bit from the previous
+    call's on this thread: frozen statistics (evaluation, inference) then cost no torch op at all. (Right after
+    other work each small torch op costs tens of us.)
 
     They go to this thread's buffers rather than fresh tensors, for the reason the C++ kernels keep per-thread
     scratch (csrc/common.h): a fresh pair of a few KB freed at the end of each call can be the free that makes glibc
     trim its heap, unmapping there the memory that other code freed before."""
     cols = mean.shape[0]
-    buffers: Dict[int, Tensor] = getattr(_scratch, "stats", None)
+    buffers: Dict[int, list] = getattr(_scratch, "stats", None)
     if buffers is None:
         buffers = _scratch.stats = {}
-    pair = buffers.get(cols)
-    if pair is None:
+    entry = buffers.get(cols)
+    if entry is None:
         if len(buffers) >= _MAX_SCRATCH_SIZES:
             buffers.clear()
-        pair = outside_inference_mode(lambda: torch.empty((2, cols), dtype=torch.float32))
-        pair = buffers[cols] = (pair[0], pair[1])  # the views kept: indexing costs about 1.4 us a call
-    mean32, std32 = pair
-    _C.float32_stats(mean.data_ptr(), mean.stride(0), var.data_ptr(), var.stride(0), cols, float(epsilon),
-                     mean32.data_ptr(), std32.data_ptr())
-    std32.sqrt_()
+        block = outside_inference_mode(lambda: torch.empty((3, cols), dtype=torch.float32))
+        # mean32, std32, the radicand std32 is the root of, whether that pair is set; the views are kept because
+        # indexing costs about 1.4 us a call.
+        entry = buffers[cols] = [block[0], block[1], block[2], False]
+    mean32, std32, radicand, primed = entry
+    if not _C.float32_stats(mean.data_ptr(), mean.stride(0), var.data_ptr(), var.stride(0), cols, float(epsilon),
+                            mean32.data_ptr(), std32.data_ptr(), radicand.data_ptr(), primed):
+        entry[3] = False  # std32 holds a radicand until the root is taken
+        std32.sqrt_()
+        entry[3] = True
     return mean32, std32
 
 
