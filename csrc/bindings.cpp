@@ -300,6 +300,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("reward_record", &reward_record, nogil);
   m.def("merge", &merge, nogil);
   m.def("float32_stats", &float32_stats, nogil);
+  // Raised whenever a binding's arguments or meaning change: the Python side (protonorm/backends/cpp_backend.py)
+  // refuses an extension built from other sources, such as a stale in-place build, instead of failing mid-call.
+  m.attr("INTERFACE_VERSION") = 2;
   m.def("combine", &combine, nogil);
   m.def("isa", []() { return std::string(kernels().isa); }, "The instruction set the kernels run with.");
   m.def("isas", &isas, "Instruction sets this CPU can run, baseline first.");

@@ -834,16 +834,37 @@ def test_torch_compile_fullgraph():
 
 
 # ------------------------------------------------------------------------------------------------ fallback
-def test_missing_extension_falls_back_to_torch():
-    script = textwrap.dedent(
+_MISSING = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name == "protonorm._C":
+            raise ImportError("simulated: extension not built")
+        return None
+sys.meta_path.insert(0, Block())
+"""
+
+# An extension built from older sources, as an in-place build left behind by a later checkout: calling it would
+# raise (or worse) in the middle of a run.
+_STALE = """
+import sys, types
+stale = types.ModuleType("protonorm._C")
+stale.INTERFACE_VERSION = 1
+def _refuse(*args, **kwargs):
+    raise AssertionError("a stale extension was called")
+for name in ("moments", "normalize", "normalize_moments", "reward_moments", "reward_record", "merge", "combine",
+             "float32_stats"):
+    setattr(stale, name, _refuse)
+sys.modules["protonorm._C"] = stale
+"""
+
+
+@pytest.mark.parametrize("simulation,phrase", [(_MISSING, "simulated: extension not built"),
+                                               (_STALE, "built from other sources (interface 1")],
+                         ids=["missing", "stale"])
+def test_missing_or_stale_extension_falls_back_to_torch(simulation, phrase):
+    script = simulation + textwrap.dedent(
         """
-        import sys
-        class Block:
-            def find_spec(self, name, path=None, target=None):
-                if name == "protonorm._C":
-                    raise ImportError("simulated: extension not built")
-                return None
-        sys.meta_path.insert(0, Block())
         import torch, protonorm
         from protonorm import backends
         backend, reason = backends.load("cpp")
@@ -873,6 +894,6 @@ def test_missing_extension_falls_back_to_torch():
     env.pop("PROTONORM_BACKEND", None)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "simulated: extension not built" in proc.stdout
+    assert phrase in proc.stdout
     announcements = [line for line in proc.stderr.splitlines() if "C++ CPU extension unavailable" in line]
-    assert len(announcements) == 1 and "simulated" in announcements[0], proc.stderr
+    assert len(announcements) == 1 and phrase in announcements[0], proc.stderr

@@ -1,7 +1,8 @@
 """The ``cpp`` backend: the C++ CPU kernels of ``protonorm._C`` (built from ``csrc/``) behind torch.library ops.
 
-The extension is optional. If it fails to import, ``UNAVAILABLE_REASON`` says why in one line and the registry
-falls back to the torch backend. The kernels see no torch types: each op hands them data pointers, shapes, strides
+The extension is optional. If it fails to import, or was built from other sources than these (its
+``INTERFACE_VERSION`` differs, as with an in-place build left from an older checkout), ``UNAVAILABLE_REASON`` says
+why in one line and the registry falls back to the torch backend. The kernels see no torch types: each op hands them data pointers, shapes, strides
 in elements and a dtype code, after checking devices, dtypes and shapes here (a wrong pointer would be memory
 corruption, not an exception).
 
@@ -30,12 +31,27 @@ from torch import Tensor
 from ..reference import parts_width
 from .base import Backend, normalized_dtype, outside_inference_mode, workspace_buffer
 
+# The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
+INTERFACE_VERSION = 2
+
+
+def interface_problem(module) -> Optional[str]:
+    """Why an imported ``protonorm._C`` cannot serve these sources (None if it can): built from other sources."""
+    found = getattr(module, "INTERFACE_VERSION", None)
+    if found == INTERFACE_VERSION:
+        return None
+    return (f"protonorm._C was built from other sources (interface {found}, these need {INTERFACE_VERSION}); "
+            "reinstall protonorm to rebuild it")
+
+
 try:
     _C = importlib.import_module("protonorm._C")
-    UNAVAILABLE_REASON: Optional[str] = None
+    UNAVAILABLE_REASON: Optional[str] = interface_problem(_C)
 except Exception as exc:  # not built, built for another Python, or a broken shared library
     _C = None
     UNAVAILABLE_REASON = f"protonorm._C could not be imported ({type(exc).__name__}: {exc})"
+if UNAVAILABLE_REASON is not None:
+    _C = None
 
 # Must match enum DType in csrc/common.h.
 _DTYPE_CODES = {
