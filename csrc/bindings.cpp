@@ -285,6 +285,9 @@ void combine(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_str
 }  // namespace protonorm
 
 PYBIND11_MODULE(_C, m) {
+  // Raised whenever a binding's arguments or meaning change: the Python side (protonorm/backends/cpp_backend.py)
+  // refuses an extension built from other sources, such as a stale in-place build, instead of failing mid-call.
+  m.attr("INTERFACE_VERSION") = 2;
   using namespace protonorm;
   m.doc() = "protonorm CPU kernels (no torch headers: pointers, shapes, strides in elements, dtype codes).";
   const std::vector<const KernelTable*> tables = supported_tables();
@@ -300,9 +303,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("reward_record", &reward_record, nogil);
   m.def("merge", &merge, nogil);
   m.def("float32_stats", &float32_stats, nogil);
-  // Raised whenever a binding's arguments or meaning change: the Python side (protonorm/backends/cpp_backend.py)
-  // refuses an extension built from other sources, such as a stale in-place build, instead of failing mid-call.
-  m.attr("INTERFACE_VERSION") = 2;
   m.def("combine", &combine, nogil);
   m.def("isa", []() { return std::string(kernels().isa); }, "The instruction set the kernels run with.");
   m.def("isas", &isas, "Instruction sets this CPU can run, baseline first.");

@@ -2,9 +2,9 @@
 
 The extension is optional. If it fails to import, or was built from other sources than these (its
 ``INTERFACE_VERSION`` differs, as with an in-place build left from an older checkout), ``UNAVAILABLE_REASON`` says
-why in one line and the registry falls back to the torch backend. The kernels see no torch types: each op hands them data pointers, shapes, strides
-in elements and a dtype code, after checking devices, dtypes and shapes here (a wrong pointer would be memory
-corruption, not an exception).
+why in one line and the registry falls back to the torch backend. The kernels see no torch types: each op hands
+them data pointers, shapes, strides in elements and a dtype code, after checking devices, dtypes and shapes here (a
+wrong pointer would be memory corruption, not an exception).
 
 Each kernel is a ``protonorm::cpp_*`` operator with a fake (meta) implementation and its mutated arguments declared
 in the schema, so ``torch.compile`` can trace calls and ``torch.library.opcheck`` passes. They are defined with
