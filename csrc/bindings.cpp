@@ -127,18 +127,27 @@ void moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dt
   kernels().moments(a);
 }
 
-// The reference's float32 statistics up to the square root: mean32 = float32(mean), radicand = float32(var) +
-// float32(eps) in float32 arithmetic, which is what torch computes for `mean.float()` and `var.float() + eps`
-// (tests compare them bit for bit). The caller takes torch's own sqrt of the radicand: torch's float32 sqrt is not
-// always correctly rounded, so a C++ one would change the last bit of some outputs.
+// The reference's float32 statistics: mean32 = float32(mean), radicand = float32(var) + float32(eps) in float32
+// arithmetic, which is what torch computes for `mean.float()` and `var.float() + eps` (tests compare them bit for
+// bit), and std32 = torch's square root of the radicand. torch's float32 sqrt is not always correctly rounded (on
+// x86 builds it is MKL's vmsSqrt), so a C++ root would change the last bit of some outputs: the root is taken by
+// `torch_sqrt`, the address of the very function torch calls with the mode torch passes it, which the Python side
+// hands in once it has checked that it reproduces torch.sqrt bit for bit; without one (0) the caller takes it.
 //
 // `radicand` keeps the previous call's radicand and `std32` its square root. When `primed` and every new radicand
 // has the same bits as the kept one, std32 is already the answer (the square root is a function of its argument's
-// bits) and this returns true; otherwise the new radicand goes to both buffers, for the caller to take the root
-// of std32 in place, and this returns false. So statistics that did not change since the last call (evaluation,
-// inference) cost no torch call, however the statistics were reached or written.
-bool float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride, int64_t cols,
-                   double epsilon, uintptr_t mean32, uintptr_t std32, uintptr_t radicand, bool primed) {
+// bits). So statistics that did not change since the last call (evaluation, inference) cost no root at all,
+// however the statistics were reached or written. Returns what std32 holds now:
+enum Float32Stats : int {
+  kRootsKept = 0,   // the previous call's roots, still right
+  kRootsTaken = 1,  // new roots, taken here by torch_sqrt
+  kRootsWanted = 2, // the new radicands: the caller takes torch's root of std32 in place
+};
+using TorchSqrt = void (*)(int n, const float* in, float* out, long long mode);  // MKL's vmsSqrt (LP64)
+
+int float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride, int64_t cols,
+                  double epsilon, uintptr_t mean32, uintptr_t std32, uintptr_t radicand, bool primed,
+                  uintptr_t torch_sqrt, int64_t torch_sqrt_mode) {
   const double* m = ptr<const double>(mean);
   const double* v = ptr<const double>(var);
   float* m32 = ptr<float>(mean32);
@@ -154,9 +163,13 @@ bool float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t v
     changed |= new_bits ^ old_bits;
     kept[j] = r;
   }
-  if (changed == 0) return true;
+  if (changed == 0) return kRootsKept;
+  if (torch_sqrt != 0 && cols <= INT32_MAX) {
+    reinterpret_cast<TorchSqrt>(torch_sqrt)(static_cast<int>(cols), kept, ptr<float>(std32), torch_sqrt_mode);
+    return kRootsTaken;
+  }
   std::memcpy(ptr<float>(std32), kept, static_cast<size_t>(cols) * sizeof(float));
-  return false;
+  return kRootsWanted;
 }
 
 // mean32 / std32: contiguous float32 [cols], the reference's mean.float() and torch.sqrt(var.float() + eps) (see
@@ -287,7 +300,7 @@ void combine(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_str
 PYBIND11_MODULE(_C, m) {
   // Raised whenever a binding's arguments or meaning change: the Python side (protonorm/backends/cpp_backend.py)
   // refuses an extension built from other sources, such as a stale in-place build, instead of failing mid-call.
-  m.attr("INTERFACE_VERSION") = 2;
+  m.attr("INTERFACE_VERSION") = 3;
   using namespace protonorm;
   m.doc() = "protonorm CPU kernels (no torch headers: pointers, shapes, strides in elements, dtype codes).";
   const std::vector<const KernelTable*> tables = supported_tables();

@@ -306,13 +306,60 @@ def _every_kernel_and_reward(b, d):
     return results + [discounted, *record, CPP.combine(CPP.moments(x, None, {}))]
 
 
+@pytest.fixture(params=["root_in_cpp", "root_by_torch_op"])
+def root_path(request, monkeypatch):
+    """Both ways the cpp backend takes the float32 square root: in C++ through the function torch's own sqrt calls
+    (where this torch has one that passed the check), or with torch's `sqrt_` where it has none."""
+    from protonorm.backends import cpp_backend
+
+    if request.param == "root_in_cpp":
+        if cpp_backend._torch_sqrt_address() == 0:
+            pytest.skip("this torch has no float32 root that reproduces torch.sqrt (see the test below)")
+    else:
+        monkeypatch.setattr(cpp_backend, "_torch_sqrt", 0)
+    return request.param
+
+
+def test_the_root_torch_uses_is_found_where_torch_has_one():
+    """Linux builds of torch with MKL take float32 square roots with MKL's vmsSqrt, which libtorch_cpu exports;
+    the backend must find it and accept it, or every changed statistic costs a torch op again."""
+    from protonorm.backends import cpp_backend
+
+    if not (sys.platform == "linux" and torch.backends.mkl.is_available()):
+        pytest.skip("torch here is not a Linux build with MKL")
+    assert cpp_backend._torch_sqrt_address() != 0
+
+
+def test_a_root_that_differs_from_torchs_is_refused():
+    """The check behind `_torch_sqrt_address` must reject a function with the right signature and the wrong results
+    (MKL's vmsTrunc), and its probe must tell torch's root from the correctly rounded one, which differs from it
+    in the last bit for some values."""
+    import ctypes
+
+    import numpy as np
+
+    from protonorm.backends import cpp_backend
+
+    if not (sys.platform == "linux" and torch.backends.mkl.is_available()):
+        pytest.skip("torch here is not a Linux build with MKL")
+    library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+    wrong = ctypes.cast(library.vmsTrunc, ctypes.c_void_p).value
+    assert not cpp_backend._reproduces_torch_sqrt(wrong, cpp_backend._VML_MODE)
+    right = ctypes.cast(library.vmsSqrt, ctypes.c_void_p).value
+    assert cpp_backend._reproduces_torch_sqrt(right, cpp_backend._VML_MODE)
+    radicands = cpp_backend._sqrt_probe().float()
+    correctly_rounded = torch.from_numpy(np.sqrt(radicands.numpy()))
+    assert not torch.equal(torch.sqrt(radicands).view(torch.int32), correctly_rounded.view(torch.int32))
+
+
 @pytest.mark.parametrize("epsilon", [1e-5, 1e-8, 0.0, 1e-3, 0.1, 3.0])
-def test_float32_statistics_are_the_references_bit_for_bit(epsilon):
+def test_float32_statistics_are_the_references_bit_for_bit(epsilon, root_path):
     """The backend rounds the statistics and adds epsilon in C++, and takes torch's square root: the pair must be
     exactly the reference's `mean.float()` and `torch.sqrt(var.float() + epsilon)`, over float64 values of every
     magnitude, halfway cases of the float32 rounding, float32 subnormals and overflow, zeros, NaN and infinities."""
     from protonorm.backends import cpp_backend
 
+    cpp_backend._scratch.__dict__.clear()
     g = torch.Generator().manual_seed(int(epsilon * 1e9) % 1000)
     n = 200_000
     spread = torch.randn(n, generator=g, dtype=torch.float64) * torch.pow(
@@ -329,7 +376,7 @@ def test_float32_statistics_are_the_references_bit_for_bit(epsilon):
             assert_same(std32, torch.sqrt(var.float() + epsilon))
 
 
-def test_unchanged_statistics_reuse_the_square_root_and_changed_ones_never_do(monkeypatch):
+def test_unchanged_statistics_reuse_the_square_root_and_changed_ones_never_do(monkeypatch, root_path):
     """The square root of the float32 statistics is taken again only when `var + epsilon` changed in some bit
     (csrc/bindings.cpp, float32_stats): frozen statistics take none, a record takes one, and so do statistics
     written where no version counter sees it (through numpy) and a second module of the same width on the same
@@ -344,14 +391,32 @@ def test_unchanged_statistics_reuse_the_square_root_and_changed_ones_never_do(mo
     first.eval()
     x = data(6, 9, torch.float32, seed=3)
 
-    roots = []
+    roots, torch_ops = [], []
+    extension = cpp_backend._C
+
+    class Counting:  # _C, counting the calls of float32_stats that took or asked for a root
+        def __getattr__(self, name):
+            return getattr(extension, name)
+
+        @staticmethod
+        def float32_stats(*args):
+            held = extension.float32_stats(*args)
+            if held != cpp_backend._ROOTS_KEPT:
+                roots.append(held)
+            return held
+
+    monkeypatch.setattr(cpp_backend, "_C", Counting())
     sqrt_ = torch.Tensor.sqrt_
-    monkeypatch.setattr(torch.Tensor, "sqrt_", lambda t: roots.append(t.numel()) or sqrt_(t))
+    monkeypatch.setattr(torch.Tensor, "sqrt_", lambda t: torch_ops.append(t.numel()) or sqrt_(t))
 
     def roots_for(norm):
         roots.clear()
+        torch_ops.clear()
         out = norm.normalize(x)
         taken = len(roots)
+        by_torch = root_path == "root_by_torch_op"
+        assert roots == [cpp_backend._ROOTS_WANTED if by_torch else cpp_backend._ROOTS_TAKEN] * taken
+        assert len(torch_ops) == (taken if by_torch else 0)
         want = reference.normalize(x, norm.mean, norm.var, norm.epsilon, norm.clamp_value, False, True)
         assert_same(out, want)
         return taken

@@ -21,7 +21,9 @@ under ``torch.compile``, FakeTensor tracing or a ``TorchDispatchMode`` it always
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
+import os
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -32,7 +34,7 @@ from ..reference import parts_width
 from .base import Backend, normalized_dtype, outside_inference_mode, workspace_buffer
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
-INTERFACE_VERSION = 2
+INTERFACE_VERSION = 3
 
 
 def interface_problem(module) -> Optional[str]:
@@ -167,13 +169,73 @@ _scratch = threading.local()
 _MAX_SCRATCH_SIZES = 8
 
 
+# What _C.float32_stats says std32 holds (enum Float32Stats in csrc/bindings.cpp).
+_ROOTS_KEPT, _ROOTS_TAKEN, _ROOTS_WANTED = 0, 1, 2
+
+# The mode ATen passes to MKL's vector math (ATen/cpu/vml.h): VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE.
+_VML_MODE = 0x2 | 0x140000 | 0x100
+_torch_sqrt: Optional[int] = None  # the address float32_stats takes roots with; 0: none, None: not looked up yet
+
+
+def _torch_sqrt_address() -> int:
+    """The address of the float32 square root behind torch's own CPU ``sqrt`` (MKL's ``vmsSqrt``, which x86 builds
+    of torch export), or 0 where there is none or it does not reproduce ``torch.sqrt`` bit for bit.
+
+    Taking the root in C++ saves the only torch op of the float32 statistics, which right after other work costs
+    75-100 us (bench/RESULTS.md). A wrong root would silently change outputs, so the function is used only after
+    it matched ``torch.sqrt`` on every probe: float32 values of every binade, subnormals, zeros, infinities, NaN
+    and negatives, in arrays of many lengths and alignments, through the very call float32_stats makes."""
+    global _torch_sqrt
+    if _torch_sqrt is None:
+        address = 0
+        try:
+            library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            address = ctypes.cast(library.vmsSqrt, ctypes.c_void_p).value or 0
+        except (OSError, AttributeError):  # not Linux, not an MKL build, or a torch that names it otherwise
+            pass
+        if address and not outside_inference_mode(lambda: _reproduces_torch_sqrt(address, _VML_MODE)):
+            address = 0
+        _torch_sqrt = address
+    return _torch_sqrt
+
+
+def _sqrt_probe() -> Tensor:
+    """float64 variances whose float32 roots a candidate must get right: random bit patterns of every positive
+    finite float32 (subnormals included), values of the order of real variances, and the special cases."""
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 0x7F800000, (4096,), generator=g, dtype=torch.int32)
+    special = torch.tensor([0.0, -0.0, 1e-45, 1e-40, 1.0, 2.0, 4.0, 3.4028235e38, float("inf"), -float("inf"),
+                            float("nan"), -1.0, -1e-45])
+    values = torch.cat([bits.view(torch.float32), torch.rand(4096, generator=g) * 10, special]).double()
+    return values[torch.randperm(values.shape[0], generator=g)]
+
+
+def _reproduces_torch_sqrt(address: int, mode: int) -> bool:
+    """Whether ``_C.float32_stats`` taking roots at ``address`` gives ``torch.sqrt(var.float() + 0.0)`` on every
+    value of the probe, over many lengths and alignments of the input and the output."""
+    values = _sqrt_probe()
+    zeros = torch.zeros_like(values)
+    buffers = torch.empty(3, values.shape[0] + 16, dtype=torch.float32)
+    for n in (1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 342, 1023, values.shape[0]):
+        for offset in (0, 1, 3, 8):
+            start = (offset * n) % max(1, values.shape[0] - n + 1)
+            var = values[start:start + n]
+            mean32, radicand = buffers[0, offset:offset + n], buffers[2, offset:offset + n]
+            std32 = buffers[1, 8 - offset:8 - offset + n]  # another alignment than the radicand's
+            taken = _C.float32_stats(zeros.data_ptr(), 1, var.data_ptr(), 1, n, 0.0, mean32.data_ptr(),
+                                     std32.data_ptr(), radicand.data_ptr(), False, address, mode)
+            want = torch.sqrt(var.float() + 0.0)
+            if taken != _ROOTS_TAKEN or not torch.equal(std32.view(torch.int32), want.view(torch.int32)):
+                return False
+    return True
+
+
 def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, Tensor]:
     """The statistics as ``reference.normalize`` rounds them: ``mean.float()`` and ``torch.sqrt(var.float() +
-    epsilon)``. ``_C.float32_stats`` does the rounding and the float32 addition, which are exact IEEE operations;
-    the square root stays torch's own, which is not always correctly rounded, so a C++ one would change the last
-    bit of some outputs. It is taken only when the float32 ``var + epsilon`` differs in any bit from the previous
-    call's on this thread: frozen statistics (evaluation, inference) then cost no torch op at all. (Right after
-    other work each small torch op costs tens of us.)
+    epsilon)``. ``_C.float32_stats`` does the rounding and the float32 addition, which are exact IEEE operations,
+    and the square root with torch's own function where it found one (``_torch_sqrt_address``; otherwise torch's
+    ``sqrt_`` takes it here). The root is taken only when the float32 ``var + epsilon`` differs in any bit from the
+    previous call's on this thread: frozen statistics (evaluation, inference) then cost no root at all.
 
     They go to this thread's buffers rather than fresh tensors, for the reason the C++ kernels keep per-thread
     scratch (csrc/common.h): a fresh pair of a few KB freed at the end of each call can be the free that makes glibc
@@ -191,10 +253,14 @@ def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, T
         # indexing costs about 1.4 us a call.
         entry = buffers[cols] = [block[0], block[1], block[2], False]
     mean32, std32, radicand, primed = entry
-    if not _C.float32_stats(mean.data_ptr(), mean.stride(0), var.data_ptr(), var.stride(0), cols, float(epsilon),
-                            mean32.data_ptr(), std32.data_ptr(), radicand.data_ptr(), primed):
+    root = _torch_sqrt if _torch_sqrt is not None else _torch_sqrt_address()
+    held = _C.float32_stats(mean.data_ptr(), mean.stride(0), var.data_ptr(), var.stride(0), cols, float(epsilon),
+                            mean32.data_ptr(), std32.data_ptr(), radicand.data_ptr(), primed, root, _VML_MODE)
+    if held == _ROOTS_WANTED:
         entry[3] = False  # std32 holds a radicand until the root is taken
         std32.sqrt_()
+        entry[3] = True
+    elif not primed:
         entry[3] = True
     return mean32, std32
 
