@@ -47,6 +47,25 @@ def test_memory_of_a_dropped_output_is_reused_and_results_are_unchanged(backend)
     torch.testing.assert_close(again, expected(norm, x), rtol=0, atol=0)
 
 
+def test_the_same_memory_serves_another_shape_or_dtype_of_the_same_size():
+    """A storage is kept by size; each output still gets the shape and dtype of its own call (the storage's
+    template tensor is remade when they change), with the right values, and an in-place change of one output
+    affects no later one."""
+    norm = make()
+    x = batch(0)
+    first = norm.normalize(x)
+    address = first.data_ptr()
+    first.add_(100.0)  # bumps the version counter the outputs share with the template; harmless
+    del first
+    calls = [x.view(B // 2, 2, D), x.double()[: B // 2], x]
+    for arr in calls:
+        out = norm.normalize(arr)
+        assert out.data_ptr() == address and out.shape == arr.shape and out.dtype == arr.dtype
+        assert out.is_contiguous() and out._base is None and not out.requires_grad
+        torch.testing.assert_close(out, expected(norm, arr), rtol=0, atol=0)
+        del out
+
+
 def test_a_live_output_is_never_handed_out_again():
     norm = make()
     outputs = [norm.normalize(batch(i)) for i in range(5)]
