@@ -49,13 +49,14 @@ class _Slot:
     """One cached storage and its template, with the storage's reference counts at the time nothing but the cache
     held it."""
 
-    __slots__ = ("storage", "cdata", "nbytes", "template", "idle_uses", "idle_refs")
+    __slots__ = ("storage", "cdata", "nbytes", "template", "template_key", "idle_uses", "idle_refs")
 
     def __init__(self, nbytes: int, shape: Tuple[int, ...], dtype: torch.dtype):
         self.storage = torch.UntypedStorage(nbytes)
         self.cdata = self.storage._cdata
         self.nbytes = nbytes
         self.template = self._over_storage(shape, dtype)
+        self.template_key = (shape, dtype)  # compared instead of the template's attributes: no tensor reads
         # Measured here, where nothing but this object refers to the storage, exactly as idle() measures them.
         self.idle_uses = _storage_use_count(self.cdata)
         self.idle_refs = sys.getrefcount(self.storage)
@@ -71,11 +72,11 @@ class _Slot:
         """A new tensor of ``shape`` and ``dtype`` on the storage."""
         if torch.is_inference_mode_enabled():
             return torch.empty(0, dtype=dtype).set_(self.storage, 0, shape)
-        template = self.template
-        if template.dtype != dtype or template.shape != shape:
+        if self.template_key != (shape, dtype):
             # The new template takes the old one's reference to the storage: the idle counts stay as measured.
-            template = self.template = self._over_storage(shape, dtype)
-        return template.detach()
+            self.template = self._over_storage(shape, dtype)
+            self.template_key = (shape, dtype)
+        return self.template.detach()
 
 
 class OutputCache:
