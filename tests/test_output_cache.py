@@ -3,6 +3,7 @@ tensor, view, autograd graph, numpy array or storage object can reach it any mor
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import threading
 
@@ -64,6 +65,58 @@ def test_the_same_memory_serves_another_shape_or_dtype_of_the_same_size():
         assert out.is_contiguous() and out._base is None and not out.requires_grad
         torch.testing.assert_close(out, expected(norm, arr), rtol=0, atol=0)
         del out
+
+
+def _advised_for_huge_pages(address: int) -> bool:
+    """Whether the mapping holding the first whole 2 MB page at or after ``address`` is advised for huge pages
+    (``hg`` among its VmFlags in /proc/self/smaps)."""
+    start = -(-address // output_cache.HUGE_PAGE) * output_cache.HUGE_PAGE
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                low, high = (int(v, 16) for v in head.split("-"))
+                inside = low <= start < high
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+    raise AssertionError(f"no mapping holds {start:#x}")
+
+
+@pytest.mark.skipif(output_cache._madvise_function is None or not os.path.exists("/sys/kernel/mm/transparent_hugepage"),
+                    reason="transparent huge pages are a Linux feature this machine lacks")
+def test_large_output_storage_is_advised_for_huge_pages():
+    """A storage of 4 MB or more gets madvise(MADV_HUGEPAGE) before its first write: the kernel marks its mapping."""
+    norm = make()
+    x = batch(0, rows=output_cache.MIN_HUGE_PAGE_BYTES // (4 * D) + 8)
+    out = norm.normalize(x)
+    assert _advised_for_huge_pages(out.data_ptr())
+    torch.testing.assert_close(out, expected(norm, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("setting", ["default", "off", "small"])
+def test_huge_page_advice_covers_whole_pages_inside_the_storage_only(setting, monkeypatch):
+    """The advice asks for exactly the whole 2 MB pages inside the storage, is given once per storage, never for a
+    storage under 4 MB, and never with PROTONORM_HUGE_PAGES=0."""
+    calls = []
+    monkeypatch.setattr(output_cache, "_madvise_function", lambda *args: calls.append(args) or 0)
+    if setting == "off":
+        monkeypatch.setenv("PROTONORM_HUGE_PAGES", "0")
+    rows = output_cache.MIN_HUGE_PAGE_BYTES // (4 * D) + 8 if setting != "small" else B
+    norm = make()
+    for seed in range(3):
+        out = norm.normalize(batch(seed, rows=rows))
+        if seed < 2:
+            del out  # the next call reuses the storage: no second advice
+    if setting != "default":
+        assert calls == []
+        return
+    (start, length, advice), = calls
+    storage = out.untyped_storage()
+    begin, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    assert advice == 14 and start % output_cache.HUGE_PAGE == 0 and length % output_cache.HUGE_PAGE == 0
+    assert begin <= start < start + length <= end
+    assert start - begin < output_cache.HUGE_PAGE and end - (start + length) < output_cache.HUGE_PAGE
 
 
 def test_a_live_output_is_never_handed_out_again():
