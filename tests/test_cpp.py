@@ -946,6 +946,8 @@ def test_missing_or_stale_extension_falls_back_to_torch(simulation, phrase):
         assert int(r.count) == 17
         mean, var, count = protonorm.combine_moments([torch.zeros(3), torch.ones(3)], [torch.ones(3)] * 2, [2, 2])
         assert int(count) == 4
+        from protonorm.backends import cpp_backend
+        assert cpp_backend._torch_sqrt_address() == 0  # nothing to hand a square root to
         try:
             protonorm.RunningMeanStd(None, (3,), device="cpu", backend="cpp").record_moments(x)
         except RuntimeError as exc:

@@ -186,6 +186,8 @@ def _torch_sqrt_address() -> int:
     it matched ``torch.sqrt`` on every probe: float32 values of every binade, subnormals, zeros, infinities, NaN
     and negatives, in arrays of many lengths and alignments, through the very call float32_stats makes."""
     global _torch_sqrt
+    if _torch_sqrt is None and _C is None:
+        return 0  # no extension to hand it to
     if _torch_sqrt is None:
         address = 0
         try:
