@@ -21,8 +21,8 @@ Measured after cache-flushing work, paired in one process: normalize + record 2.
 Each storage also keeps a tensor over it (its template) with the shape and dtype last handed out, and an output is
 the template's ``detach()``: a new tensor of the same storage, shape and dtype made by one torch op. Right after
 other work has emptied the caches that op costs about 25 us against 60 us for ``torch.empty(0).set_(...)``
-(bench/RESULTS.md). Under ``torch.inference_mode()`` outputs are made afresh, so that they are inference tensors,
-as a fresh tensor made there would be.
+(bench/RESULTS.md). Under ``torch.inference_mode()`` outputs are made with ``torch.empty(0).set_(...)`` instead,
+so that they are inference tensors, as any tensor made there would be.
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ MIN_BYTES = 256 * 1024
 # Storages kept per module: enough for the two batch sizes a training loop alternates between (rollout and
 # minibatch), and a bound on the memory held (at most this many outputs, freed with the module).
 MAX_SLOTS = 2
-
 
 # Storages this large get the huge-page advice: they hold at least one whole aligned 2 MB page.
 HUGE_PAGE = 2 << 20
