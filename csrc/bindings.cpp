@@ -129,8 +129,8 @@ void moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dt
 
 // The reference's float32 statistics: mean32 = float32(mean), radicand = float32(var) + float32(eps) in float32
 // arithmetic, which is what torch computes for `mean.float()` and `var.float() + eps` (tests compare them bit for
-// bit), and std32 = torch's square root of the radicand. torch's float32 sqrt is not always correctly rounded (on
-// x86 builds it is MKL's vmsSqrt), so a C++ root would change the last bit of some outputs: the root is taken by
+// bit), and std32 = torch's square root of the radicand. torch's float32 sqrt is not always correctly rounded (in
+// builds with MKL it is MKL's vmsSqrt), so a C++ root would change the last bit of some outputs: the root is taken by
 // `torch_sqrt`, the address of the very function torch calls with the mode torch passes it, which the Python side
 // hands in once it has checked that it reproduces torch.sqrt bit for bit; without one (0) the caller takes it.
 //

@@ -261,9 +261,7 @@ def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, T
     if held == _ROOTS_WANTED:
         entry[3] = False  # std32 holds a radicand until the root is taken
         std32.sqrt_()
-        entry[3] = True
-    elif not primed:
-        entry[3] = True
+    entry[3] = True
     return mean32, std32
 
 
