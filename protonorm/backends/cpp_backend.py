@@ -191,7 +191,9 @@ def _torch_sqrt_address() -> int:
     if _torch_sqrt is None:
         address = 0
         try:
-            library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+            # The copy of torch's library this process has loaded, found by its soname; RTLD_NOLOAD never loads a
+            # second one (which would run torch's static initializers again).
+            library = ctypes.CDLL("libtorch_cpu.so", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
             address = ctypes.cast(library.vmsSqrt, ctypes.c_void_p).value or 0
         except (OSError, AttributeError):  # not Linux, not an MKL build, or a torch that names it otherwise
             pass
