@@ -580,7 +580,8 @@ def combine_moments(means, vars, counts):
             f"combine_moments: expected non-empty lists of equal length, got {len(means)} means, "
             f"{len(vars)} vars, {len(counts)} counts"
         )
-    first = torch.as_tensor(means[0])
+    # A tensor keeps its device (torch.as_tensor would move it to a default device set with set_default_device).
+    first = means[0] if isinstance(means[0], Tensor) else torch.as_tensor(means[0])
     device = first.device
     out_dtype = torch.promote_types(first.dtype, torch.float32)
     mean = torch.stack([torch.as_tensor(m, device=device).to(torch.float64) for m in means])

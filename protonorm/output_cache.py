@@ -41,6 +41,9 @@ from .backends.base import outside_inference_mode
 # torch's own count of the references to a storage (private, present since torch 1.x); without it nothing is reused.
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 
+# Every tensor made here is a CPU tensor, whatever torch.set_default_device says.
+_CPU = torch.device("cpu")
+
 # Below this size an allocation comes from the C library's heap without page faults: nothing to save.
 MIN_BYTES = 256 * 1024
 # Storages kept per module: enough for the two batch sizes a training loop alternates between (rollout and
@@ -106,7 +109,7 @@ class _Slot:
 
     def _over_storage(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         # A normal tensor even under inference mode: outputs made from it outside inference mode must be usable.
-        return outside_inference_mode(lambda: torch.empty(0, dtype=dtype).set_(self.storage, 0, shape))
+        return outside_inference_mode(lambda: torch.empty(0, dtype=dtype, device=_CPU).set_(self.storage, 0, shape))
 
     def idle(self) -> bool:
         return _storage_use_count(self.cdata) == self.idle_uses and sys.getrefcount(self.storage) == self.idle_refs
@@ -114,7 +117,7 @@ class _Slot:
     def tensor(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A new tensor of ``shape`` and ``dtype`` on the storage."""
         if torch.is_inference_mode_enabled():
-            return torch.empty(0, dtype=dtype).set_(self.storage, 0, shape)
+            return torch.empty(0, dtype=dtype, device=_CPU).set_(self.storage, 0, shape)
         if self.template_key != (shape, dtype):
             # The new template takes the old one's reference to the storage: the idle counts stay as measured.
             self.template = self._over_storage(shape, dtype)
@@ -143,7 +146,9 @@ class OutputCache:
         nbytes = numel * dtype.itemsize
         if nbytes < MIN_BYTES:
             # Sizes as separate arguments: a torch.Size argument takes torch's argument parser about 1 us longer.
-            return torch.empty(*shape, dtype=dtype) if shape else torch.empty(shape, dtype=dtype)
+            if shape:
+                return torch.empty(*shape, dtype=dtype, device=device)
+            return torch.empty(shape, dtype=dtype, device=device)
         with self._lock:
             slots = self._slots
             for i, slot in enumerate(slots):

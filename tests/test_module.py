@@ -156,6 +156,42 @@ def test_default_cuda_device_falls_back_to_cpu_with_warning():
     assert m.mean.device.type == "cpu"
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_cpu_modules_ignore_another_default_device(backend):
+    """Training scripts often call torch.set_default_device("cuda"); a module whose statistics live on the CPU must
+    still make every tensor of its own there (scratch, recycled outputs, the square-root check) and give the same
+    results. The meta device stands in for CUDA here."""
+    if backends.load(backend)[0] is None:
+        pytest.skip(f"{backend} backend unavailable")
+    cpu = torch.device("cpu")
+    g = torch.Generator().manual_seed(3)
+    large, small = torch.randn(3000, 40, generator=g) * 2 + 1, torch.randn(5, 40, generator=g)
+    reward, done = torch.randn(64, generator=g), torch.rand(64, generator=g) < 0.1
+    wanted, got = [], []
+    for default in (cpu, torch.device("meta")):
+        torch.set_default_device(default)
+        try:
+            m = RunningMeanStd(None, None, device="cpu", clamp_value=5.0, backend=backend)
+            r = RewardRunningMeanStd(None, (1,), gamma=0.99, device="cpu", backend=backend)
+            outs = []
+            for x in (large, small, large):
+                outs.append(m.normalize(x))
+                m.record_moments(x)
+            with torch.inference_mode():
+                outs.append(m.normalize(large))
+            r.record_reward(reward, done)
+            outs.append(r.normalize(reward[:, None]))
+            combined = protonorm.combine_moments([m.mean, r.mean.expand(40)], [m.var, r.var.expand(40)],
+                                                 [m.count, r.count])
+            results = outs + [*stats(m), *stats(r), *combined]
+        finally:
+            torch.set_default_device(None)
+        assert all(t.device == cpu for t in results)
+        (wanted if default == cpu else got).append(results)
+    for a, b in zip(wanted[0], got[0]):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("ema", [None, 0.9])
 def test_update_from_moments_matches_recording(ema):
     x = torch.randn(10, 3, dtype=torch.float64)

@@ -207,11 +207,11 @@ def _sqrt_probe() -> Tensor:
     """float64 variances whose float32 roots a candidate must get right: random bit patterns of every positive
     finite float32 (subnormals included), values of the order of real variances, and the special cases."""
     g = torch.Generator().manual_seed(0)
-    bits = torch.randint(0, 0x7F800000, (4096,), generator=g, dtype=torch.int32)
+    bits = torch.randint(0, 0x7F800000, (4096,), generator=g, dtype=torch.int32, device="cpu")
     special = torch.tensor([0.0, -0.0, 1e-45, 1e-40, 1.0, 2.0, 4.0, 3.4028235e38, float("inf"), -float("inf"),
-                            float("nan"), -1.0, -1e-45])
-    values = torch.cat([bits.view(torch.float32), torch.rand(4096, generator=g) * 10, special]).double()
-    return values[torch.randperm(values.shape[0], generator=g)]
+                            float("nan"), -1.0, -1e-45], device="cpu")
+    values = torch.cat([bits.view(torch.float32), torch.rand(4096, generator=g, device="cpu") * 10, special]).double()
+    return values[torch.randperm(values.shape[0], generator=g, device="cpu")]
 
 
 def _reproduces_torch_sqrt(address: int, mode: int) -> bool:
@@ -219,7 +219,7 @@ def _reproduces_torch_sqrt(address: int, mode: int) -> bool:
     value of the probe, over many lengths and alignments of the input and the output."""
     values = _sqrt_probe()
     zeros = torch.zeros_like(values)
-    buffers = torch.empty(3, values.shape[0] + 16, dtype=torch.float32)
+    buffers = torch.empty(3, values.shape[0] + 16, dtype=torch.float32, device="cpu")
     for n in (1, 2, 3, 7, 8, 15, 16, 17, 31, 33, 64, 342, 1023, values.shape[0]):
         for offset in (0, 1, 3, 8):
             start = (offset * n) % max(1, values.shape[0] - n + 1)
@@ -252,7 +252,7 @@ def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, T
     if entry is None:
         if len(buffers) >= _MAX_SCRATCH_SIZES:
             buffers.clear()
-        block = outside_inference_mode(lambda: torch.empty((3, cols), dtype=torch.float32))
+        block = outside_inference_mode(lambda: torch.empty((3, cols), dtype=torch.float32, device="cpu"))
         # mean32, std32, the radicand std32 is the root of, whether that pair is set; the views are kept because
         # indexing costs about 1.4 us a call.
         entry = buffers[cols] = [block[0], block[1], block[2], False]
@@ -315,7 +315,7 @@ def _merge_kernel(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropp
 def _combine_kernel(parts: Tensor) -> Tensor:
     _check_parts(parts)
     parts = _unit_columns(parts)
-    out = torch.empty((1, parts.shape[1]), dtype=torch.float64)
+    out = torch.empty((1, parts.shape[1]), dtype=torch.float64, device="cpu")
     _C.combine(parts.data_ptr(), parts.shape[0], (parts.shape[1] - 2) // 2, parts.stride(0), out.data_ptr(),
                _threads())
     return out
