@@ -157,12 +157,16 @@ def test_default_cuda_device_falls_back_to_cpu_with_warning():
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
-def test_cpu_modules_ignore_another_default_device(backend):
+def test_cpu_modules_ignore_another_default_device(backend, monkeypatch):
     """Training scripts often call torch.set_default_device("cuda"); a module whose statistics live on the CPU must
     still make every tensor of its own there (scratch, recycled outputs, the square-root check) and give the same
     results. The meta device stands in for CUDA here."""
     if backends.load(backend)[0] is None:
         pytest.skip(f"{backend} backend unavailable")
+    from protonorm.backends import cpp_backend
+
+    monkeypatch.setattr(cpp_backend, "_torch_sqrt", None)  # the square-root check runs again, in the loop below
+    monkeypatch.setattr(cpp_backend._scratch, "stats", {}, raising=False)  # and the statistics' scratch is made anew
     cpu = torch.device("cpu")
     g = torch.Generator().manual_seed(3)
     large, small = torch.randn(3000, 40, generator=g) * 2 + 1, torch.randn(5, 40, generator=g)
