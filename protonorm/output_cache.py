@@ -107,9 +107,12 @@ class _Slot:
         self.idle_uses = _storage_use_count(self.cdata)
         self.idle_refs = sys.getrefcount(self.storage)
 
+    def _on_storage(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
+        return torch.empty(0, dtype=dtype, device=_CPU).set_(self.storage, 0, shape)
+
     def _over_storage(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         # A normal tensor even under inference mode: outputs made from it outside inference mode must be usable.
-        return outside_inference_mode(lambda: torch.empty(0, dtype=dtype, device=_CPU).set_(self.storage, 0, shape))
+        return outside_inference_mode(lambda: self._on_storage(shape, dtype))
 
     def idle(self) -> bool:
         return _storage_use_count(self.cdata) == self.idle_uses and sys.getrefcount(self.storage) == self.idle_refs
@@ -117,7 +120,7 @@ class _Slot:
     def tensor(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A new tensor of ``shape`` and ``dtype`` on the storage."""
         if torch.is_inference_mode_enabled():
-            return torch.empty(0, dtype=dtype, device=_CPU).set_(self.storage, 0, shape)
+            return self._on_storage(shape, dtype)
         if self.template_key != (shape, dtype):
             # The new template takes the old one's reference to the storage: the idle counts stay as measured.
             self.template = self._over_storage(shape, dtype)

@@ -178,16 +178,15 @@ _torch_sqrt: Optional[int] = None  # the address float32_stats takes roots with;
 
 
 def _torch_sqrt_address() -> int:
-    """The address of the float32 square root behind torch's own CPU ``sqrt`` (MKL's ``vmsSqrt``, which x86 builds
-    of torch export), or 0 where there is none or it does not reproduce ``torch.sqrt`` bit for bit.
+    """The address of the float32 square root behind torch's own CPU ``sqrt`` (MKL's ``vmsSqrt``, which Linux builds
+    of torch with MKL export), or 0 where there is none, or no extension to hand it to, or it does not reproduce
+    ``torch.sqrt`` bit for bit.
 
     Taking the root in C++ saves the only torch op of the float32 statistics, which right after other work costs
     75-100 us (bench/RESULTS.md). A wrong root would silently change outputs, so the function is used only after
     it matched ``torch.sqrt`` on every probe: float32 values of every binade, subnormals, zeros, infinities, NaN
     and negatives, in arrays of many lengths and alignments, through the very call float32_stats makes."""
     global _torch_sqrt
-    if _torch_sqrt is None and _C is None:
-        return 0  # no extension to hand it to
     if _torch_sqrt is None:
         address = 0
         try:
@@ -197,7 +196,7 @@ def _torch_sqrt_address() -> int:
             address = ctypes.cast(library.vmsSqrt, ctypes.c_void_p).value or 0
         except (OSError, AttributeError):  # not Linux, not an MKL build, or a torch that names it otherwise
             pass
-        if address and not outside_inference_mode(lambda: _reproduces_torch_sqrt(address, _VML_MODE)):
+        if _C is None or (address and not outside_inference_mode(lambda: _reproduces_torch_sqrt(address, _VML_MODE))):
             address = 0
         _torch_sqrt = address
     return _torch_sqrt
