@@ -4,6 +4,7 @@
 
 #define PROTONORM_KERNELS_FMA 1
 #define PROTONORM_KERNELS_X86_V3 1  // AVX2 + FMA intrinsics (g++ does not define __AVX2__ under the pragma)
+#define PROTONORM_KERNELS_AVX512 1  // AVX-512 F/BW/DQ/VL intrinsics
 
 #pragma GCC push_options
 #pragma GCC target("avx,avx2,fma,f16c,bmi,bmi2,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
