@@ -178,7 +178,7 @@ def test_narrow_rows_round_in_the_same_order_as_float64_rows(isa, dtype, b, d):
 def test_normalize_edges_on_each_instruction_set(isa, dtype, d):
     """float32 and 16-bit rows take hand-vectorized 256-bit loops on x86-64-v3: NaN, infinities, signed zeros,
     subnormals and values at and just past the clamp bounds must come out bitwise as from the torch path, in the
-    vector body and the tail."""
+    vector body and the tail (a scalar loop on AVX2, a masked vector step on AVX-512)."""
     tiny = {torch.float32: 1e-40, torch.float16: 1e-6, torch.bfloat16: 1e-39}[dtype]  # subnormal in each dtype
     past = 2.0 * (1.0 + torch.finfo(dtype).eps)  # the next value above the bound in each dtype
     special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 2.0, -2.0, past,
