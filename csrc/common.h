@@ -64,6 +64,7 @@ struct NormalizeArgs {
   Matrix out;  // float32, or float64 for float64 input
   NormalizeParams params;
   int threads;
+  bool stream;  // write the output with non-temporal stores where the kernels have them
 };
 
 struct NormalizeMomentsArgs {
@@ -73,6 +74,7 @@ struct NormalizeMomentsArgs {
   PartsOut parts;
   int threads;
   int64_t block_bytes;  // input rows normalized before they enter the moments: a share of the L2 cache
+  bool stream;          // as in NormalizeArgs
 };
 
 struct RewardArgs {

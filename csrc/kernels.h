@@ -620,37 +620,59 @@ inline bool normalize_columns(const T* __restrict x, typename OutOf<T>::type* __
 #ifdef PROTONORM_KERNELS_X86_V3
 // normalize_columns for float32, float16 and bfloat16 rows in 256-bit vectors, whatever width the rest of the file
 // prefers: on the Zen 4 this was measured on, 512-bit divisions make the AVX-512 build's float32 normalize 10-15%
-// slower than 256-bit ones with the rows in cache (on a Zen 5, 4-13% slower in the fused kernel), and g++ does not vectorize the float16 decoding on AVX2. The same
-// operations in the same order as the generic loop, so the same bits: max(lo, v) and min(hi, v) return v unless
-// the bound is strictly beyond it, NaN included, exactly as the generic selects; a NaN/inf element has the
-// all-ones float32 exponent after its exact widening, as before it.
-template <class T, bool kCenter, bool kClamp, bool kCheck>
+// slower than 256-bit ones with the rows in cache (on a Zen 5, 4-13% slower in the fused kernel), and g++ does not
+// vectorize the float16 decoding on AVX2. The same operations in the same order as the generic loop, so the same
+// bits: max(lo, v) and min(hi, v) return v unless the bound is strictly beyond it, NaN included, exactly as the
+// generic selects; a NaN/inf element has the all-ones float32 exponent after its exact widening, as before it.
+//
+// kStream (AVX-512 build only) writes the row's whole 64-byte lines with non-temporal stores, which go to memory
+// without first reading each line into the cache; the caller ends its thread's work with stream_fence().
+template <class T, bool kCenter, bool kClamp, bool kCheck, bool kStream>
 inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, const float* __restrict mean,
                                   const float* __restrict stddev, float hi, int64_t cols) {
   const __m256 upper = _mm256_set1_ps(hi);
   const __m256 lower = _mm256_set1_ps(-hi);
   const __m256i exponent = _mm256_set1_epi32(static_cast<int>(Elem<float>::kNonFinite));
   __m256i largest = _mm256_setzero_si256();
-  int64_t j = 0;
-  for (; j + 8 <= cols; j += 8) {
-    const __m256 v = load8_f32(x + j);
+  const auto compute = [&](int64_t j, __m256 v) {
     const __m256 centered = kCenter ? _mm256_sub_ps(v, _mm256_loadu_ps(mean + j)) : v;
     __m256 out = _mm256_div_ps(centered, _mm256_loadu_ps(stddev + j));
     if (kClamp) out = _mm256_min_ps(upper, _mm256_max_ps(lower, out));
-    _mm256_storeu_ps(y + j, out);
     if (kCheck) largest = _mm256_max_epu32(largest, _mm256_and_si256(_mm256_castps_si256(v), exponent));
-  }
+    return out;
+  };
+  int64_t j = 0;
 #ifdef PROTONORM_KERNELS_AVX512
-  // The last columns under a mask instead of a scalar loop (a sixth of the time at 342 features otherwise). Masked
-  // lanes are neither computed, so they raise no floating-point flags, nor stored.
-  if (j < cols) {
-    const __mmask8 m = static_cast<__mmask8>((1u << (cols - j)) - 1u);
+  // Up to eight columns under a mask. Masked lanes are neither computed, so they raise no floating-point flags, nor
+  // stored.
+  const auto masked = [&](int64_t j, int64_t count) {
+    const __mmask8 m = static_cast<__mmask8>((1u << count) - 1u);
     const __m256 v = load8_f32_masked(x + j, m);
     const __m256 centered = kCenter ? _mm256_maskz_sub_ps(m, v, _mm256_maskz_loadu_ps(m, mean + j)) : v;
     __m256 out = _mm256_maskz_div_ps(m, centered, _mm256_maskz_loadu_ps(m, stddev + j));
     if (kClamp) out = _mm256_min_ps(upper, _mm256_max_ps(lower, out));
     _mm256_mask_storeu_ps(y + j, m, out);
     if (kCheck) largest = _mm256_max_epu32(largest, _mm256_and_si256(_mm256_castps_si256(v), exponent));
+  };
+  if (kStream) {
+    // Plain stores up to the first 64-byte boundary, then whole lines as two non-temporal halves each; a line that
+    // a row shares with the next is left to plain stores, so no line gets both kinds.
+    const int64_t head = static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(y) & 63)) & 63) / 4;
+    if (head + 16 <= cols) {
+      for (; j < head; j += 8) masked(j, head - j < 8 ? head - j : 8);
+      j = head;
+      for (; j + 16 <= cols; j += 16) {
+        _mm256_stream_ps(y + j, compute(j, load8_f32(x + j)));
+        _mm256_stream_ps(y + j + 8, compute(j + 8, load8_f32(x + j + 8)));
+      }
+    }
+  }
+#endif
+  for (; j + 8 <= cols; j += 8) _mm256_storeu_ps(y + j, compute(j, load8_f32(x + j)));
+#ifdef PROTONORM_KERNELS_AVX512
+  // The last columns under a mask instead of a scalar loop (a sixth of the time at 342 features otherwise).
+  if (j < cols) {
+    masked(j, cols - j);
     j = cols;
   }
 #endif
@@ -662,14 +684,22 @@ inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, co
 }
 #endif
 
+// Makes a thread's non-temporal stores visible before it leaves the kernel.
+inline void stream_fence() {
+#ifdef PROTONORM_KERNELS_AVX512
+  _mm_sfence();
+#endif
+}
+
 // One row of `clamp((x - mean) / std)` (or the scale-only `x / std`) into y; returns whether x held a NaN/inf when
-// kCheck (for the fused moments), which costs one compare per element.
-template <class T, bool kCenter, bool kClamp, bool kCheck>
+// kCheck (for the fused moments), which costs one compare per element. kStream asks for non-temporal stores where
+// the instruction set has them (see normalize_columns_x86).
+template <class T, bool kCenter, bool kClamp, bool kCheck, bool kStream = false>
 inline bool normalize_row(const T* __restrict x, typename OutOf<T>::type* __restrict y, const float* __restrict mean,
                           const float* __restrict stddev, typename OutOf<T>::type hi, int64_t cols) {
 #ifdef PROTONORM_KERNELS_X86_V3
   if constexpr (std::is_same<typename OutOf<T>::type, float>::value)
-    return normalize_columns_x86<T, kCenter, kClamp, kCheck>(x, y, mean, stddev, hi, cols);
+    return normalize_columns_x86<T, kCenter, kClamp, kCheck, kStream>(x, y, mean, stddev, hi, cols);
 #endif
   return normalize_columns<T, kCenter, kClamp, kCheck>(x, y, mean, stddev, hi, cols);
 }
@@ -693,7 +723,7 @@ inline void unnormalize_row(const T* __restrict x, typename OutOf<T>::type* __re
   }
 }
 
-template <class T, bool kUnNorm, bool kCenter, bool kClamp>
+template <class T, bool kUnNorm, bool kCenter, bool kClamp, bool kStream = false>
 void normalize_rows(const NormalizeArgs& a) {
   using M = typename OutOf<T>::type;
   const Matrix& x = a.x;
@@ -710,9 +740,10 @@ void normalize_rows(const NormalizeArgs& a) {
         if (kUnNorm)
           unnormalize_row<T, kCenter, kClamp>(xr, yr, p.mean, p.stddev, hi, x.cols);
         else
-          normalize_row<T, kCenter, kClamp, false>(xr, yr, p.mean, p.stddev, hi, x.cols);
+          normalize_row<T, kCenter, kClamp, false, kStream>(xr, yr, p.mean, p.stddev, hi, x.cols);
       }
     }
+    if (kStream) stream_fence();
   });
 }
 
@@ -720,6 +751,14 @@ template <class T>
 void normalize_typed(const NormalizeArgs& a) {
   const NormalizeParams& p = a.params;
   const int variant = (p.un_norm ? 4 : 0) | (p.center ? 2 : 0) | (p.clamp ? 1 : 0);
+  if (a.stream && !p.un_norm) {
+    switch (variant) {
+      case 0: return normalize_rows<T, false, false, false, true>(a);
+      case 1: return normalize_rows<T, false, false, true, true>(a);
+      case 2: return normalize_rows<T, false, true, false, true>(a);
+      default: return normalize_rows<T, false, true, true, true>(a);
+    }
+  }
   switch (variant) {
     case 0: return normalize_rows<T, false, false, false>(a);
     case 1: return normalize_rows<T, false, false, true>(a);
@@ -750,7 +789,7 @@ void normalize(const NormalizeArgs& a) {
 // at once (one read for both uses) is faster only while everything fits in cache; once the batch streams from
 // memory, its four interleaved write streams make it up to 1.6x slower than this two-pass block at a few hundred
 // columns, and no faster at a thousand.
-template <class T, bool kClamp>
+template <class T, bool kClamp, bool kStream>
 void normalize_moments_typed(const NormalizeMomentsArgs& a) {
   using M = typename OutOf<T>::type;
   const Matrix& x = a.x;
@@ -803,8 +842,8 @@ void normalize_moments_typed(const NormalizeMomentsArgs& a) {
           const int64_t b_end = b + block < r_end ? b + block : r_end;
           for (int64_t r = b; r < b_end; ++r) {
             if (r + ahead < r_end) prefetch_row(row_ptr<const T>(x, r + ahead), row_bytes);
-            bad[r - b] = normalize_row<T, true, kClamp, true>(row_ptr<const T>(x, r), row_ptr<M>(out, r), p.mean,
-                                                               p.stddev, hi, cols);
+            bad[r - b] = normalize_row<T, true, kClamp, true, kStream>(row_ptr<const T>(x, r), row_ptr<M>(out, r),
+                                                                        p.mean, p.stddev, hi, cols);
           }
           for (int64_t r = b; r < b_end; ++r) {
             if (bad[r - b])
@@ -816,17 +855,27 @@ void normalize_moments_typed(const NormalizeMomentsArgs& a) {
         finish_part<T>(acc, parts.data + q * width);
       }
     }
+    if (kStream) stream_fence();
   });
 }
 
+template <class T>
+void normalize_moments_clamp(const NormalizeMomentsArgs& a) {
+  const int variant = (a.params.clamp ? 2 : 0) | (a.stream ? 1 : 0);
+  switch (variant) {
+    case 0: return normalize_moments_typed<T, false, false>(a);
+    case 1: return normalize_moments_typed<T, false, true>(a);
+    case 2: return normalize_moments_typed<T, true, false>(a);
+    default: return normalize_moments_typed<T, true, true>(a);
+  }
+}
+
 void normalize_moments(const NormalizeMomentsArgs& a) {
-  const bool c = a.params.clamp;
   switch (a.x.dtype) {
-    case kFloat32: return c ? normalize_moments_typed<float, true>(a) : normalize_moments_typed<float, false>(a);
-    case kFloat64: return c ? normalize_moments_typed<double, true>(a) : normalize_moments_typed<double, false>(a);
-    case kFloat16: return c ? normalize_moments_typed<Half, true>(a) : normalize_moments_typed<Half, false>(a);
-    case kBFloat16:
-      return c ? normalize_moments_typed<BFloat16, true>(a) : normalize_moments_typed<BFloat16, false>(a);
+    case kFloat32: return normalize_moments_clamp<float>(a);
+    case kFloat64: return normalize_moments_clamp<double>(a);
+    case kFloat16: return normalize_moments_clamp<Half>(a);
+    case kBFloat16: return normalize_moments_clamp<BFloat16>(a);
     default: return;
   }
 }

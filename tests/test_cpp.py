@@ -203,6 +203,50 @@ def test_normalize_edges_on_each_instruction_set(isa, dtype, d):
         assert_parts_close(parts, reference.batch_moments(x))
 
 
+@pytest.fixture
+def stream_everything():
+    """Make the kernels write every normalized output with non-temporal stores, as they do for batches larger than
+    the last-level cache, so that small batches exercise that path."""
+    previous = _C.set_stream_threshold(0)
+    yield
+    _C.set_stream_threshold(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("b, d", [(1, 16), (3, 17), (9, 31), (33, 342), (5, 1023)])
+def test_streamed_outputs_are_the_same_bits(isa, stream_everything, dtype, b, d):
+    """Non-temporal stores (whole 64-byte lines of a row, plain stores before and after them) write the same bits
+    as the plain path, at every alignment of the output within a line, with NaN/inf and clamp edges in the rows."""
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 2.0, -2.0, 6e4])
+    g = torch.Generator().manual_seed(b * d)
+    x = torch.randn(b, d, generator=g) * 3
+    x = torch.where(torch.rand(b, d, generator=g) < 0.2, special[torch.randint(0, 7, (b, d), generator=g)], x)
+    x = x.to(dtype)
+    mean, var = stats(d)
+    buffer = torch.empty(b * d + 16)
+    for offset in range(16):  # float32 elements: every 4-byte position within a 64-byte line
+        out, want = buffer[offset: offset + b * d].view(b, d), torch.empty(b, d)
+        CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, out)
+        TORCH.normalize(x, mean, var, 1e-5, 2.0, False, True, want)
+        assert_same(out, want)
+        out.fill_(7.0)
+        parts = CPP.normalize_moments(x, mean, var, 1e-5, 2.0, out, {})
+        assert_same(out, want)
+        _C.set_stream_threshold(-1)  # the default: these small batches take the plain path
+        plain = CPP.normalize_moments(x, mean, var, 1e-5, 2.0, torch.empty(b, d), {})
+        _C.set_stream_threshold(0)
+        assert_same(parts, plain)
+
+
+def test_stream_threshold_is_the_last_level_cache():
+    """By default outputs stream once input plus output exceed the last-level cache; the setter restores it."""
+    default = _C.stream_threshold()
+    assert default > 0
+    assert _C.set_stream_threshold(123) == default
+    assert _C.set_stream_threshold(-1) == 123
+    assert _C.stream_threshold() == default
+
+
 def test_mask_ignores_rows_without_counting_them():
     x = data(1023, 7, torch.float32)
     x[5, 3] = float("nan")  # masked out: neither counted nor dropped

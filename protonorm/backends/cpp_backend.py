@@ -34,7 +34,7 @@ from ..reference import parts_width
 from .base import Backend, normalized_dtype, outside_inference_mode, workspace_buffer
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
-INTERFACE_VERSION = 3
+INTERFACE_VERSION = 4
 
 
 def interface_problem(module) -> Optional[str]:
