@@ -10,7 +10,9 @@ in two settings:
 * cache-resident, one thread: a batch small enough for the L2 cache (256 rows), repeated; the time per 16 elements
   in nanoseconds is the kernel's compute cost, with memory out of the picture;
 * streaming: the full batch on the given threads, with the caches emptied (a 96 MB buffer written) before every
-  call, as in a training step where the batch comes from the simulator.
+  call, as in a training step where the batch comes from the simulator. When input plus output exceed the
+  last-level cache, the kernels write the output with non-temporal stores (AVX-512 build); ``normalize, plain``
+  and ``fused, plain`` are then the same kernels with plain stores.
 
 The fused kernel's streaming time is about its normalize time plus the moments' compute on cached rows, since the
 moments of a block of rows run while no memory traffic is pending; see bench/RESULTS.md for figures.
@@ -59,7 +61,7 @@ def contenders(x: torch.Tensor, threads: int) -> Dict[str, Callable[[], None]]:
             call()
         return run
 
-    return {
+    calls = {
         "copy": lambda: out.copy_(x),
         "normalize": kernel(lambda: _C.normalize(xp, rows, features, features, 0, op, features, mp, sp, True, 5.0,
                                                  False, True, threads)),
@@ -68,6 +70,21 @@ def contenders(x: torch.Tensor, threads: int) -> Dict[str, Callable[[], None]]:
         "fused": kernel(lambda: _C.normalize_moments(xp, rows, features, features, 0, op, features, mp, sp, True,
                                                      5.0, pp, num_parts, rows_per_part, threads)),
     }
+    if 2 * x.numel() * x.element_size() >= _C.stream_threshold():
+        # The batch is larger than the last-level cache, so the kernels write the output with non-temporal stores
+        # where they have them: the same two kernels with plain stores, for comparison.
+        def plain_stores(call):
+            def run():
+                threshold = _C.set_stream_threshold(2**62)
+                try:
+                    call()
+                finally:
+                    _C.set_stream_threshold(threshold)
+            return run
+
+        calls["normalize, plain"] = plain_stores(calls["normalize"])
+        calls["fused, plain"] = plain_stores(calls["fused"])
+    return calls
 
 
 def measure(calls: Dict[str, Callable[[], None]], rounds: int, repeat: int, evict) -> Dict[str, list]:
@@ -95,16 +112,23 @@ def report(title: str, times: Dict[str, list], elements: int) -> None:
     for name, values in times.items():
         median, between = spread(values, 1e6, 1)
         to_copy = spread([v / c for v, c in zip(values, times["copy"])], 1.0, 2)[0]
-        print(f"    {name:10s} {median:9.1f} us  ({between})  {median * 1e3 / (elements / 16):6.2f} ns / 16 elements"
+        print(f"    {name:16s} {median:9.1f} us  ({between})  {median * 1e3 / (elements / 16):6.2f} ns / 16 elements"
               f"  {to_copy:5.2f}x copy")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--stream-threshold", type=int, default=None,
+                        help="bytes of input plus output from which outputs are written with non-temporal stores "
+                             "(default: the size of the last-level cache)")
     add_common_arguments(parser, shapes="16384x342")
     args = parser.parse_args()
     header, shapes = setup(args)
+    if args.stream_threshold is not None:
+        import protonorm._C as _C
+
+        _C.set_stream_threshold(args.stream_threshold)
     threads = torch.get_num_threads()
     print(f"{header}, float32")
     gen = torch.Generator().manual_seed(0)

@@ -29,12 +29,20 @@ def run_script(name: str, *args: str) -> str:
 
 
 def test_bench_cpu_prints_every_ratio():
-    out = run_script("bench_cpu.py", "--rounds", "3", "--no-compile", "--shapes", "64x7", "--envs", "33")
+    out = run_script("bench_cpu.py", "--rounds", "3", "--shapes", "64x7", "--envs", "33")
     for mode in ("Welford", "EMA 0.999"):
         assert f"normalize+record 64x7 fp32, {mode}:" in out
     assert out.count("eager / protonorm") == 3  # two normalize cases and the reward case
     assert out.count("kernel / copy") == 2
+    assert out.count("compiled / protonorm") == 4  # alongside the eager contender, then without it
+    assert out.count("without the eager contender") == 2
     assert "reward record, 33 envs" in out
+
+
+def test_bench_cpu_without_compile():
+    out = run_script("bench_cpu.py", "--rounds", "2", "--no-compile", "--shapes", "5x3", "--envs", "7")
+    assert out.count("eager / protonorm") == 3
+    assert "compiled" not in out
 
 
 def test_bench_cpu_step_prints_both_ratios():
@@ -50,3 +58,9 @@ def test_cpu_kernel_breakdown_prints_every_kernel():
     assert "cache-resident: 256x7" in out and "streaming: 96x7" in out
     for kernel in ("copy", "normalize", "moments", "fused"):
         assert out.count(f"    {kernel} ") == 2, kernel
+    assert "plain" not in out  # too small to stream
+
+
+def test_cpu_kernel_breakdown_compares_plain_stores_when_outputs_stream():
+    out = run_script("cpu_kernel_breakdown.py", "--rounds", "4", "--shapes", "96x7", "--stream-threshold", "0")
+    assert out.count("    normalize, plain ") == 2 and out.count("    fused, plain ") == 2
