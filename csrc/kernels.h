@@ -625,8 +625,8 @@ inline bool normalize_columns(const T* __restrict x, typename OutOf<T>::type* __
 // bits: max(lo, v) and min(hi, v) return v unless the bound is strictly beyond it, NaN included, exactly as the
 // generic selects; a NaN/inf element has the all-ones float32 exponent after its exact widening, as before it.
 //
-// kStream (AVX-512 build only) writes the row's whole 64-byte lines with non-temporal stores, which go to memory
-// without first reading each line into the cache; the caller ends its thread's work with stream_fence().
+// kStream writes the row's whole 64-byte lines with non-temporal stores, which go to memory without first reading
+// each line into the cache; the caller ends its thread's work with stream_fence().
 template <class T, bool kCenter, bool kClamp, bool kCheck, bool kStream>
 inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, const float* __restrict mean,
                                   const float* __restrict stddev, float hi, int64_t cols) {
@@ -654,12 +654,18 @@ inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, co
     _mm256_mask_storeu_ps(y + j, m, out);
     if (kCheck) largest = _mm256_max_epu32(largest, _mm256_and_si256(_mm256_castps_si256(v), exponent));
   };
+#endif
+  bool nonfinite = false;
   if (kStream) {
     // Plain stores up to the first 64-byte boundary, then whole lines as two non-temporal halves each; a line that
     // a row shares with the next is left to plain stores, so no line gets both kinds.
     const int64_t head = static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(y) & 63)) & 63) / 4;
     if (head + 16 <= cols) {
+#ifdef PROTONORM_KERNELS_AVX512
       for (; j < head; j += 8) masked(j, head - j < 8 ? head - j : 8);
+#else
+      if (head > 0) nonfinite = normalize_columns<T, kCenter, kClamp, kCheck>(x, y, mean, stddev, hi, head);
+#endif
       j = head;
       for (; j + 16 <= cols; j += 16) {
         _mm256_stream_ps(y + j, compute(j, load8_f32(x + j)));
@@ -667,7 +673,6 @@ inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, co
       }
     }
   }
-#endif
   for (; j + 8 <= cols; j += 8) _mm256_storeu_ps(y + j, compute(j, load8_f32(x + j)));
 #ifdef PROTONORM_KERNELS_AVX512
   // The last columns under a mask instead of a scalar loop (a sixth of the time at 342 features otherwise).
@@ -676,8 +681,7 @@ inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, co
     j = cols;
   }
 #endif
-  bool nonfinite = false;
-  if (kCheck) nonfinite = _mm256_movemask_epi8(_mm256_cmpeq_epi32(largest, exponent)) != 0;
+  if (kCheck) nonfinite |= _mm256_movemask_epi8(_mm256_cmpeq_epi32(largest, exponent)) != 0;
   if (j < cols)
     nonfinite |= normalize_columns<T, kCenter, kClamp, kCheck>(x + j, y + j, mean + j, stddev + j, hi, cols - j);
   return nonfinite;
@@ -686,7 +690,7 @@ inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, co
 
 // Makes a thread's non-temporal stores visible before it leaves the kernel.
 inline void stream_fence() {
-#ifdef PROTONORM_KERNELS_AVX512
+#ifdef PROTONORM_KERNELS_X86_V3
   _mm_sfence();
 #endif
 }
