@@ -11,7 +11,7 @@ in two settings:
   in nanoseconds is the kernel's compute cost, with memory out of the picture;
 * streaming: the full batch on the given threads, with the caches emptied (a 96 MB buffer written) before every
   call, as in a training step where the batch comes from the simulator. When input plus output exceed the
-  last-level cache, the kernels write the output with non-temporal stores (AVX-512 build); ``normalize, plain``
+  last-level cache, the kernels write the output with non-temporal stores (x86 builds); ``normalize, plain``
   and ``fused, plain`` are then the same kernels with plain stores.
 
 The fused kernel's streaming time is about its normalize time plus the moments' compute on cached rows, since the
