@@ -659,8 +659,9 @@ inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, co
   if (kStream) {
     // Plain stores up to the first 64-byte boundary, then whole lines as two non-temporal halves each; a line that
     // a row shares with the next is left to plain stores, so no line gets both kinds.
-    const int64_t head = static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(y) & 63)) & 63) / 4;
-    if (head + 16 <= cols) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(y);
+    const int64_t head = static_cast<int64_t>((64 - (address & 63)) & 63) / 4;
+    if (address % 4 == 0 && head + 16 <= cols) {  // a float32 view of a byte buffer can start anywhere
 #ifdef PROTONORM_KERNELS_AVX512
       for (; j < head; j += 8) masked(j, head - j < 8 ? head - j : 8);
 #else

@@ -238,6 +238,23 @@ def test_streamed_outputs_are_the_same_bits(isa, stream_everything, dtype, b, d)
         assert_same(parts, plain)
 
 
+def test_streamed_output_that_is_not_float_aligned(stream_everything):
+    """A float32 output that starts at an odd byte address (a view of a byte buffer) cannot take aligned
+    non-temporal stores: it is written with plain ones, with the same bits."""
+    x = data(5, 100, torch.float32)
+    mean, var = stats(100)
+    raw = bytearray(5 * 100 * 4 + 1)
+    out = torch.frombuffer(raw, dtype=torch.float32, offset=1, count=500).view(5, 100)
+    assert out.data_ptr() % 4 == 1
+    want = torch.empty(5, 100)
+    TORCH.normalize(x, mean, var, 1e-5, 2.0, False, True, want)
+    CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, out)
+    assert_same(out, want)
+    out.fill_(0.0)
+    CPP.normalize_moments(x, mean, var, 1e-5, 2.0, out, {})
+    assert_same(out, want)
+
+
 def test_stream_threshold_is_the_last_level_cache():
     """By default outputs stream once input plus output exceed the last-level cache; the setter restores it."""
     default = _C.stream_threshold()
