@@ -865,7 +865,7 @@ void normalize_moments_typed(const NormalizeMomentsArgs& a) {
 }
 
 template <class T>
-void normalize_moments_clamp(const NormalizeMomentsArgs& a) {
+void normalize_moments_variant(const NormalizeMomentsArgs& a) {
   const int variant = (a.params.clamp ? 2 : 0) | (a.stream ? 1 : 0);
   switch (variant) {
     case 0: return normalize_moments_typed<T, false, false>(a);
@@ -877,10 +877,10 @@ void normalize_moments_clamp(const NormalizeMomentsArgs& a) {
 
 void normalize_moments(const NormalizeMomentsArgs& a) {
   switch (a.x.dtype) {
-    case kFloat32: return normalize_moments_clamp<float>(a);
-    case kFloat64: return normalize_moments_clamp<double>(a);
-    case kFloat16: return normalize_moments_clamp<Half>(a);
-    case kBFloat16: return normalize_moments_clamp<BFloat16>(a);
+    case kFloat32: return normalize_moments_variant<float>(a);
+    case kFloat64: return normalize_moments_variant<double>(a);
+    case kFloat16: return normalize_moments_variant<Half>(a);
+    case kBFloat16: return normalize_moments_variant<BFloat16>(a);
     default: return;
   }
 }
