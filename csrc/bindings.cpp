@@ -176,8 +176,9 @@ int float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t va
 // From how many bytes of input plus output normalize and normalize_moments write their output with non-temporal
 // stores (x86 builds): the size of the last-level cache, past which plain stores would push the batch being read,
 // and the output's own first rows, out of it anyway; they would also read every output line from memory before
-// writing it. Measured on a Zen 5 at 16384x342: the fused kernel 14-19% faster, and followed by a read of the whole
-// output still 13-14% faster (bench/RESULTS.md). PROTONORM_STREAM_STORES=0 turns it off; unknown cache size: off.
+// writing it. Measured on a Zen 5 at 16384x342 and 8192x1024: the fused kernel 10-17% faster, and followed by a read
+// of the whole output still 14-17% faster (bench/RESULTS.md). PROTONORM_STREAM_STORES=0 turns it off; unknown cache
+// size: off.
 constexpr int64_t kNeverStream = INT64_MAX;
 int64_t g_stream_threshold = kNeverStream;
 
