@@ -400,9 +400,46 @@ class RunningMeanStd(nn.Module):
         In training mode the batch's moments are computed in the same pass, so that a following
         ``record_moments`` of the same, unmodified tensor costs only the merge.
         """
+        if not un_norm:
+            out = self._direct_normalize(arr)
+            if out is not None:
+                return out
         if not self._initialized:
             self._lazy_init(arr)
         return self._normalize(arr, un_norm, center=True)
+
+    def _direct_normalize(self, arr: Tensor) -> Optional[Tensor]:
+        """The centered ``normalize`` of a ``[B, D]`` batch offered to the backend's direct call (see
+        ``Backend.try_normalize_moments``), or None for the general way: first calls, other shapes, inputs that
+        need gradients, traces and exports, and whatever the backend declines."""
+        layout = self._layout_cache
+        if (
+            layout is None
+            or layout.choice != self.backend
+            or not layout.backend.direct
+            or type(arr) is not Tensor
+            or arr.requires_grad
+            or arr.dim() != 2
+            or len(layout.shape) != 1
+            or not arr.is_floating_point()
+            or arr.device != layout.device
+            or not layout.current(self._buffers)
+            or _is_compiling()
+            or _is_exporting(False)
+        ):
+            return None
+        out = self._outputs.empty(arr.shape, normalized_dtype(arr.dtype), layout.device)
+        backend = layout.backend
+        if self.training:
+            parts = backend.try_normalize_moments(arr, layout.flat_mean, layout.flat_var, self.epsilon,
+                                                  self.clamp_value, out, self._workspace_stash)
+            if parts is None:
+                return None
+            _set_plain(self, "_stash", (weakref.ref(arr), arr._version, parts, backend))
+            return out
+        if backend.try_normalize(arr, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out):
+            return out
+        return None
 
     def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
         compiling = _is_compiling()
@@ -434,12 +471,32 @@ class RunningMeanStd(nn.Module):
             backend.normalize(x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, un_norm, center, out_rows)
         return out
 
-    @_without_grad
     def record_moments(self, arr: Tensor, mask: Optional[Tensor] = None) -> None:
         """Fold the moments of the ``[B, *shape]`` batch ``arr`` over dim 0 into the statistics.
 
         ``mask`` (optional, ``[B]`` bool): rows where it is False are ignored and not counted.
         """
+        # ProtoMotions' second call: the moments of this very batch are stashed by normalize, and with the
+        # statistics this process's alone the backend may merge them directly (Backend.try_merge).
+        stash = self._stash
+        if stash is not None and mask is None and self.fabric is None and self.nonfinite == "drop" \
+                and not _is_compiling():
+            ref, version, parts, backend = stash
+            layout = self._layout_cache
+            if (
+                ref() is arr
+                and arr._version == version
+                and layout is not None
+                and layout.current(self._buffers)
+                and backend.try_merge(parts, layout.flat_mean, layout.flat_var, layout.count, layout.dropped,
+                                      self.ema_decay)
+            ):
+                _set_plain(self, "_stash", None)
+                return
+        self._record_moments(arr, mask)
+
+    @_without_grad
+    def _record_moments(self, arr: Tensor, mask: Optional[Tensor]) -> None:
         if not self._initialized:
             self._lazy_init(arr)
         layout = self._layout()
@@ -497,9 +554,32 @@ class RewardRunningMeanStd(RunningMeanStd):
         self.gamma = gamma
         self.discounted_reward: Optional[Tensor] = None
 
-    @_without_grad
     def record_reward(self, reward: Tensor, terminated: Tensor) -> None:
         """Advance the discounted returns by one environment step and record them."""
+        # The call made on every environment step, taken straight to the backend when it can be: this module set
+        # up the previous call (layout, backend and discounted returns in place), the statistics are this
+        # process's alone, and the backend accepts every argument (try_reward_record checks them). Anything
+        # else, first calls and errors included, goes the general way.
+        layout = self._layout_cache
+        previous = self.discounted_reward
+        if (
+            layout is not None
+            and previous is not None
+            and self.fabric is None
+            and self.nonfinite == "drop"
+            and layout.choice == self.backend
+            and layout.backend.direct
+            and layout.current(self._buffers)
+            and type(reward) is Tensor
+            and (reward.dim() == 1 if layout.num_features == 1 else len(layout.shape) == 1 and reward.dim() == 2)
+            and layout.backend.try_reward_record(reward, terminated, previous, self.gamma, layout.flat_mean,
+                                                 layout.flat_var, layout.count, layout.dropped, self.ema_decay)
+        ):
+            return
+        self._record_reward(reward, terminated)
+
+    @_without_grad
+    def _record_reward(self, reward: Tensor, terminated: Tensor) -> None:
         if not self._initialized:
             self._lazy_init(reward)
         layout = self._layout()

@@ -781,6 +781,288 @@ def test_reward_record_through_module_matches_torch():
     torch.testing.assert_close(a.var, b.var, rtol=1e-12, atol=0)
 
 
+# ------------------------------------------------------------------------------------------------ direct calls
+# The module offers its hot calls to the backend's try_ methods (protonorm/backends/base.py), which take them
+# straight to the kernels or decline. Taken or not, the results must be the general way's, bit for bit.
+@pytest.fixture
+def direct_calls(monkeypatch):
+    """Counts, per direct function of the cpp backend, the calls it took and those it declined."""
+    from protonorm.backends import cpp_backend
+
+    seen = {}
+    for name in ("_direct_normalize_moments", "_direct_normalize", "_direct_merge", "_direct_reward_record"):
+        original = getattr(cpp_backend, name)
+        seen[name] = {"taken": 0, "declined": 0}
+
+        def counting(*args, _original=original, _seen=seen[name]):
+            result = _original(*args)
+            _seen["declined" if result is None or result is False else "taken"] += 1
+            return result
+
+        monkeypatch.setattr(cpp_backend, name, counting)
+    return seen
+
+
+def _general_way(monkeypatch):
+    """From here on the module offers the cpp backend no direct calls."""
+    monkeypatch.setattr(type(CPP), "direct", False)
+
+
+@pytest.mark.parametrize("clamp_value,ema_decay", [(5.0, None), (None, 0.99)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("b,d", [(1, 1), (7, 7), (1023, 342), (300, 1023)])
+def test_direct_normalize_and_record_match_the_general_way(b, d, dtype, clamp_value, ema_decay, direct_calls,
+                                                           monkeypatch):
+    """normalize + record in training (the fused kernel and the stash's merge) and normalize in evaluation, on
+    batches with NaN/inf rows, row-strided batches and a batch with strided columns (which the direct way leaves
+    to the general one)."""
+    g = torch.Generator().manual_seed(b * d)
+    wide = (torch.randn(b, d + 3, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    batches = [data(b, d, dtype, seed=s) for s in range(3)] + [wide[:, 1:d + 1]]
+    batches[1][b // 2, d // 2] = float("nan")
+    batches[2][0, 0] = float("inf")
+    transposed = data(d, b, dtype, seed=9).t()  # stride(1) != 1 unless d == 1 or b == 1
+
+    def run():
+        m = protonorm.RunningMeanStd(None, (d,), device="cpu", clamp_value=clamp_value, ema_decay=ema_decay,
+                                     backend="cpp")
+        outs = []
+        for x in batches + [transposed]:
+            m.train()
+            outs.append(m.normalize(x).clone())
+            m.record_moments(x)
+            m.eval()
+            outs.append(m.normalize(x).clone())
+        return m, outs
+
+    direct, direct_outs = run()
+    taken = {name: counts["taken"] for name, counts in direct_calls.items()}
+    plain_batches = len(batches) if (b > 1 and d > 1) else len(batches) + 1
+    # The first normalize makes the layout; every later one of a unit-column batch goes direct. Every record
+    # merges what its normalize stashed, whichever way that went.
+    assert taken["_direct_normalize_moments"] == plain_batches - 1
+    assert taken["_direct_normalize"] == plain_batches
+    assert taken["_direct_merge"] == len(batches) + 1
+    _general_way(monkeypatch)
+    general, general_outs = run()
+    assert direct_calls["_direct_normalize_moments"]["taken"] == plain_batches - 1
+    for a, e in zip(direct_outs, general_outs):
+        assert_same(a, e)
+    for a, e in ((direct.mean, general.mean), (direct.var, general.var), (direct.count, general.count),
+                 (direct.nonfinite_rows, general.nonfinite_rows)):
+        assert_same(a, e)
+    assert int(direct.nonfinite_rows) == 2
+
+
+def test_direct_normalize_declines_what_it_does_not_take():
+    """Each argument the direct functions cannot take makes them decline with nothing written."""
+    from protonorm.backends.cpp_backend import _direct_merge, _direct_normalize, _direct_normalize_moments
+
+    x = data(33, 7, torch.float32)
+    mean, var = stats(7)
+    out = torch.full((33, 7), 7.0)
+    good = dict(x=x, mean=mean, var=var, epsilon=1e-5, clamp_value=5.0, out=out)
+    bad = {
+        "x not a tensor": dict(x=x.tolist()),
+        "x 1-D": dict(x=x[0], out=out[0]),
+        "x integer": dict(x=x.int()),
+        "x strided columns": dict(x=data(7, 33, torch.float32).t()),
+        "x without rows": dict(x=x[:0], out=out[:0]),
+        "x without columns": dict(x=x[:, :0], out=out[:, :0], mean=mean[:0], var=var[:0]),
+        "x on meta": dict(x=torch.empty(33, 7, device="meta")),
+        "out float64": dict(out=out.double()),
+        "out of another shape": dict(out=out[:32]),
+        "out strided columns": dict(out=torch.zeros(7, 33).t()),
+        "mean float32": dict(mean=mean.float()),
+        "var of another size": dict(var=var[:6]),
+        "mean 2-D": dict(mean=mean.view(1, 7)),
+        "epsilon negative": dict(epsilon=-1.0),
+        "epsilon NaN": dict(epsilon=float("nan")),
+        "clamp zero": dict(clamp_value=0.0),
+    }
+    kept = [t.clone() for t in (x, mean, var, out)]
+    for name, change in bad.items():
+        args = {**good, **change}
+        assert _direct_normalize_moments(**args, workspace={}) is None, name
+        assert _direct_normalize(**args) is False, name
+        for a, e in zip((x, mean, var, out), kept):
+            assert_same(a, e)
+    with protonorm.diagnostics.HostSyncCounter():  # any dispatch mode: its ops must see every call
+        assert _direct_normalize_moments(**good, workspace={}) is None
+        assert _direct_normalize(**good) is False
+    assert_same(out, kept[3])
+    parts = _direct_normalize_moments(**good, workspace={})
+    assert_same(out, reference.normalize(x, mean, var, 1e-5, 5.0, False, True))
+    assert_parts_close(parts, reference.batch_moments(x))
+
+    state = [mean.clone(), var.clone(), torch.tensor(3), torch.tensor(0)]
+    good_merge = dict(parts=parts, mean=state[0], var=state[1], count=state[2], dropped=state[3], ema_decay=None)
+    bad_merge = {
+        "parts float32": dict(parts=parts.float()),
+        "parts 1-D": dict(parts=parts[0]),
+        "parts of another width": dict(parts=parts[:, :-2]),
+        "parts odd width": dict(parts=parts[:, :-1]),
+        "parts strided columns": dict(parts=parts.t().contiguous().t()),
+        "no parts": dict(parts=parts[:0]),
+        "count int32": dict(count=state[2].int()),
+        "dropped not 0-d": dict(dropped=state[3].view(1)),
+        "mean float32": dict(mean=state[0].float()),
+    }
+    kept = [t.clone() for t in state]
+    for name, change in bad_merge.items():
+        if name == "parts strided columns" and parts.shape[0] == 1:
+            continue  # a single part has unit column stride whatever its layout
+        assert _direct_merge(**{**good_merge, **change}) is False, name
+        for a, e in zip(state, kept):
+            assert_same(a, e)
+    assert _direct_merge(**good_merge) is True
+    assert int(state[2]) == 3 + 33
+
+
+def test_direct_calls_read_no_tensor_value(direct_calls):
+    """No host read on the direct way either. A dispatch mode would make it decline, so this watches with the
+    profiler (which records every aten op without one) and checks that the direct way was the one taken."""
+    x = data(1023, 342, torch.float32)
+    m = protonorm.RunningMeanStd(None, (342,), device="cpu", clamp_value=5.0, backend="cpp")
+    r = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, device="cpu", backend="cpp")
+    reward, terminated = torch.randn(4096), torch.rand(4096) < 0.1
+    m.normalize(x)
+    m.record_moments(x)
+    r.record_reward(reward, terminated)
+    for counts in direct_calls.values():
+        counts.update(taken=0, declined=0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            m.train()
+            m.normalize(x)
+            m.record_moments(x)
+            m.eval()
+            m.normalize(x)
+            r.record_reward(reward, terminated)
+    names = {event.name for event in prof.events()}
+    assert not names & {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}, names
+    assert all(counts == {"taken": 2, "declined": 0} for counts in direct_calls.values()), direct_calls
+
+
+def _reward_stream(shape, reward_dtype, term_dtype, steps=6, seed=0):
+    """Steps of (reward, terminated) for `steps` environment steps of 257 environments, with resets and NaN/inf
+    rewards (dropped rows whose returns stay poisoned until their environment resets)."""
+    g = torch.Generator().manual_seed(seed)
+    envs = 257
+    out = []
+    for step in range(steps):
+        reward = (torch.randn((envs, *shape), generator=g, dtype=torch.float64) * 3 + 1).to(reward_dtype)
+        terminated = (torch.rand(envs, generator=g) < 0.2).to(term_dtype)
+        if step == 1:
+            reward.view(envs, -1)[5, 0] = float("nan")
+            reward.view(envs, -1)[9, -1] = float("inf")
+        if step == 3:
+            terminated[5] = 1
+        out.append((reward, terminated))
+    return out
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.99])
+@pytest.mark.parametrize("term_dtype", [torch.bool, torch.float32, torch.int64], ids=str)
+@pytest.mark.parametrize("reward_dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,reward_shape", [((1,), ()), ((), ()), ((3,), (3,))], ids=["envs", "scalar", "envsx3"])
+def test_direct_reward_record_matches_the_general_way(shape, reward_shape, reward_dtype, term_dtype, ema_decay,
+                                                      direct_calls, monkeypatch):
+    """The per-step reward record taken straight to the kernel gives the very bits of the general way, which
+    itself is compared with the torch backend above; and the direct way is really taken from the second step on."""
+    steps = _reward_stream(reward_shape, reward_dtype, term_dtype)
+
+    def run():
+        m = protonorm.RewardRunningMeanStd(None, shape, gamma=0.99, clamp_value=5.0, device="cpu",
+                                           ema_decay=ema_decay, backend="cpp")
+        for reward, terminated in steps:
+            m.record_reward(reward, terminated)
+        return m
+
+    direct = run()
+    assert direct_calls["_direct_reward_record"] == {"taken": len(steps) - 1, "declined": 0}
+    _general_way(monkeypatch)
+    general = run()
+    assert direct_calls["_direct_reward_record"]["taken"] == len(steps) - 1
+    for a, b in ((direct.discounted_reward, general.discounted_reward), (direct.mean, general.mean),
+                 (direct.var, general.var), (direct.count, general.count),
+                 (direct.nonfinite_rows, general.nonfinite_rows)):
+        assert_same(a, b)
+    assert int(direct.nonfinite_rows) >= 2
+
+
+def test_direct_reward_record_declines_what_it_does_not_take():
+    """Each argument the direct way cannot take makes it return False with nothing written; the general way then
+    either serves the call or raises, and the statistics stay as they were on an error."""
+    from protonorm.backends.cpp_backend import _direct_reward_record
+
+    g = torch.Generator().manual_seed(3)
+    reward, terminated = torch.randn(64, generator=g), torch.rand(64, generator=g) < 0.1
+    discounted = torch.randn(64, generator=g)
+    mean, var = torch.zeros(1, dtype=torch.float64), torch.ones(1, dtype=torch.float64)
+    count, dropped = torch.ones((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+    good = dict(reward=reward, terminated=terminated, discounted=discounted, gamma=0.9, mean=mean, var=var,
+                count=count, dropped=dropped, ema_decay=None)
+    wide = torch.randn(64, 3, generator=g)
+    bad = {
+        "reward not a tensor": dict(reward=reward.tolist()),
+        "terminated a list": dict(terminated=terminated.tolist()),
+        "reward 3-D": dict(reward=reward.view(64, 1, 1), discounted=discounted.view(64, 1, 1)),
+        "strided columns": dict(reward=wide.t().contiguous().t(), discounted=torch.zeros(64, 3),
+                                mean=torch.zeros(3, dtype=torch.float64), var=torch.ones(3, dtype=torch.float64)),
+        "no rows": dict(reward=reward[:0], terminated=terminated[:0], discounted=discounted[:0]),
+        "integer reward": dict(reward=torch.ones(64, dtype=torch.int32)),
+        "float16 returns": dict(discounted=discounted.half()),
+        "returns of another shape": dict(discounted=discounted[:63]),
+        "terminated too short": dict(terminated=terminated[:63]),
+        "terminated 2-D": dict(terminated=terminated.view(64, 1)),
+        "complex terminated": dict(terminated=torch.zeros(64, dtype=torch.complex64)),
+        "float32 mean": dict(mean=mean.float()),
+        "var of another size": dict(var=torch.ones(2, dtype=torch.float64)),
+        "int32 count": dict(count=count.int()),
+        "count not 0-d": dict(count=count.view(1)),
+        "meta reward": dict(reward=torch.empty(64, device="meta")),
+    }
+    before = {k: v.clone() for k, v in good.items() if isinstance(v, torch.Tensor)}
+    for name, change in bad.items():
+        assert _direct_reward_record(**{**good, **change}) is False, name
+        for key, value in before.items():
+            assert_same(good[key], value)
+    with protonorm.diagnostics.HostSyncCounter():  # any dispatch mode: its ops must see every call
+        assert _direct_reward_record(**good) is False
+    assert _direct_reward_record(**good) is True
+
+    m = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, device="cpu", backend="cpp")
+    m.record_reward(reward, terminated)
+    m.record_reward(reward, terminated)
+    state = [t.clone() for t in (m.mean, m.var, m.count, m.discounted_reward)]
+    with pytest.raises(ValueError, match="one entry per environment"):
+        m.record_reward(reward, terminated[:63])
+    with pytest.raises(ValueError, match="like the previous steps"):
+        m.record_reward(reward[:63], terminated[:63])
+    for a, b in zip(state, (m.mean, m.var, m.count, m.discounted_reward)):
+        assert_same(a, b)
+    column = protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, device="cpu", backend="cpp")
+    for _ in range(2):
+        column.record_reward(reward.view(64, 1), terminated)  # [B, 1] for shape (1,): the general way takes it
+    assert int(column.count) == 1 + 2 * 64
+
+
+def test_compiled_reward_record_matches_eager():
+    steps = _reward_stream((), torch.float32, torch.bool, steps=4, seed=5)
+    eager, traced = (protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, device="cpu", backend="cpp")
+                     for _ in range(2))
+    compiled = torch.compile(traced.record_reward, fullgraph=True, backend="eager")
+    eager.record_reward(*steps[0])
+    traced.record_reward(*steps[0])  # the first call creates the returns outside the graph
+    for reward, terminated in steps[1:]:
+        eager.record_reward(reward, terminated)
+        compiled(reward, terminated)
+    for a, b in ((eager.discounted_reward, traced.discounted_reward), (eager.mean, traced.mean),
+                 (eager.var, traced.var), (eager.count, traced.count)):
+        assert_same(a, b)
+
+
 # ------------------------------------------------------------------------------------------------ module
 @pytest.mark.parametrize("stream,dtype", STREAM_CASES)
 def test_hard_streams_against_numpy(stream, dtype):

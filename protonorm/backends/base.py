@@ -99,6 +99,56 @@ class Backend:
         parts = self.reward_moments(reward, terminated, discounted, gamma, workspace)
         self.merge(parts, mean, var, count, dropped, ema_decay)
 
+    # ---------------------------------------------------------------------------------------- direct calls
+    # The module's per-call hot paths (normalize, the record that follows a training normalize, the per-step reward
+    # record) first offer their call to these. A backend that can take such a call more cheaply than through the
+    # methods above (``direct = True``) does so and reports it; otherwise it returns None / False having touched
+    # nothing and raised nothing, and the module goes the general way, which also raises the errors. The module
+    # only offers calls whose inputs it has itself accepted: ``x`` ``[B, D]``, the statistics of its layout.
+
+    direct: bool = False  # whether the try_ methods can take calls at all
+
+    def try_normalize_moments(
+        self,
+        x: Tensor,
+        mean: Tensor,
+        var: Tensor,
+        epsilon: float,
+        clamp_value: Optional[float],
+        out: Tensor,
+        workspace: dict,
+    ) -> Optional[Tensor]:
+        """``normalize_moments``, returning its parts, or None."""
+        return None
+
+    def try_normalize(
+        self, x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float], out: Tensor
+    ) -> bool:
+        """``normalize(..., un_norm=False, center=True, out)``, or False."""
+        return False
+
+    def try_merge(
+        self, parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]
+    ) -> bool:
+        """``merge`` of parts that this backend's ``normalize_moments`` returned, or False."""
+        return False
+
+    def try_reward_record(
+        self,
+        reward: Tensor,
+        terminated: Tensor,
+        discounted: Tensor,
+        gamma: float,
+        mean: Tensor,
+        var: Tensor,
+        count: Tensor,
+        dropped: Tensor,
+        ema_decay: Optional[float],
+    ) -> bool:
+        """``reward_record`` with ``reward`` and ``discounted`` of one shape, ``[B]`` (one feature) or ``[B, D]``,
+        and ``terminated`` ``[B]``; or False."""
+        return False
+
 
 def outside_inference_mode(factory):
     """``factory()``, run so that the tensor it creates is a normal one even under ``torch.inference_mode()``.
