@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..reference import parts_width
-from .base import Backend, normalized_dtype, outside_inference_mode, workspace_buffer
+from .base import Backend, normalized_dtype, outside_inference_mode
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -577,15 +577,19 @@ def _(reward, terminated, discounted, gamma, mean, var, count, dropped, ema_deca
 
 # ------------------------------------------------------------------------------------------------ backend
 def _parts_buffer(workspace: dict, x: Tensor) -> Tensor:
+    rows, cols = x.shape
     if torch.compiler.is_compiling():  # a traced graph allocates its own; no cache side effects in the graph
-        shape = (parts_layout(x.shape[0], x.shape[1])[0], parts_width(x.shape[1]))
+        shape = (parts_layout(rows, cols)[0], parts_width(cols))
         return torch.empty(shape, dtype=torch.float64, device=x.device)
-    shape = (_cached_parts_layout(x.shape[0], x.shape[1])[0], parts_width(x.shape[1]))
-    buf = workspace.get("cpp_parts")
-    # The common case, checked without building a device: a CPU buffer of the shape for a CPU input.
-    if buf is not None and buf.shape == shape and buf.dtype == torch.float64 and buf.is_cpu and x.is_cpu:
-        return buf
-    return workspace_buffer(workspace, "cpp_parts", shape, torch.float64, x.device)
+    # Kept with the (rows, cols) it was made for: two ints compare faster than a buffer's shape and dtype read.
+    found = workspace.get("cpp_parts")
+    if found is not None and found[0] == rows and found[1] == cols and x.is_cpu:
+        return found[2]
+    shape = (_cached_parts_layout(rows, cols)[0], parts_width(cols))
+    buf = outside_inference_mode(lambda: torch.empty(shape, dtype=torch.float64, device=x.device))
+    if x.is_cpu:  # any other input is refused by the op it goes to next
+        workspace["cpp_parts"] = (rows, cols, buf)
+    return buf
 
 
 _dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
