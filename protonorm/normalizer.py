@@ -430,7 +430,7 @@ class RunningMeanStd(nn.Module):
             return None
         out = self._outputs.empty(arr.shape, normalized_dtype(arr.dtype), layout.device)
         backend = layout.backend
-        if self.training:
+        if self.training and not arr.is_inference():  # no version counter to stash with (see _normalize)
             parts = backend.try_normalize_moments(arr, layout.flat_mean, layout.flat_var, self.epsilon,
                                                   self.clamp_value, out, self._workspace_stash)
             if parts is None:
@@ -461,7 +461,10 @@ class RunningMeanStd(nn.Module):
         backend = self._resolved_backend(layout)
         # x is arr itself when arr already is [B, D] rows; out then needs no view either.
         out_rows = out if x is arr else out.view(-1, x.shape[1])
-        stash = self.training and center and not un_norm and not compiling and x.shape[1] == layout.num_features
+        # An inference tensor (made under torch.inference_mode()) has no version counter, so a later record could
+        # not tell whether it changed in place: its moments are computed when it is recorded.
+        stash = (self.training and center and not un_norm and not compiling and x.shape[1] == layout.num_features
+                 and not arr.is_inference())
         if stash and arr.shape[1:] == layout.shape:
             parts = backend.normalize_moments(
                 x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out_rows, self._workspace_stash

@@ -519,6 +519,27 @@ def test_normalize_keeps_gradients_flowing(backend_name):
     torch.testing.assert_close(x.grad, (1 / torch.sqrt(m.var.float() + m.epsilon)).expand(4, 3))
 
 
+@pytest.mark.parametrize("train_in_inference", [False, True])
+def test_batches_made_under_inference_mode(backend_name, train_in_inference):
+    """A rollout buffer filled under torch.inference_mode() hands the training loop inference tensors, which have no
+    version counter: normalize + record of them must work as for normal tensors, with the same results."""
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(50, 6, generator=g) * 2 + 1 for _ in range(3)]
+    with torch.inference_mode():
+        frozen = [b.clone() for b in batches]
+    assert all(b.is_inference() for b in frozen)
+    plain, inferred = (make((6,), backend_name, clamp_value=5.0).train() for _ in range(2))
+    for x, x_inf in zip(batches, frozen):
+        want = plain.normalize(x)
+        plain.record_moments(x)
+        with torch.inference_mode() if train_in_inference else torch.no_grad():
+            got = inferred.normalize(x_inf)
+            inferred.record_moments(x_inf)
+        assert torch.equal(got, want)
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, inferred.state_dict()[key]), key
+
+
 @pytest.mark.parametrize("first_in_inference,train_in_inference", [(False, True), (True, False), (True, True)])
 def test_inference_mode_anywhere_in_the_sequence(backend_name, first_in_inference, train_in_inference):
     """Rollouts often run under torch.inference_mode(): whichever call comes first there, and whether training calls
