@@ -43,13 +43,22 @@ def pack_parts(n: Tensor, dropped: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
     ).unsqueeze(0)
 
 
-def batch_moments(x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """Moments over dim 0 of a ``[B, D]`` batch, as one part.
+def batch_moments(x: Tensor, mask: Optional[Tensor] = None, rows_per_part: Optional[int] = None) -> Tensor:
+    """Moments over dim 0 of a ``[B, D]`` batch, as one part, or as one part per ``rows_per_part`` rows.
 
     Rows whose ``mask`` entry is False are ignored; rows holding a non-finite value are left out and
     counted in ``dropped``. Accumulation is in float64 whatever the input dtype, with a two-pass
     variance so large offsets lose nothing.
     """
+    if rows_per_part is not None and x.shape[0] > rows_per_part:
+        return torch.cat([
+            _moments_part(x[i : i + rows_per_part], None if mask is None else mask.reshape(-1)[i : i + rows_per_part])
+            for i in range(0, x.shape[0], rows_per_part)
+        ])
+    return _moments_part(x, mask)
+
+
+def _moments_part(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     xf = x.to(torch.float64)
     finite = torch.isfinite(xf).all(dim=1)
     considered = torch.ones_like(finite) if mask is None else mask.reshape(-1).to(torch.bool)
@@ -74,21 +83,18 @@ def chan_merge(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: T
 
 
 def combine_parts(parts: Tensor) -> Tensor:
-    """Reduce ``[K, W]`` parts to one ``[1, W]`` part, pairwise (tree order, deterministic)."""
+    """Reduce ``[K, W]`` parts to one ``[1, W]`` part, pairwise in a fixed tree: at each level part ``2i`` merges
+    with part ``2i + 1`` (all pairs of a level at once) and an odd last part moves up unchanged."""
     n, dropped, mean, m2 = split_parts(parts)
-    ns, means, m2s = list(n.unbind(0)), list(mean.unbind(0)), list(m2.unbind(0))
-    while len(ns) > 1:
-        nxt = ([], [], [])
-        for i in range(0, len(ns) - 1, 2):
-            merged = chan_merge(ns[i], means[i], m2s[i], ns[i + 1], means[i + 1], m2s[i + 1])
-            for lst, v in zip(nxt, merged):
-                lst.append(v)
-        if len(ns) % 2:
-            nxt[0].append(ns[-1])
-            nxt[1].append(means[-1])
-            nxt[2].append(m2s[-1])
-        ns, means, m2s = nxt
-    return pack_parts(ns[0], dropped.sum(), means[0], m2s[0])
+    n = n[:, None]
+    while n.shape[0] > 1:
+        paired = n.shape[0] // 2 * 2
+        merged = chan_merge(n[0:paired:2], mean[0:paired:2], m2[0:paired:2],
+                            n[1:paired:2], mean[1:paired:2], m2[1:paired:2])
+        if paired < n.shape[0]:
+            merged = [torch.cat([m, t[paired:]]) for m, t in zip(merged, (n, mean, m2))]
+        n, mean, m2 = merged
+    return pack_parts(n[0, 0], dropped.sum(), mean[0], m2[0])
 
 
 def merge_into_running(
@@ -137,19 +143,29 @@ def normalize(
     clamp_value: Optional[float],
     un_norm: bool = False,
     center: bool = True,
+    out: Optional[Tensor] = None,
 ) -> Tensor:
     """``clamp((x - mean) / sqrt(var + eps))`` with the statistics rounded to float32 first, as upstream.
 
     ``un_norm`` clamps ``x`` first, then maps back: ``x * sqrt(var + eps) + mean``. ``center=False`` is the
     reward normalizer's scale-only variant (no mean shift either way). Broadcasts like upstream; the result
-    dtype is ``promote_types(x.dtype, float32)``.
+    dtype is ``promote_types(x.dtype, float32)``. With ``out`` (that dtype, ``x``'s shape) the result is written
+    there, and normalizing writes each step into it instead of a temporary: the same operations, the same bits.
     """
     std = torch.sqrt(var.float() + epsilon)
+    if not un_norm and out is not None:
+        if center:
+            torch.sub(x, mean.float(), out=out).div_(std)
+        else:
+            torch.div(x, std, out=out)
+        return out if clamp_value is None else out.clamp_(-clamp_value, clamp_value)
     if not un_norm:
         y = (x - mean.float()) / std if center else x / std
-        return _clamp(y, clamp_value)
-    y = _clamp(x, clamp_value) * std
-    return y + mean.float() if center else y
+        y = _clamp(y, clamp_value)
+    else:
+        y = _clamp(x, clamp_value) * std
+        y = y + mean.float() if center else y
+    return y if out is None else out.copy_(y)
 
 
 def discounted_return_update(discounted: Tensor, reward: Tensor, terminated: Tensor, gamma: float) -> Tensor:

@@ -45,6 +45,73 @@ def test_batch_moments_masks_and_drops_rows():
     torch.testing.assert_close(m2[0], ((kept - kept.mean(0)) ** 2).sum(0), rtol=1e-15, atol=0)
 
 
+@pytest.mark.parametrize("stream,dtype", STREAM_CASES)
+@pytest.mark.parametrize("rows_per_part", [1, 7, 64])
+def test_moments_in_parts_match_numpy(stream, dtype, rows_per_part):
+    """The torch backend cuts a CPU batch into parts of rows (each part's float64 temporaries then stay in cache):
+    merged, the parts hold the same statistics within the same bounds as one part."""
+    batches, shape = make_stream(stream, dtype)
+    d = int(np.prod(shape))
+    mean, var = torch.zeros(d, dtype=torch.float64), torch.ones(d, dtype=torch.float64)
+    count, dropped = torch.tensor(1), torch.tensor(0)
+    for b in batches:
+        parts = reference.batch_moments(b.reshape(b.shape[0], -1), None, rows_per_part)
+        assert parts.shape[0] == -(-b.shape[0] // rows_per_part)
+        reference.merge_into_running(parts, mean, var, count, dropped, None)
+    t_mean, t_var, t_count = truth(batches, True)
+    assert_close_rel(mean, t_mean.reshape(-1), MEAN_RTOL, "mean", floor=1e-12)
+    assert_close_rel(var, t_var.reshape(-1), VAR_RTOL, "var", floor=1e-12)
+    assert int(count) == t_count
+
+
+def test_moments_in_parts_cut_the_mask_with_the_rows():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(23, 3, generator=g)
+    x[4, 1], x[17, 0] = float("nan"), float("inf")
+    mask = torch.rand(23, generator=g) < 0.7
+    mask[4] = True
+    for rows_per_part in (1, 5, 22, 23, 40):
+        parts = reference.batch_moments(x, mask, rows_per_part)
+        n, dropped, mean, m2 = reference.split_parts(reference.combine_parts(parts))
+        kept = x[mask & torch.isfinite(x).all(1)].double()
+        assert int(n) == kept.shape[0] and int(dropped) == int((mask & ~torch.isfinite(x).all(1)).sum())
+        torch.testing.assert_close(mean[0], kept.mean(0), rtol=1e-14, atol=1e-15)
+        torch.testing.assert_close(m2[0], ((kept - kept.mean(0)) ** 2).sum(0), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("un_norm", [False, True])
+@pytest.mark.parametrize("clamp_value", [None, 1.3])
+def test_normalize_into_out_gives_the_same_bits(dtype, center, un_norm, clamp_value):
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(37, 5, generator=g, dtype=torch.float64) * 4).to(dtype)
+    x[3, 2] = float("nan")
+    mean = torch.randn(5, generator=g, dtype=torch.float64)
+    var = torch.rand(5, generator=g, dtype=torch.float64)
+    want = reference.normalize(x, mean, var, 1e-5, clamp_value, un_norm, center)
+    out = torch.full_like(want, 7.0)
+    got = reference.normalize(x, mean, var, 1e-5, clamp_value, un_norm, center, out=out)
+    assert got is out and got.dtype == want.dtype
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+
+
+def test_combine_parts_is_the_pairwise_tree():
+    """combine_parts merges each level's pairs at once; the result is the per-pair loop's, bit for bit."""
+    g = torch.Generator().manual_seed(6)
+    parts = torch.cat([reference.batch_moments(torch.randn(int(r), 4, generator=g) * 3 + 1)
+                       for r in torch.randint(0, 9, (13,), generator=g)])
+    ns, means, m2s = [list(t.unbind(0)) for t in reference.split_parts(parts)[0:1] + reference.split_parts(parts)[2:]]
+    while len(ns) > 1:
+        level = [reference.chan_merge(ns[i], means[i], m2s[i], ns[i + 1], means[i + 1], m2s[i + 1])
+                 for i in range(0, len(ns) - 1, 2)]
+        carry = [(ns[-1], means[-1], m2s[-1])] if len(ns) % 2 else []
+        ns, means, m2s = (list(column) for column in zip(*(level + carry)))
+    want = reference.pack_parts(ns[0], parts[:, reference.DROPPED_COL].sum(), means[0], m2s[0])
+    assert torch.equal(reference.combine_parts(parts), want)
+
+
 def test_empty_merge_is_bit_exact_noop():
     mean, var = torch.randn(5, dtype=torch.float64), torch.rand(5, dtype=torch.float64)
     count, dropped = torch.tensor(12345), torch.tensor(0)
