@@ -422,6 +422,63 @@ def test_custom_ops_pass_opcheck():
     )
 
 
+class _PassThrough(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that changes nothing: with one active, the backend must go through its ops."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_eager_calls_skip_the_dispatcher_with_the_same_results(monkeypatch):
+    """In eager mode the backend calls each op's body directly; through the op (as under a dispatch mode) the
+    results are the same bits. Every entry point, both ways."""
+    through = []
+
+    class Counted:
+        """The op, counting the backend's calls of it (everything else goes to the op itself)."""
+
+        def __init__(self, op):
+            self.op = op
+
+        def __call__(self, *args):
+            through.append(self.op)
+            return self.op(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.op, name)
+
+    for name in ("triton_moments", "triton_merge", "triton_combine", "triton_normalize", "triton_normalize_moments",
+                 "triton_reward_moments"):
+        monkeypatch.setattr(torch.ops.protonorm, name, Counted(getattr(torch.ops.protonorm, name)))
+    d = 9
+    x = batch(50, d)
+    x[7, 3] = float("nan")
+    mask = torch.arange(50, device=DEVICE) % 3 != 0
+    reward, done = torch.randn(40, 1).to(DEVICE), torch.arange(40, device=DEVICE) % 7 == 0
+
+    def every_entry_point():
+        mean, var, count, dropped = stats(d)
+        results = [TB.moments(x, mask, {}).clone()]
+        TB.merge(results[0], mean, var, count, dropped, None)
+        results += [TB.combine(chunked_parts(batch(30, d, torch.float64), 3))]
+        out = torch.empty(50, d, device=DEVICE)
+        TB.normalize(x, mean, var, 1e-5, 5.0, False, True, out)
+        results.append(out.clone())
+        results.append(TB.normalize_moments(x, mean, var, 1e-5, None, out, {}).clone())
+        results.append(out.clone())
+        disc = torch.ones(40, 1, device=DEVICE)
+        results.append(TB.reward_moments(reward, done, disc, 0.9, {}).clone())
+        return results + [mean, var, count, dropped, disc]
+
+    direct = every_entry_point()
+    assert through == []
+    with _PassThrough():
+        through_ops = every_entry_point()
+    assert len(through) == 6
+    for a, b in zip(direct, through_ops):
+        assert a.dtype == b.dtype and torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
 def test_torch_compile_fullgraph_traces_through_the_ops():
     d = 7
     x = batch(40, d)

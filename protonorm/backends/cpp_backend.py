@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..reference import parts_width
-from .base import Backend, normalized_dtype, outside_inference_mode
+from .base import Backend, dispatch_stack_depth, eager_plain, normalized_dtype, outside_inference_mode
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -431,18 +431,18 @@ def _run_reward_record(reward: Tensor, rows: int, cols: int, terminated: Tensor,
 
 # ------------------------------------------------------------------------------------------------ direct calls
 # The module's hot calls (see Backend.try_normalize_moments) straight to the kernels. The general way to them runs
-# the module's checks, then the backend method, ``_eager_plain`` and the op's own checks: on a 256 x 342 batch
+# the module's checks, then the backend method, ``eager_plain`` and the op's own checks: on a 256 x 342 batch
 # about 12 us of Python per normalize + record against about 11 us of kernel, and twice the kernel's time for a
 # reward record of a few thousand environments; after other work has emptied the caches, 90-130 us per normalize +
 # record (bench/RESULTS.md). These take a call only when each argument meets, in one flat test, every condition
-# that the op's checks and ``_eager_plain`` would impose (on ``[B]`` reward vectors as well, which the kernel reads
+# that the op's checks and ``eager_plain`` would impose (on ``[B]`` reward vectors as well, which the kernel reads
 # as one feature without the view the general way makes), and then run the very code the op runs.
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 
 
 def _direct_allowed() -> bool:
-    """What ``_eager_plain`` asks of the call itself: not traced or compiled, no dispatch mode to notify."""
-    return not torch.compiler.is_compiling() and _dispatch_stack_depth is not None and not _dispatch_stack_depth()
+    """What ``eager_plain`` asks of the call itself: not traced or compiled, no dispatch mode to notify."""
+    return not torch.compiler.is_compiling() and dispatch_stack_depth is not None and not dispatch_stack_depth()
 
 
 def _plain_stats(mean: Tensor, var: Tensor, cols: int) -> bool:
@@ -592,20 +592,6 @@ def _parts_buffer(workspace: dict, x: Tensor) -> Tensor:
     return buf
 
 
-_dispatch_stack_depth = getattr(torch._C, "_len_torch_dispatch_stack", None)
-
-
-def _eager_plain(*tensors) -> bool:
-    """True when calling a kernel's implementation directly is what the op would do anyway: not tracing or
-    compiling, no dispatch mode to notify, and plain tensors (no FakeTensor or other subclass)."""
-    if torch.compiler.is_compiling() or _dispatch_stack_depth is None or _dispatch_stack_depth():
-        return False
-    for t in tensors:
-        if type(t) is not Tensor and t is not None:
-            return False
-    return True
-
-
 class CppBackend(Backend):
     name = "cpp"
 
@@ -617,37 +603,37 @@ class CppBackend(Backend):
 
     def moments(self, x, mask, workspace):
         parts = _parts_buffer(workspace, x)
-        op = _moments_kernel if _eager_plain(x, mask) else torch.ops.protonorm.cpp_moments
+        op = _moments_kernel if eager_plain(x, mask) else torch.ops.protonorm.cpp_moments
         op(x, mask, parts)
         return parts
 
     def merge(self, parts, mean, var, count, dropped, ema_decay):
-        op = _merge_kernel if _eager_plain(parts, mean, var, count, dropped) else torch.ops.protonorm.cpp_merge
+        op = _merge_kernel if eager_plain(parts, mean, var, count, dropped) else torch.ops.protonorm.cpp_merge
         op(parts, mean, var, count, dropped, ema_decay)
 
     def combine(self, parts):
         return torch.ops.protonorm.cpp_combine(parts)
 
     def normalize(self, x, mean, var, epsilon, clamp_value, un_norm, center, out):
-        op = _normalize_kernel if _eager_plain(x, mean, var, out) else torch.ops.protonorm.cpp_normalize
+        op = _normalize_kernel if eager_plain(x, mean, var, out) else torch.ops.protonorm.cpp_normalize
         op(x, mean, var, epsilon, clamp_value, un_norm, center, out)
 
     def normalize_moments(self, x, mean, var, epsilon, clamp_value, out, workspace):
         parts = _parts_buffer(workspace, x)
-        direct = _eager_plain(x, mean, var, out)
+        direct = eager_plain(x, mean, var, out)
         op = _normalize_moments_kernel if direct else torch.ops.protonorm.cpp_normalize_moments
         op(x, mean, var, epsilon, clamp_value, out, parts)
         return parts
 
     def reward_moments(self, reward, terminated, discounted, gamma, workspace):
         parts = _parts_buffer(workspace, reward)
-        direct = _eager_plain(reward, terminated, discounted)
+        direct = eager_plain(reward, terminated, discounted)
         op = _reward_moments_kernel if direct else torch.ops.protonorm.cpp_reward_moments
         op(reward, terminated, discounted, gamma, parts)
         return parts
 
     def reward_record(self, reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay, workspace):
-        direct = _eager_plain(reward, terminated, discounted, mean, var, count, dropped)
+        direct = eager_plain(reward, terminated, discounted, mean, var, count, dropped)
         op = _reward_record_kernel if direct else torch.ops.protonorm.cpp_reward_record
         op(reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
 
