@@ -37,10 +37,12 @@ def split_parts(parts: Tensor):
 
 def pack_parts(n: Tensor, dropped: Tensor, mean: Tensor, m2: Tensor) -> Tensor:
     """Pack 1-row moments (``n``/``dropped`` 0-d or [1], ``mean``/``m2`` [D]) into a ``[1, 2 + 2D]`` part."""
-    f64 = torch.float64
-    return torch.cat(
-        [n.reshape(1).to(f64), dropped.reshape(1).to(f64), mean.reshape(-1).to(f64), m2.reshape(-1).to(f64)]
-    ).unsqueeze(0)
+    return torch.cat([_f64(n.reshape(1)), _f64(dropped.reshape(1)), _f64(mean.reshape(-1)), _f64(m2.reshape(-1))]
+                     ).unsqueeze(0)
+
+
+def _f64(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float64 else t.to(torch.float64)  # a no-op .to() still costs an op call
 
 
 def batch_moments(x: Tensor, mask: Optional[Tensor] = None, rows_per_part: Optional[int] = None) -> Tensor:
@@ -61,13 +63,15 @@ def batch_moments(x: Tensor, mask: Optional[Tensor] = None, rows_per_part: Optio
 def _moments_part(x: Tensor, mask: Optional[Tensor]) -> Tensor:
     xf = x.to(torch.float64)
     finite = torch.isfinite(xf).all(dim=1)
-    considered = torch.ones_like(finite) if mask is None else mask.reshape(-1).to(torch.bool)
-    valid = finite & considered
-    dropped = (considered & ~finite).sum()
+    if mask is None:
+        valid, dropped = finite, (~finite).sum()
+    else:
+        considered = mask.reshape(-1).to(torch.bool)
+        valid, dropped = finite & considered, (considered & ~finite).sum()
     n = valid.sum().to(torch.float64)
-    xv = torch.where(valid[:, None], xf, torch.zeros((), dtype=torch.float64, device=x.device))
+    xv = torch.where(valid[:, None], xf, 0.0)
     mean = xv.sum(dim=0) / n.clamp(min=1.0)
-    dev = torch.where(valid[:, None], xv - mean, torch.zeros((), dtype=torch.float64, device=x.device))
+    dev = torch.where(valid[:, None], xv - mean, 0.0)
     m2 = (dev * dev).sum(dim=0)
     return pack_parts(n, dropped, mean, m2)
 
@@ -75,7 +79,7 @@ def _moments_part(x: Tensor, mask: Optional[Tensor]) -> Tensor:
 def chan_merge(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor):
     """Merge two sets of moments (float64). Either side may be empty (n == 0)."""
     n = n_a + n_b
-    safe_n = torch.where(n > 0, n, torch.ones_like(n))
+    safe_n = torch.where(n > 0, n, 1.0)
     delta = mean_b - mean_a
     mean = mean_a + delta * (n_b / safe_n)
     m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe_n)
@@ -112,7 +116,7 @@ def merge_into_running(
     the batch mean and the batch's population variance and leaves ``count`` alone. A batch with no valid
     row leaves the statistics bit-for-bit unchanged.
     """
-    n_b, dropped_b, mean_b, m2_b = split_parts(combine_parts(parts))
+    n_b, dropped_b, mean_b, m2_b = split_parts(parts if parts.shape[0] == 1 else combine_parts(parts))
     n_b, dropped_b, mean_b, m2_b = n_b[0], dropped_b[0], mean_b[0], m2_b[0]
     has_rows = n_b > 0
     if ema_decay is not None:
@@ -123,7 +127,7 @@ def merge_into_running(
     else:
         n_a = count.to(torch.float64)
         n, new_mean, m2 = chan_merge(n_a, mean, var * n_a, n_b, mean_b, m2_b)
-        new_var = (m2 / torch.where(n > 0, n, torch.ones_like(n))).clamp(min=0.0)
+        new_var = (m2 / torch.where(n > 0, n, 1.0)).clamp(min=0.0)
         count.add_(n_b.to(torch.int64))
     mean.copy_(torch.where(has_rows, new_mean, mean))
     var.copy_(torch.where(has_rows, new_var, var))
@@ -175,5 +179,5 @@ def discounted_return_update(discounted: Tensor, reward: Tensor, terminated: Ten
     reset also clears a non-finite return, so one bad reward cannot disable an environment forever.
     """
     carried = discounted * gamma
-    carried = torch.where(terminated != 0, torch.zeros_like(carried), carried)
+    carried = torch.where(terminated != 0, 0.0, carried)
     return carried + reward
