@@ -96,18 +96,27 @@ def _cached_parts_layout(rows: int, cols: int) -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ checks
+# Each condition is written once, as a predicate (``_is_*``), which the direct calls below use as it is; the op's
+# check (``_check_*``) runs the predicate and, only when it fails, finds which part failed and raises saying so.
+_F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
+
+
 def _check_cpu(name: str, t: Tensor) -> None:
     if not t.is_cpu:
         raise ValueError(f"{name}: the cpp backend expects a CPU tensor, got one on {t.device}")
 
 
+def _is_float_rows(x: Tensor) -> bool:
+    return x.is_cpu and x.dim() == 2 and x.dtype in _FLOAT_DTYPES
+
+
 def _check_float_rows(name: str, x: Tensor) -> None:
-    if not x.is_cpu:
-        _check_cpu(name, x)
+    if _is_float_rows(x):
+        return
+    _check_cpu(name, x)
     if x.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [B, D] tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {x.dtype}")
+    raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {x.dtype}")
 
 
 def _unit_columns(x: Tensor) -> Tensor:
@@ -115,41 +124,53 @@ def _unit_columns(x: Tensor) -> Tensor:
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
+def _is_writable_rows(t: Tensor, shape, dtype: torch.dtype) -> bool:
+    """``t`` of that shape and dtype on the CPU, with unit column stride where it has two dimensions."""
+    return t.is_cpu and t.shape == shape and t.dtype == dtype and (len(shape) < 2 or shape[1] <= 1 or t.stride(1) == 1)
+
+
 def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> None:
-    if not t.is_cpu:
-        _check_cpu(name, t)
+    if _is_writable_rows(t, shape, dtype):
+        return
+    _check_cpu(name, t)
     if t.shape != shape or t.dtype != dtype:
         raise ValueError(f"{name}: expected a {dtype} tensor of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
-    if t.shape[1] > 1 and t.stride(1) != 1:
-        raise ValueError(f"{name}: expected contiguous columns (stride 1), got strides {t.stride()}")
+    raise ValueError(f"{name}: expected contiguous columns (stride 1), got strides {t.stride()}")
+
+
+def _is_stat(t: Tensor, cols: int) -> bool:
+    return t.is_cpu and t.dtype is _F64 and t.dim() == 1 and t.shape[0] == cols
 
 
 def _check_stats(mean: Tensor, var: Tensor, cols: int) -> None:
-    _check_stat("mean", mean, cols)
-    _check_stat("var", var, cols)
+    for name, t in (("mean", mean), ("var", var)):
+        if not _is_stat(t, cols):
+            _check_cpu(name, t)
+            raise ValueError(f"{name}: expected a float64 tensor of shape ({cols},), got {t.dtype} {tuple(t.shape)}")
 
 
-def _check_stat(name: str, t: Tensor, cols: int) -> None:
-    if not t.is_cpu:
-        _check_cpu(name, t)
-    if t.dtype != torch.float64 or t.dim() != 1 or t.shape[0] != cols:
-        raise ValueError(f"{name}: expected a float64 tensor of shape ({cols},), got {t.dtype} {tuple(t.shape)}")
+def _is_counter(t: Tensor) -> bool:
+    return t.is_cpu and t.dtype is _I64 and t.dim() == 0
 
 
-def _check_counter(name: str, t: Tensor) -> None:
-    if not t.is_cpu:
-        _check_cpu(name, t)
-    if t.dtype != torch.int64 or t.dim() != 0:
-        raise ValueError(f"{name}: expected a 0-d int64 tensor, got {t.dtype} {tuple(t.shape)}")
+def _check_counters(count: Tensor, dropped: Tensor) -> None:
+    for name, t in (("count", count), ("dropped", dropped)):
+        if not _is_counter(t):
+            _check_cpu(name, t)
+            raise ValueError(f"{name}: expected a 0-d int64 tensor, got {t.dtype} {tuple(t.shape)}")
+
+
+def _is_parts(parts: Tensor) -> bool:
+    """A CPU float64 ``[K >= 1, 2 + 2D]`` tensor."""
+    if not (parts.is_cpu and parts.dtype is _F64 and parts.dim() == 2):
+        return False
+    k, width = parts.shape
+    return k >= 1 and width >= 2 and width % 2 == 0
 
 
 def _check_parts(parts: Tensor) -> None:
-    if not parts.is_cpu:
+    if not _is_parts(parts):
         _check_cpu("parts", parts)
-    if parts.dtype != torch.float64 or parts.dim() != 2:
-        raise ValueError(f"parts: expected a float64 [K >= 1, 2 + 2D] tensor, got {parts.dtype} {tuple(parts.shape)}")
-    k, width = parts.shape
-    if k < 1 or width < 2 or width % 2:
         raise ValueError(f"parts: expected a float64 [K >= 1, 2 + 2D] tensor, got {parts.dtype} {tuple(parts.shape)}")
 
 
@@ -303,8 +324,7 @@ def _merge_kernel(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropp
     num_parts, width = parts.shape
     cols = (width - 2) // 2
     _check_stats(mean, var, cols)
-    _check_counter("count", count)
-    _check_counter("dropped", dropped)
+    _check_counters(count, dropped)
     _run_merge(parts, num_parts, cols, mean, var, count, dropped, ema_decay)
 
 
@@ -325,14 +345,21 @@ def _combine_kernel(parts: Tensor) -> Tensor:
     return out
 
 
+def _is_normalize_args(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value, out: Tensor) -> bool:
+    return (_is_float_rows(x) and _is_stat(mean, x.shape[1]) and _is_stat(var, x.shape[1])
+            and _is_writable_rows(out, x.shape, normalized_dtype(x.dtype)) and epsilon >= 0.0
+            and (clamp_value is None or clamp_value > 0.0))
+
+
 def _check_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value, out: Tensor) -> None:
+    if _is_normalize_args(x, mean, var, epsilon, clamp_value, out):
+        return
     _check_float_rows("x", x)
     _check_stats(mean, var, x.shape[1])
     _check_writable_rows("out", out, x.shape, normalized_dtype(x.dtype))
     if not epsilon >= 0.0:
         raise ValueError(f"epsilon: expected a number >= 0, got {epsilon!r}")
-    if clamp_value is not None and not clamp_value > 0.0:
-        raise ValueError(f"clamp_value: expected None or a number > 0, got {clamp_value!r}")
+    raise ValueError(f"clamp_value: expected None or a number > 0, got {clamp_value!r}")
 
 
 @_define("cpp_normalize", "(Tensor x, Tensor mean, Tensor var, float epsilon, float? clamp_value, bool un_norm, "
@@ -373,17 +400,29 @@ def _run_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: float,
                          rows_per_part, _threads())
 
 
+def _is_returns(discounted: Tensor, shape) -> bool:
+    """The discounted returns the reward kernel updates in place: float32 or float64 rows of ``shape``."""
+    dtype = discounted.dtype
+    return (dtype is _F32 or dtype is _F64) and _is_writable_rows(discounted, shape, dtype)
+
+
+def _is_flags(terminated: Tensor, rows: int) -> bool:
+    """``[rows]`` reset flags on the CPU, of any dtype the kernel reads (nonzero = reset)."""
+    t = terminated
+    return t.is_cpu and t.dtype in _DTYPE_CODES and t.dim() == 1 and t.shape[0] == rows
+
+
 def _check_reward_inputs(reward: Tensor, terminated: Tensor, discounted: Tensor) -> Tensor:
     """``reward`` with unit column stride, once it and the other two are known to fit the reward kernel."""
     _check_float_rows("reward", reward)
     reward = _unit_columns(reward)
     rows, cols = reward.shape
-    if discounted.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"discounted: expected float32 or float64, got {discounted.dtype}")
-    _check_writable_rows("discounted", discounted, (rows, cols), discounted.dtype)
-    if not terminated.is_cpu:
+    if not _is_returns(discounted, reward.shape):
+        if discounted.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"discounted: expected float32 or float64, got {discounted.dtype}")
+        _check_writable_rows("discounted", discounted, (rows, cols), discounted.dtype)
+    if not _is_flags(terminated, rows):
         _check_cpu("terminated", terminated)
-    if terminated.dtype not in _DTYPE_CODES or terminated.dim() != 1 or terminated.shape[0] != rows:
         raise ValueError(
             f"terminated: expected a real or bool tensor of shape ({rows},), got {terminated.dtype} "
             f"{tuple(terminated.shape)}"
@@ -411,8 +450,7 @@ def _reward_record_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor
     reward = _check_reward_inputs(reward, terminated, discounted)
     rows, cols = reward.shape
     _check_stats(mean, var, cols)
-    _check_counter("count", count)
-    _check_counter("dropped", dropped)
+    _check_counters(count, dropped)
     _run_reward_record(reward, rows, cols, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
 
 
@@ -437,47 +475,10 @@ def _run_reward_record(reward: Tensor, rows: int, cols: int, terminated: Tensor,
 # feature without the view the general way makes), and then run the very code the op runs. Measured against the
 # general way (bench/RESULTS.md): 7-12 us less per normalize + record of 256 x 342 with warm caches, 30-60 us less
 # after other work has emptied them, and the reward record of a few thousand environments in about half the time.
-_F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
-
-
-def _direct_allowed() -> bool:
-    """What ``eager_plain`` asks of the call itself: not traced or compiled, no dispatch mode to notify."""
-    return not torch.compiler.is_compiling() and dispatch_stack_depth is not None and not dispatch_stack_depth()
-
-
-def _plain_stats(mean: Tensor, var: Tensor, cols: int) -> bool:
-    return (type(mean) is Tensor and type(var) is Tensor and mean.is_cpu and var.is_cpu and mean.dtype is _F64
-            and var.dtype is _F64 and mean.dim() == 1 and var.dim() == 1 and mean.shape[0] == cols
-            and var.shape[0] == cols)
-
-
-def _plain_counters(count: Tensor, dropped: Tensor) -> bool:
-    return (type(count) is Tensor and type(dropped) is Tensor and count.is_cpu and dropped.is_cpu
-            and count.dtype is _I64 and dropped.dtype is _I64 and count.dim() == 0 and dropped.dim() == 0)
-
-
-def _plain_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
-                     out: Tensor) -> bool:
-    """Whether ``_normalize_kernel`` would take these as they are (x with unit column stride, no copy)."""
-    if type(x) is not Tensor or type(out) is not Tensor or not (x.is_cpu and out.is_cpu) or x.dim() != 2:
-        return False
-    rows, cols = x.shape
-    return (
-        rows > 0
-        and cols > 0
-        and x.dtype in _FLOAT_DTYPES
-        and (cols <= 1 or (x.stride(1) == 1 and out.stride(1) == 1))
-        and out.shape == x.shape
-        and out.dtype == normalized_dtype(x.dtype)
-        and _plain_stats(mean, var, cols)
-        and epsilon >= 0.0
-        and (clamp_value is None or clamp_value > 0.0)
-    )
-
-
 def _direct_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
                               out: Tensor, workspace: dict) -> Optional[Tensor]:
-    if not (_direct_allowed() and _plain_normalize(x, mean, var, epsilon, clamp_value, out)):
+    if not (eager_plain(x, mean, var, out) and _is_normalize_args(x, mean, var, epsilon, clamp_value, out)
+            and _is_direct_rows(x)):
         return None
     parts = _parts_buffer(workspace, x)
     _run_normalize_moments(x, mean, var, epsilon, clamp_value, out, parts)
@@ -486,20 +487,26 @@ def _direct_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: flo
 
 def _direct_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
                       out: Tensor) -> bool:
-    if not (_direct_allowed() and _plain_normalize(x, mean, var, epsilon, clamp_value, out)):
+    if not (eager_plain(x, mean, var, out) and _is_normalize_args(x, mean, var, epsilon, clamp_value, out)
+            and _is_direct_rows(x)):
         return False
     _run_normalize(x, mean, var, epsilon, clamp_value, False, True, out)
     return True
 
 
+def _is_direct_rows(x: Tensor) -> bool:
+    """What the op would copy or pass on to the general way's early return: strided columns, no rows or columns."""
+    rows, cols = x.shape
+    return rows > 0 and cols > 0 and (cols == 1 or x.stride(1) == 1)
+
+
 def _direct_merge(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor,
                   ema_decay: Optional[float]) -> bool:
-    if not _direct_allowed() or type(parts) is not Tensor or not parts.is_cpu or parts.dim() != 2:
+    if not (eager_plain(parts, mean, var, count, dropped) and _is_parts(parts) and parts.stride(1) == 1):
         return False
     num_parts, width = parts.shape
     cols = (width - 2) // 2
-    if (parts.dtype is not _F64 or num_parts < 1 or width < 2 or width % 2 or (width > 1 and parts.stride(1) != 1)
-            or not _plain_stats(mean, var, cols) or not _plain_counters(count, dropped)):
+    if not (_is_stat(mean, cols) and _is_stat(var, cols) and _is_counter(count) and _is_counter(dropped)):
         return False
     _run_merge(parts, num_parts, cols, mean, var, count, dropped, ema_decay)
     return True
@@ -507,32 +514,28 @@ def _direct_merge(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropp
 
 def _direct_reward_record(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float, mean: Tensor,
                           var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]) -> bool:
-    if not _direct_allowed():
-        return False
-    if type(reward) is not Tensor or type(terminated) is not Tensor or type(discounted) is not Tensor:
+    """Also takes ``[B]`` rewards and returns (one feature), which the op would need as ``[B, 1]`` views."""
+    if not eager_plain(reward, terminated, discounted, mean, var, count, dropped):
         return False
     dim = reward.dim()
     if dim == 1:
         rows, cols = reward.shape[0], 1
     elif dim == 2:
         rows, cols = reward.shape
-        if cols > 1 and (reward.stride(1) != 1 or discounted.stride(1) != 1):
-            return False
     else:
         return False
-    discounted_dtype = discounted.dtype
-    if (
-        rows == 0
-        or cols == 0
-        or not (reward.is_cpu and terminated.is_cpu and discounted.is_cpu)
-        or reward.dtype not in _FLOAT_DTYPES
-        or (discounted_dtype is not _F32 and discounted_dtype is not _F64)
-        or discounted.shape != reward.shape
-        or terminated.dim() != 1
-        or terminated.shape[0] != rows
-        or terminated.dtype not in _DTYPE_CODES
-        or not _plain_stats(mean, var, cols)
-        or not _plain_counters(count, dropped)
+    if not (
+        rows > 0
+        and cols > 0
+        and reward.is_cpu
+        and reward.dtype in _FLOAT_DTYPES
+        and (cols == 1 or reward.stride(1) == 1)
+        and _is_returns(discounted, reward.shape)
+        and _is_flags(terminated, rows)
+        and _is_stat(mean, cols)
+        and _is_stat(var, cols)
+        and _is_counter(count)
+        and _is_counter(dropped)
     ):
         return False
     _run_reward_record(reward, rows, cols, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
