@@ -481,14 +481,11 @@ class RunningMeanStd(nn.Module):
         """
         # ProtoMotions' second call: the moments of this very batch are stashed by normalize, and with the
         # statistics this process's alone the backend may merge them directly (Backend.try_merge).
-        stash = self._stash
-        if stash is not None and mask is None and self.fabric is None and self.nonfinite == "drop" \
-                and not _is_compiling():
-            ref, version, parts, backend = stash
+        if mask is None and self.fabric is None and self.nonfinite == "drop":
+            parts, backend = self._stashed_moments(arr)
             layout = self._layout_cache
             if (
-                ref() is arr
-                and arr._version == version
+                parts is not None
                 and layout is not None
                 and layout.current(self._buffers)
                 and backend.try_merge(parts, layout.flat_mean, layout.flat_var, layout.count, layout.dropped,
@@ -515,16 +512,22 @@ class RunningMeanStd(nn.Module):
             parts = backend.moments(x, mask, self._workspace_record)
         self._fold(parts, backend, layout)
 
-    def _take_stash(self, arr: Tensor, mask: Optional[Tensor]):
-        """The moments a training-mode ``normalize`` computed for this very tensor, if it is unchanged since."""
+    def _stashed_moments(self, arr: Tensor):
+        """``(parts, backend)`` of the moments a training-mode ``normalize`` computed for this very tensor, if it
+        is unchanged since, else ``(None, None)``."""
         stash = self._stash
-        _set_plain(self, "_stash", None)
-        if stash is None or mask is not None or _is_compiling():
+        if stash is None or _is_compiling():
             return None, None
         ref, version, parts, backend = stash
         if ref() is arr and arr._version == version:
             return parts, backend
         return None, None
+
+    def _take_stash(self, arr: Tensor, mask: Optional[Tensor]):
+        """``_stashed_moments`` for an unmasked record, and the stash is gone either way."""
+        found = (None, None) if mask is not None else self._stashed_moments(arr)
+        _set_plain(self, "_stash", None)
+        return found
 
 
 class RewardRunningMeanStd(RunningMeanStd):
