@@ -579,7 +579,8 @@ class RewardRunningMeanStd(RunningMeanStd):
             and type(reward) is Tensor
             and (reward.dim() == 1 if layout.num_features == 1 else len(layout.shape) == 1 and reward.dim() == 2)
             and layout.backend.try_reward_record(reward, terminated, previous, self.gamma, layout.flat_mean,
-                                                 layout.flat_var, layout.count, layout.dropped, self.ema_decay)
+                                                 layout.flat_var, layout.count, layout.dropped, self.ema_decay,
+                                                 self._workspace_record)
         ):
             return
         self._record_reward(reward, terminated)

@@ -144,6 +144,7 @@ class Backend:
         count: Tensor,
         dropped: Tensor,
         ema_decay: Optional[float],
+        workspace: dict,
     ) -> bool:
         """``reward_record`` with ``reward`` and ``discounted`` of one shape, ``[B]`` (one feature) or ``[B, D]``,
         and ``terminated`` ``[B]``; or False."""

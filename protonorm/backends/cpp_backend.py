@@ -651,7 +651,8 @@ class CppBackend(Backend):
     def try_merge(self, parts, mean, var, count, dropped, ema_decay):
         return _direct_merge(parts, mean, var, count, dropped, ema_decay)
 
-    def try_reward_record(self, reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay):
+    def try_reward_record(self, reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay,
+                          workspace):
         return _direct_reward_record(reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
 
 

@@ -3,9 +3,11 @@
 Each kernel is a ``torch.library.custom_op`` in the ``protonorm`` namespace with a fake implementation and
 its mutated arguments declared, so ``torch.compile(fullgraph=True)`` traces through the backend and CUDA
 graphs capture it. In eager mode, with no dispatch mode active and plain tensors, the backend calls the ops'
-bodies directly (the same launches; the dispatcher's way to a custom op costs far more than a launch). Launches per call: ``moments`` 1, ``merge`` 1, ``combine`` 1, ``normalize`` 1,
-``normalize_moments`` 1, ``reward_moments`` 1; a record is therefore two launches, with no host sync and,
-once the workspace holds its parts buffer, no allocation.
+bodies directly (the same launches; the dispatcher's way to a custom op costs far more than a launch), and the
+module's hot calls come straight to those bodies through the ``try_`` methods when their arguments need nothing
+converted. Launches per call: ``moments`` 1, ``merge`` 1, ``combine`` 1, ``normalize`` 1, ``normalize_moments`` 1,
+``reward_moments`` 1; a record is therefore two launches, with no host sync and, once the workspace holds its parts
+buffer, no allocation.
 
 CUDA tensors always work; CPU tensors work only under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before Triton is imported), which is how the kernels are tested without a GPU.
@@ -151,8 +153,17 @@ if UNAVAILABLE_REASON is None:
 
 
 # ------------------------------------------------------------------------------------------ validation
+# Each condition is a predicate (``_is_*``) that the direct calls use as it is; the checks of the general way run it
+# and, only when it fails, convert the input or raise saying what was expected.
+def _is_kernel_rows(x: Tensor) -> bool:
+    """``[B, D]`` rows the kernels read as they are: a dtype they load, unit column stride."""
+    return x.dim() == 2 and x.dtype in KERNEL_DTYPES and (x.shape[1] <= 1 or x.stride(1) == 1)
+
+
 def _check_rows(x: Tensor, what: str) -> Tensor:
     """``x`` as a kernel-ready ``[B, D]`` input: unit column stride and a dtype the kernels load."""
+    if isinstance(x, Tensor) and _is_kernel_rows(x):
+        return x
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError(f"{what}: expected a 2-D [B, D] tensor, got {getattr(x, 'shape', type(x))}")
     if x.dtype not in KERNEL_DTYPES:
@@ -164,24 +175,57 @@ def _check_rows(x: Tensor, what: str) -> Tensor:
     return x
 
 
+def _is_stat(t: Tensor, device: torch.device, num_features: int) -> bool:
+    return (t.dtype == torch.float64 and t.dim() == 1 and t.shape[0] == num_features and t.is_contiguous()
+            and t.device == device)
+
+
 def _check_stats(mean: Tensor, var: Tensor, device: torch.device, num_features: int) -> None:
     for name, t in (("mean", mean), ("var", var)):
-        if t.dtype != torch.float64 or t.dim() != 1 or t.shape[0] != num_features or not t.is_contiguous():
-            raise ValueError(
-                f"{name}: expected a contiguous float64 tensor of shape [{num_features}], "
-                f"got {t.dtype} {tuple(t.shape)}"
-            )
+        if _is_stat(t, device, num_features):
+            continue
         if t.device != device:
             raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
+        raise ValueError(
+            f"{name}: expected a contiguous float64 tensor of shape [{num_features}], got {t.dtype} {tuple(t.shape)}"
+        )
+
+
+def _is_counter(t: Tensor, device: torch.device) -> bool:
+    return t.dtype == torch.int64 and t.dim() == 0 and t.device == device
+
+
+def _check_counters(count: Tensor, dropped: Tensor, device: torch.device) -> None:
+    for name, t in (("count", count), ("dropped", dropped)):
+        if not _is_counter(t, device):
+            raise ValueError(f"{name}: expected a 0-d int64 tensor on {device}, got {t.dtype} {tuple(t.shape)}")
+
+
+def _is_out(out: Tensor, x: Tensor) -> bool:
+    return (out.dtype == normalized_dtype(x.dtype) and out.shape == x.shape and out.device == x.device
+            and out.stride(-1) == 1)
 
 
 def _check_out(out: Tensor, x: Tensor) -> None:
-    want = normalized_dtype(x.dtype)
-    if out.dtype != want or tuple(out.shape) != tuple(x.shape) or out.device != x.device or out.stride(-1) != 1:
+    if not _is_out(out, x):
+        want = normalized_dtype(x.dtype)
         raise ValueError(
             f"out: expected a {want} tensor of shape {tuple(x.shape)} on {x.device} with unit column stride, "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
+
+
+def _is_parts(parts: Tensor, num_features: int) -> bool:
+    """Float64 ``[K, 2 + 2D]`` parts (of ``num_features`` features unless that is negative), unit column stride."""
+    return (parts.dim() == 2 and parts.dtype == torch.float64 and (parts.shape[1] - reference.HEADER) % 2 == 0
+            and (num_features < 0 or parts.shape[1] == reference.parts_width(num_features))
+            and (parts.shape[1] <= 1 or parts.stride(1) == 1))
+
+
+def _is_returns(discounted: Tensor, reward: Tensor) -> bool:
+    """The discounted returns the reward kernel updates in place, for ``reward``."""
+    return (discounted.dtype in (torch.float32, torch.float64) and discounted.shape == reward.shape
+            and discounted.device == reward.device and (discounted.shape[1] <= 1 or discounted.stride(1) == 1))
 
 
 def _parts_buffer(workspace: dict, x: Tensor, single_tile: bool = False) -> Tensor:
@@ -223,9 +267,7 @@ class TritonBackend(Backend):
     def merge(self, parts, mean, var, count, dropped, ema_decay) -> None:
         parts = self._check_parts(parts, mean.shape[0] if mean.dim() == 1 else -1)
         _check_stats(mean, var, parts.device, (parts.shape[1] - reference.HEADER) // 2)
-        for name, t in (("count", count), ("dropped", dropped)):
-            if t.dtype != torch.int64 or t.dim() != 0 or t.device != parts.device:
-                raise ValueError(f"{name}: expected a 0-d int64 tensor on {parts.device}, got {t.dtype} {tuple(t.shape)}")
+        _check_counters(count, dropped, parts.device)
         if parts.shape[0] == 0:
             return
         op = _merge_impl if eager_plain(parts, mean, var, count, dropped) else torch.ops.protonorm.triton_merge
@@ -258,12 +300,15 @@ class TritonBackend(Backend):
 
     def reward_moments(self, reward, terminated, discounted, gamma, workspace) -> Tensor:
         reward = _check_rows(reward, "record_reward")
-        if discounted.dim() != 2 or discounted.shape != reward.shape or discounted.dtype not in (torch.float32, torch.float64):
-            raise ValueError(
-                f"discounted: expected a float32/float64 tensor of shape {tuple(reward.shape)}, "
-                f"got {discounted.dtype} {tuple(discounted.shape)}"
-            )
-        if discounted.shape[1] > 1 and discounted.stride(1) != 1:
+        if not _is_returns(discounted, reward):
+            returns_dtypes = (torch.float32, torch.float64)
+            if discounted.dim() != 2 or discounted.shape != reward.shape or discounted.dtype not in returns_dtypes:
+                raise ValueError(
+                    f"discounted: expected a float32/float64 tensor of shape {tuple(reward.shape)}, "
+                    f"got {discounted.dtype} {tuple(discounted.shape)}"
+                )
+            if discounted.device != reward.device:
+                raise ValueError(f"discounted: expected a tensor on {reward.device}, got {discounted.device}")
             raise ValueError("discounted: expected unit column stride (it is updated in place)")
         terminated = terminated.reshape(-1)
         if terminated.shape[0] != reward.shape[0]:
@@ -274,8 +319,64 @@ class TritonBackend(Backend):
         op(reward, terminated, discounted, float(gamma), parts)
         return parts
 
+    # ---------------------------------------------------------------------------------- direct calls
+    # The module's hot calls, straight to the ops' bodies when every argument is what the kernels take as it is
+    # (Backend.try_normalize_moments). The general way adds the module's own layers and the methods above.
+    direct = True
+
+    def try_normalize_moments(self, x, mean, var, epsilon, clamp_value, out, workspace):
+        if not self._plain_normalize(x, mean, var, out):
+            return None
+        parts = _parts_buffer(workspace, x)
+        clamp_value = None if clamp_value is None else float(clamp_value)
+        _normalize_moments_impl(x, mean, var, float(epsilon), clamp_value, out, parts)
+        return parts
+
+    def try_normalize(self, x, mean, var, epsilon, clamp_value, out):
+        if not self._plain_normalize(x, mean, var, out):
+            return False
+        clamp_value = None if clamp_value is None else float(clamp_value)
+        _normalize_impl(x, mean, var, float(epsilon), clamp_value, False, True, out)
+        return True
+
+    def try_merge(self, parts, mean, var, count, dropped, ema_decay):
+        if not (eager_plain(parts, mean, var, count, dropped) and _is_parts(parts, -1) and parts.shape[0] > 0):
+            return False
+        device, num_features = parts.device, (parts.shape[1] - reference.HEADER) // 2
+        if not (_is_stat(mean, device, num_features) and _is_stat(var, device, num_features)
+                and _is_counter(count, device) and _is_counter(dropped, device)):
+            return False
+        _merge_impl(parts, mean, var, count, dropped, ema_decay)
+        return True
+
+    def try_reward_record(self, reward, terminated, discounted, gamma, mean, var, count, dropped, ema_decay,
+                          workspace):
+        if not eager_plain(reward, terminated, discounted, mean, var, count, dropped):
+            return False
+        if reward.dim() == 1 and discounted.dim() == 1:  # [num_envs]: the kernel takes one-feature rows
+            reward, discounted = reward.unsqueeze(1), discounted.unsqueeze(1)
+        if not (_is_kernel_rows(reward) and reward.shape[0] > 0 and _is_returns(discounted, reward)
+                and terminated.dim() == 1 and terminated.shape[0] == reward.shape[0]
+                and terminated.device == reward.device and not terminated.is_complex()):
+            return False
+        device, num_features = reward.device, reward.shape[1]
+        if not (_is_stat(mean, device, num_features) and _is_stat(var, device, num_features)
+                and _is_counter(count, device) and _is_counter(dropped, device)):
+            return False
+        parts = _parts_buffer(workspace, discounted, single_tile=True)
+        _reward_moments_impl(reward, terminated, discounted, float(gamma), parts)
+        _merge_impl(parts, mean, var, count, dropped, ema_decay)
+        return True
+
+    @staticmethod
+    def _plain_normalize(x, mean, var, out) -> bool:
+        return (eager_plain(x, mean, var, out) and _is_kernel_rows(x) and x.shape[0] > 0 and x.shape[1] > 0
+                and _is_stat(mean, x.device, x.shape[1]) and _is_stat(var, x.device, x.shape[1]) and _is_out(out, x))
+
     @staticmethod
     def _check_parts(parts: Tensor, num_features: int) -> Tensor:
+        if _is_parts(parts, num_features):
+            return parts
         if parts.dim() != 2 or parts.dtype != torch.float64 or (parts.shape[1] - reference.HEADER) % 2:
             raise ValueError(f"parts: expected a float64 [K, 2 + 2D] tensor, got {parts.dtype} {tuple(parts.shape)}")
         if num_features >= 0 and parts.shape[1] != reference.parts_width(num_features):
