@@ -20,8 +20,6 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import protonorm
 from protonorm import reference
@@ -944,56 +942,6 @@ def test_direct_calls_read_no_tensor_value(direct_calls):
     names = {event.name for event in prof.events()}
     assert not names & {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}, names
     assert all(counts == {"taken": 2, "declined": 0} for counts in direct_calls.values()), direct_calls
-
-
-_STEPS = st.lists(st.sampled_from(["train", "eval", "normalize", "record", "record new", "record masked",
-                                     "add in place", "un_norm", "new batch"]), min_size=1, max_size=14)
-
-
-@settings(max_examples=40, deadline=None)
-@given(steps=_STEPS, d=st.sampled_from([1, 5, 40]), dtype=st.sampled_from(DTYPES), ema=st.sampled_from([None, 0.9]),
-       seed=st.integers(0, 2**16))
-def test_any_call_sequence_gives_the_general_ways_results(steps, d, dtype, ema, seed):
-    """Two modules fed the same calls, one through the public methods (the direct way where it applies), one
-    through the general way's own methods: outputs and statistics stay the same bits after every call, whatever
-    the order of train/eval switches, records of the normalized batch or of another, masks, in-place changes in
-    between, and batches with NaN rows."""
-    g = torch.Generator().manual_seed(seed)
-
-    def fresh(rows):
-        x = (torch.randn(rows, d, generator=g, dtype=torch.float64) * 3 + 2).to(dtype)
-        x[torch.rand(rows, generator=g) < 0.1, 0] = float("nan")
-        return x
-
-    direct, general = (protonorm.RunningMeanStd(None, (d,), device="cpu", clamp_value=4.0, ema_decay=ema,
-                                                backend="cpp") for _ in range(2))
-    x = fresh(33)
-    for step in steps:
-        if step in ("train", "eval"):
-            direct.train(step == "train")
-            general.train(step == "train")
-        elif step == "normalize":
-            assert_same(direct.normalize(x), general._normalize(x, False, True))
-        elif step == "un_norm":
-            assert_same(direct.normalize(x, un_norm=True), general._normalize(x, True, True))
-        elif step == "record":
-            direct.record_moments(x)
-            general._record_moments(x, None)
-        elif step == "record new":
-            other = fresh(20)
-            direct.record_moments(other)
-            general._record_moments(other, None)
-        elif step == "record masked":
-            mask = torch.rand(x.shape[0], generator=g) < 0.5
-            direct.record_moments(x, mask)
-            general._record_moments(x, mask)
-        elif step == "add in place":
-            x.add_(1.0)
-        else:
-            x = fresh(int(torch.randint(1, 70, (1,), generator=g)))
-        for a, b in ((direct.mean, general.mean), (direct.var, general.var), (direct.count, general.count),
-                     (direct.nonfinite_rows, general.nonfinite_rows)):
-            assert_same(a, b)
 
 
 def _reward_stream(shape, reward_dtype, term_dtype, steps=6, seed=0):

@@ -399,6 +399,80 @@ def test_launches_per_entry_point(monkeypatch):
     assert count(lambda: m.normalize(x)) == 1
 
 
+# ------------------------------------------------------------------------------------------ direct way
+@pytest.mark.parametrize("ema", [None, 0.9])
+@pytest.mark.parametrize("shape,step_shape", [((1,), (96,)), ((3,), (96, 3))], ids=["envs", "envsx3"])
+def test_direct_reward_record_matches_the_general_way(shape, step_shape, ema, monkeypatch):
+    """The reward record offered to try_reward_record (from the second step on) gives the general way's bits."""
+    g = torch.Generator().manual_seed(8)
+    steps = []
+    for i in range(5):
+        reward = torch.randn(step_shape, generator=g)
+        if i == 1:
+            reward.view(96, -1)[4, 0] = float("nan")
+        steps.append((reward.to(DEVICE), (torch.rand(96, generator=g) < 0.2).to(DEVICE)))
+    taken = []
+    original = TB.try_reward_record
+    monkeypatch.setattr(TB, "try_reward_record", lambda *a: taken.append(original(*a)) or taken[-1])
+
+    def run(direct):
+        r = protonorm.RewardRunningMeanStd(None, shape, 0.99, device=DEVICE, backend="triton", ema_decay=ema)
+        for reward, done in steps:
+            (r.record_reward if direct else r._record_reward)(reward, done)
+        return r
+
+    direct, general = run(True), run(False)
+    assert taken == [True] * (len(steps) - 1)
+    for a, b in ((direct.discounted_reward, general.discounted_reward), (direct.mean, general.mean),
+                 (direct.var, general.var), (direct.count, general.count),
+                 (direct.nonfinite_rows, general.nonfinite_rows)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+    assert int(direct.nonfinite_rows) >= 1
+
+
+def test_direct_calls_decline_what_they_do_not_take():
+    d = 5
+    x = batch(20, d)
+    mean, var, count, dropped = stats(d)
+    out = torch.full((20, d), 7.0, device=DEVICE)
+    kept = [t.clone() for t in (out, mean, var, count, dropped)]
+    bad_normalize = [
+        dict(x=x.double()),  # out would need float64
+        dict(x=batch(d, 20).t()),  # strided columns: the general way copies
+        dict(x=x.int()),
+        dict(x=x[:0], out=out[:0]),
+        dict(mean=mean.float()),
+        dict(var=var[:4]),
+        dict(out=out.double()),
+        dict(out=torch.full((d, 20), 7.0, device=DEVICE).t()),
+    ]
+    for change in bad_normalize:
+        args = {**dict(x=x, mean=mean, var=var, epsilon=1e-5, clamp_value=5.0, out=out), **change}
+        assert TB.try_normalize_moments(**args, workspace={}) is None, change
+        assert TB.try_normalize(**args) is False, change
+    parts = chunked_parts(batch(30, d, torch.float64), 3)
+    bad_merge = [dict(parts=parts.float()), dict(parts=parts[:0]), dict(parts=parts[:, :-2]), dict(count=count.int()),
+                 dict(dropped=dropped.view(1)), dict(mean=mean[:4])]
+    for change in bad_merge:
+        args = {**dict(parts=parts, mean=mean, var=var, count=count, dropped=dropped, ema_decay=None), **change}
+        assert TB.try_merge(**args) is False, change
+    reward, done = torch.randn(20, 1).to(DEVICE), torch.zeros(20, dtype=torch.bool, device=DEVICE)
+    disc = torch.ones(20, 1, device=DEVICE)
+    one = [t[:1].clone() for t in (mean, var)]
+    bad_reward = [dict(discounted=disc.half()), dict(discounted=disc[:19]), dict(terminated=done[:19]),
+                  dict(terminated=done.view(20, 1)), dict(reward=reward.view(20, 1, 1)), dict(mean=mean)]
+    for change in bad_reward:
+        args = {**dict(reward=reward, terminated=done, discounted=disc, gamma=0.9, mean=one[0], var=one[1],
+                       count=count, dropped=dropped, ema_decay=None, workspace={}), **change}
+        assert TB.try_reward_record(**args) is False, change
+    for a, b in zip((out, mean, var, count, dropped, disc), kept + [torch.ones(20, 1, device=DEVICE)]):
+        assert torch.equal(a, b)
+    with HostSyncCounter():  # under any dispatch mode the ops must see every call
+        assert TB.try_normalize(x, mean, var, 1e-5, 5.0, out) is False
+    assert TB.try_normalize(x, mean, var, 1e-5, 5.0, out) is True
+    torch.testing.assert_close(out, reference.normalize(x, mean, var, 1e-5, 5.0), rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ custom ops
 def test_custom_ops_pass_opcheck():
     d = 7
