@@ -184,11 +184,12 @@ def _check_stats(mean: Tensor, var: Tensor, device: torch.device, num_features: 
     for name, t in (("mean", mean), ("var", var)):
         if _is_stat(t, device, num_features):
             continue
-        if t.device != device:
-            raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
-        raise ValueError(
-            f"{name}: expected a contiguous float64 tensor of shape [{num_features}], got {t.dtype} {tuple(t.shape)}"
-        )
+        if t.dtype != torch.float64 or t.dim() != 1 or t.shape[0] != num_features or not t.is_contiguous():
+            raise ValueError(
+                f"{name}: expected a contiguous float64 tensor of shape [{num_features}], "
+                f"got {t.dtype} {tuple(t.shape)}"
+            )
+        raise ValueError(f"{name}: expected a tensor on {device}, got {t.device}")
 
 
 def _is_counter(t: Tensor, device: torch.device) -> bool:
