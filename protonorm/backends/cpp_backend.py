@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..reference import parts_width
-from .base import Backend, dispatch_stack_depth, eager_plain, normalized_dtype, outside_inference_mode
+from .base import Backend, eager_plain, normalized_dtype, outside_inference_mode
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -475,10 +475,15 @@ def _run_reward_record(reward: Tensor, rows: int, cols: int, terminated: Tensor,
 # feature without the view the general way makes), and then run the very code the op runs. Measured against the
 # general way (bench/RESULTS.md): 7-12 us less per normalize + record of 256 x 342 with warm caches, 30-60 us less
 # after other work has emptied them, and the reward record of a few thousand environments in about half the time.
+def _takes_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
+                     out: Tensor) -> bool:
+    return (eager_plain(x, mean, var, out) and _is_normalize_args(x, mean, var, epsilon, clamp_value, out)
+            and _is_direct_rows(x))
+
+
 def _direct_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
                               out: Tensor, workspace: dict) -> Optional[Tensor]:
-    if not (eager_plain(x, mean, var, out) and _is_normalize_args(x, mean, var, epsilon, clamp_value, out)
-            and _is_direct_rows(x)):
+    if not _takes_normalize(x, mean, var, epsilon, clamp_value, out):
         return None
     parts = _parts_buffer(workspace, x)
     _run_normalize_moments(x, mean, var, epsilon, clamp_value, out, parts)
@@ -487,8 +492,7 @@ def _direct_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: flo
 
 def _direct_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
                       out: Tensor) -> bool:
-    if not (eager_plain(x, mean, var, out) and _is_normalize_args(x, mean, var, epsilon, clamp_value, out)
-            and _is_direct_rows(x)):
+    if not _takes_normalize(x, mean, var, epsilon, clamp_value, out):
         return False
     _run_normalize(x, mean, var, epsilon, clamp_value, False, True, out)
     return True
