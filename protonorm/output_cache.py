@@ -10,7 +10,9 @@ cache alone held the storage. Every tensor that can reach the memory (the output
 graph that saved it, the tensor behind a ``numpy()`` array or a DLPack capsule) holds a C++ reference to the
 storage; a Python storage object (``out.untyped_storage()``) is one object per storage, which the cache holds too,
 so a caller keeping it raises that object's Python reference count instead. A caller that keeps its outputs simply
-gets fresh ones.
+gets fresh ones. An output sent to another process (``torch.multiprocessing`` moves its storage into shared
+memory, which the other process maps) may be read there after every tensor of this process is gone: a storage
+found shared is dropped from the cache, never handed out again.
 
 On Linux the storages of 4 MB or more are advised for transparent huge pages before anything touches them
 (``madvise(MADV_HUGEPAGE)`` on the 2 MB-aligned part; it takes effect where transparent huge pages are ``madvise``
@@ -117,6 +119,10 @@ class _Slot:
     def idle(self) -> bool:
         return _storage_use_count(self.cdata) == self.idle_uses and sys.getrefcount(self.storage) == self.idle_refs
 
+    def shared(self) -> bool:
+        """Whether the storage was moved into shared memory, where another process may still read it."""
+        return self.storage.is_shared()
+
     def tensor(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A new tensor of ``shape`` and ``dtype`` on the storage."""
         if torch.is_inference_mode_enabled():
@@ -156,6 +162,9 @@ class OutputCache:
             slots = self._slots
             for i, slot in enumerate(slots):
                 if slot.nbytes == nbytes and slot.idle():
+                    if slot.shared():
+                        del slots[i]
+                        break
                     # Most recently used last, so that the other size's storage is the one evicted below.
                     slots.append(slots.pop(i))
                     return slot.tensor(shape, dtype)

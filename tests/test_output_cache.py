@@ -228,3 +228,48 @@ def test_threads_sharing_a_module_never_share_an_output():
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_an_output_moved_to_shared_memory_is_never_handed_out_again():
+    """Sending an output to another process moves its storage into shared memory, which that process maps: once
+    this process drops it, the memory must not be written again."""
+    norm = make()
+    out = norm.normalize(batch(0))
+    out.share_memory_()  # what torch.multiprocessing does to a tensor put on a queue
+    del out
+    newer = [norm.normalize(batch(i)) for i in range(1, 4)]
+    # (Addresses prove nothing here: the memory the storage had before it was shared is free for anyone.)
+    assert not any(n.untyped_storage().is_shared() for n in newer)
+    assert not any(slot.shared() for slot in norm._outputs._slots)
+
+
+def _read_after_the_sender_moved_on(queue, results, go):
+    received = queue.get()
+    go.wait(60)
+    results.put(bool(torch.equal(received[0], received[1])))
+
+
+def test_an_output_read_by_another_process_stays_intact():
+    """The same through a real queue: the other process compares the output with its clone after this process has
+    dropped it and normalized four more batches."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_read_after_the_sender_moved_on, args=(queue, results, go))
+    child.start()
+    try:
+        norm = make()
+        out = norm.normalize(batch(0))
+        queue.put((out, out.clone()))
+        queue.close()
+        queue.join_thread()  # the tensors are pickled, so their storages shared, by now
+        del out
+        for i in range(1, 5):
+            norm.normalize(batch(i))
+        go.set()
+        assert results.get(timeout=60) is True
+    finally:
+        child.join(60)
+        if child.is_alive():
+            child.kill()
