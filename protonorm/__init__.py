@@ -26,7 +26,7 @@ __all__ = [
 
 def sync(module, fabric=None):
     """Merge the statistics that every deferred-sync normalizer in ``module`` recorded since the last sync, across
-    all ranks, with one collective. Every rank must call it at the same point. See docs/DISTRIBUTED.md."""
+    all ranks, with two collectives. Every rank must call it at the same point. See docs/DISTRIBUTED.md."""
     from .distributed import sync as _sync
 
     return _sync(module, fabric)

@@ -11,8 +11,9 @@ moments locally. Two modes (the module's ``sync`` attribute):
   ``PROTONORM_SYNC_REDUCE`` = ``auto`` | ``all_gather`` | ``all_reduce`` overrides the choice; it must be set
   identically on every rank.
 * ``"deferred"``: records merge locally and are remembered; :func:`sync` at a point every rank reaches merges
-  every deferred normalizer of a module tree with one collective. Only what was recorded since the previous
-  sync travels, on top of statistics every rank shares, so history is never counted twice.
+  every deferred normalizer of a module tree with two collectives (the tree's layout, then the moments). Only
+  what was recorded since the previous sync travels, on top of statistics every rank shares, so history is
+  never counted twice.
 
 ``fabric`` may be a Lightning ``Fabric`` (its collectives are bypassed for ``torch.distributed`` on the default
 group when that is initialized: ``Fabric.all_gather`` costs a barrier, a size exchange and a host read), a
@@ -105,17 +106,14 @@ def rank(fabric) -> int:
     return int(fabric.global_rank)
 
 
-def _all_gather(fabric, tensor: Tensor, world: int, fill: Optional[float] = None) -> Tensor:
-    """``[world, *tensor.shape]``: every rank's ``tensor``, in rank order. One collective. ``fill`` pre-fills
-    the output, so that what a mismatched collective leaves unwritten is recognizable."""
+def _all_gather(fabric, tensor: Tensor, world: int) -> Tensor:
+    """``[world, *tensor.shape]``: every rank's ``tensor``, in rank order. One collective."""
     tensor = tensor.contiguous()
     group = _torch_group(fabric)
     if group is not _NOT_A_GROUP:
         dist = _dist()
         shape = (world,) + tuple(tensor.shape)
-        out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device) if fill is None else torch.full(
-            shape, fill, dtype=tensor.dtype, device=tensor.device
-        )
+        out = torch.empty(shape, dtype=tensor.dtype, device=tensor.device)
         gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
         gather_single(out.view((world * tensor.shape[0],) + tuple(tensor.shape[1:])), tensor, group=group)
         return out
@@ -238,6 +236,13 @@ def _deferred_state(module) -> _DeferredState:
     return state
 
 
+def merge_into_base(module, parts: Tensor, merge) -> None:
+    """Merge ``parts``, moments every rank adds alike (``update_from_moments``), into the synced base of a deferred
+    normalizer, as they were into its statistics: the base stays what every rank shares."""
+    state = _deferred_state(module)
+    merge(parts, state.mean, state.var, state.count, state.dropped, module.ema_decay)
+
+
 def _record_deferred(module, parts: Tensor, backend, check) -> None:
     if check is not None:
         check(parts)
@@ -272,7 +277,8 @@ def _layout_signature(entries) -> float:
 @torch.no_grad()
 def sync(module_tree, fabric=None) -> None:
     """Merge what every rank recorded since the last sync into every ``sync="deferred"`` normalizer of
-    ``module_tree``, with one collective; afterwards their statistics are identical on every rank.
+    ``module_tree``, with two all_gathers (a layout signature, then the moments); afterwards their statistics are
+    identical on every rank.
 
     Call it at a point every rank reaches (e.g. after each rollout). ``fabric`` defaults to the normalizers'
     own. Welford statistics become exactly those of one process that recorded every rank's batches; EMA
@@ -301,20 +307,20 @@ def sync(module_tree, fabric=None) -> None:
             )
     live = [(name, m) for name, m in entries if m._initialized]
     device = live[0][1].mean.device if live else torch.device("cpu")
-    signature = torch.tensor([_layout_signature(entries), 0.0], dtype=torch.float64, device=device)
     rows, states = [], []
     for _, module in live:
         state = _deferred_state(module)
         states.append(state)
         rows.append(_outgoing_row(module, state).reshape(-1).to(device))
-    body = sum(r.numel() for r in rows)
-    signature[1] = float(body)
-    # The signature opens and closes each rank's slot: a tree of another layout fails the comparison, and so
-    # does one of another length, whose slots no longer line up.
-    buffer = torch.cat([signature] + rows + [signature])
-    gathered = _all_gather(fabric, buffer, world, fill=float("nan"))
-    _check_layouts(gathered, signature, world)
-    offset = 2
+    # First every rank's layout signature (fixed size), so that ranks whose trees differ, in size too, all raise
+    # before anything of a size that differs between them is sent.
+    signature = torch.tensor([_layout_signature(entries), float(sum(r.numel() for r in rows))],
+                             dtype=torch.float64, device=device)
+    _check_layouts(_all_gather(fabric, signature, world), signature, world)
+    if not rows:
+        return
+    gathered = _all_gather(fabric, torch.cat(rows), world)
+    offset = 0
     for (_, module), state in zip(live, states):
         width = reference.parts_width(module.num_features)
         incoming = gathered[:, offset : offset + width].to(module.mean.device).contiguous()
@@ -354,12 +360,11 @@ def _apply_incoming(module, state: _DeferredState, incoming: Tensor) -> None:
     module._sync_state = _DeferredState(new_mean, new_var, new_count, new_dropped)
 
 
-def _check_layouts(gathered: Tensor, signature: Tensor, world: int) -> None:
-    ends = torch.cat([gathered[:, :2], gathered[:, -2:]], dim=1)
-    expected = torch.cat([signature, signature]).expand(world, 4)
-    if torch.equal(ends, expected):
+def _check_layouts(signatures: Tensor, signature: Tensor, world: int) -> None:
+    expected = signature.expand(world, signature.numel())
+    if torch.equal(signatures, expected):
         return
-    bad = [r for r in range(world) if not torch.equal(ends[r], expected[r])]
+    bad = [r for r in range(world) if not torch.equal(signatures[r], expected[r])]
     raise ValueError(
         f"sync: the ranks hold different trees of deferred normalizers (ranks {bad} differ from this one in "
         "names, feature shapes, EMA mode or initialization); every rank must sync the same model"

@@ -284,7 +284,10 @@ class RunningMeanStd(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if entry is not None:
             self.shape = tuple(self.mean.shape)
-        self._reset_transient_state()
+        if any(prefix + key in state_dict for key in ("mean", "var", "count")):
+            # New statistics: what was derived from the old ones goes. A load that leaves this module out
+            # (strict=False, another part of the model) keeps it all, the records a deferred sync still owes too.
+            self._reset_transient_state()
 
     # ----------------------------------------------------------------------------------------- routing
     def _backend_for(self, x: Tensor) -> Backend:
@@ -388,8 +391,16 @@ class RunningMeanStd(nn.Module):
         batch_m2 = batch_var.expand(mean.shape).reshape(d) * n
         parts = reference.pack_parts(n, torch.zeros((), device=mean.device), batch_mean, batch_m2)
         flat_mean, flat_var, count, dropped = self._flat_stats()
-        backends.resolve("torch", mean.device).merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
-        self._sync_state = None
+        merge = backends.resolve("torch", mean.device).merge
+        merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
+        if self.sync == "deferred" and self._sync_state is not None:
+            # Applied alike on every rank, so it goes into the base every rank shares too; the rows this rank
+            # recorded since the last sync stay owed to the others.
+            from . import distributed
+
+            distributed.merge_into_base(self, parts, merge)
+        else:
+            self._sync_state = None
 
     def maybe_clamp(self, x: Tensor) -> Tensor:
         return x if self.clamp_value is None else torch.clamp(x, -self.clamp_value, self.clamp_value)

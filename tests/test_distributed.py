@@ -201,6 +201,42 @@ def _mismatched_tree_rank(fabric, rank):
     return None
 
 
+def _mismatched_size_rank(fabric, rank):
+    """Ranks whose trees differ in size (a lazy normalizer fed on rank 0 only) must all raise too, and leave no
+    collective half done: a sync of a tree every rank shares works right after."""
+    tree = nn.ModuleDict({
+        "a": RunningMeanStd(fabric, shape=(3,), device="cpu", sync="deferred"),
+        "lazy": RunningMeanStd(fabric, device="cpu", sync="deferred"),
+    })
+    tree["a"].record_moments(torch.ones(2, 3) * (rank + 1))
+    if rank == 0:
+        tree["lazy"].record_moments(torch.ones(2, 4))
+    try:
+        protonorm.distributed.sync(tree, fabric)
+        raised = None
+    except ValueError as exc:
+        raised = str(exc)
+    protonorm.distributed.sync(tree["a"], fabric)
+    return {"raised": raised, "after": _stats(tree["a"])}
+
+
+def _deferred_interruptions(fabric, rank, world):
+    """Between two syncs: a load_state_dict that leaves the normalizer out (strict=False, the policy only) and an
+    update_from_moments with the same arguments on every rank. Neither may lose the records owed to the other
+    ranks. With ``fabric`` None: one process doing the same with every rank's rows."""
+    norm = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", sync="deferred")
+    model = nn.ModuleDict({"norm": norm, "policy": nn.Linear(2, 2)})
+    ranks = range(world) if fabric is None else [rank]
+    norm.record_moments(torch.cat([_obs_batch(r, 1) for r in ranks]))
+    policy = {k: v for k, v in model.state_dict().items() if k.startswith("policy.")}
+    model.load_state_dict(policy, strict=False)
+    norm.update_from_moments(torch.full((D_OBS,), 90.0), torch.full((D_OBS,), 4.0), 10)
+    norm.record_moments(torch.cat([_obs_batch(r, 2) for r in ranks]))
+    if fabric is not None:
+        protonorm.sync(model, fabric)
+    return _stats(norm)
+
+
 def _per_call_rank(fabric, rank, world):
     """Every backend x reduce method x (Welford, EMA) observation stream, plus the reward stream."""
     out = {}
@@ -230,6 +266,8 @@ def _fabric_worker(fabric, out_dir):
         "deferred": {backend: _deferred_rank(fabric, rank, backend) for backend in _worker_backends(world)},
         "nonfinite_raise": _nonfinite_raise_rank(fabric, rank, world),
         "mismatch": _mismatched_tree_rank(fabric, rank),
+        "mismatched_size": _mismatched_size_rank(fabric, rank),
+        "interruptions": _deferred_interruptions(fabric, rank, world),
     }
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -382,12 +420,12 @@ def _single_process_deferred(world, backend):
     return expected
 
 
-def test_deferred_sync_one_collective_and_exact(fabric_run):
+def test_deferred_sync_two_collectives_and_exact(fabric_run):
     world, ranks = fabric_run
     for backend in _worker_backends(world):
         seen = [r["deferred"][backend] for r in ranks]
         assert [s["collectives_in_records"] for s in seen] == [0] * world
-        assert [s["collectives_per_sync"] for s in seen] == [[1, 1, 1]] * world
+        assert [s["collectives_per_sync"] for s in seen] == [[2, 2, 2]] * world  # the layout, then the moments
         expected = _single_process_deferred(world, backend)
         for round_index, truth in enumerate(expected):
             for name, truth_stats in truth.items():
@@ -418,7 +456,7 @@ def test_deferred_resume_does_not_inflate_counts(fabric_run):
             truth.record(range(world), step)
         for name, truth_stats in truth.all_stats().items():
             assert_same_on_every_rank([s["resumed"][name] for s in seen])
-            if name != "critic_obs":  # the EMA merge rule is checked in test_deferred_sync_one_collective_and_exact
+            if name != "critic_obs":  # the EMA merge rule is checked in test_deferred_sync_two_collectives_and_exact
                 assert_matches_truth(seen[0]["resumed"][name], truth_stats)
 
 
@@ -435,6 +473,16 @@ def test_mismatched_trees_raise_on_every_rank(fabric_run):
     world, ranks = fabric_run
     for r in ranks:
         assert r["mismatch"] is not None and "different trees" in r["mismatch"]
+        assert r["mismatched_size"]["raised"] is not None and "different trees" in r["mismatched_size"]["raised"]
+    assert_same_on_every_rank([r["mismatched_size"]["after"] for r in ranks])
+    assert ranks[0]["mismatched_size"]["after"][2].item() == 1 + 2 * world
+
+
+def test_deferred_records_survive_a_partial_load_and_update_from_moments(fabric_run):
+    world, ranks = fabric_run
+    seen = [r["interruptions"] for r in ranks]
+    assert_same_on_every_rank(seen)
+    assert_matches_truth(seen[0], _deferred_interruptions(None, 0, world))
 
 
 def test_process_group_fabrics(tmp_path):
@@ -449,7 +497,7 @@ def test_process_group_fabrics(tmp_path):
         assert_matches_truth(seen[0]["stats"], truth)
         assert [s["collectives"] for s in seen] == [STEPS] * world
     deferred = [r["deferred"] for r in ranks]
-    assert [d["collectives_per_sync"] for d in deferred] == [[1, 1, 1]] * world
+    assert [d["collectives_per_sync"] for d in deferred] == [[2, 2, 2]] * world
     expected = _single_process_deferred(world, "torch")
     for name, truth_stats in expected[-1].items():
         assert_same_on_every_rank([d["after_sync"][-1][name] for d in deferred])
@@ -550,7 +598,7 @@ def test_per_call_hard_data(monkeypatch, method, stream):
 def test_duck_typed_fabric_deferred():
     world = _ThreadWorld(3)
     results = _run_threads(world, lambda fabric, rank: _deferred_rank(fabric, rank, "torch"))
-    assert world.gathers == [3] * 3  # three syncs, one gather each; records gather nothing
+    assert world.gathers == [6] * 3  # three syncs, two gathers each; records gather nothing
     expected = _single_process_deferred(3, "torch")
     for round_index, truth in enumerate(expected):
         for name, truth_stats in truth.items():
