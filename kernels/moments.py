@@ -8,8 +8,8 @@ each, so the parts stay a small fraction of the data); on the CPU interpreter a 
 keeps the multi-part merge exercised.
 
 Accuracy. Every element is widened to float64 on load (exact for every input dtype) and shifted by a
-per-program reference row (the first row of the split, so ``x - shift`` is exact for data with a large
-offset); each row block gets two-pass moments of the shifted values (block mean, then the sum of squared
+per-program reference row (the split's first valid row: considered by the mask and finite, so that
+``x - shift`` is exact for data with a large offset, whatever a masked-out or dropped row holds); each row block gets two-pass moments of the shifted values (block mean, then the sum of squared
 deviations about it), folded into per-program float64 accumulators with Chan's formula, and the shift is
 added back once, when the part is stored. Running means of the order of the offset never enter the
 accumulation, so a small spread on a large offset keeps float64 precision; parts are merged in float64 by
@@ -141,16 +141,15 @@ def rows_all_finite(x_ptr, rows, row_ok, stride_x, D, BLOCK_R: tl.constexpr, BLO
 
 
 @triton.jit
-def finite_or_zero(v):
-    return tl.where(v * 0.0 == 0.0, v, 0.0)
-
-
-@triton.jit
-def load_shift(x_ptr, row, B, stride_x, cols, col_ok):
-    """Row ``row`` of ``x`` as float64 (zeros past the end, non-finite entries as zero): the split's shift."""
-    in_range = col_ok & ((cols * 0 + row) < B)
-    v = tl.load(x_ptr + row * stride_x + cols, mask=in_range, other=0.0).to(tl.float64)
-    return finite_or_zero(v)
+def take_shift(x, valid, rows, shift, have):
+    """A split's shift is its first valid row. Until one has been seen (``have`` 0), this looks for it among the
+    rows of the float64 tile ``x`` where ``valid``; rows before it are invalid, so they added nothing relative to
+    the old shift."""
+    if have == 0:
+        first = tl.min(tl.where(valid, rows, 2**62), axis=0)
+        shift = tl.sum(tl.where((valid & (rows == first))[:, None], x, 0.0), axis=0)
+        have = (first != 2**62).to(tl.int32)
+    return shift, have
 
 
 @triton.jit
@@ -227,7 +226,8 @@ def _moments_kernel(
     mean = tl.zeros([BLOCK_D], dtype=tl.float64)
     m2 = tl.zeros([BLOCK_D], dtype=tl.float64)
     first_row = split * rows_per_split
-    shift = load_shift(x_ptr, first_row, B, stride_x, cols, col_ok)
+    shift = tl.zeros([BLOCK_D], dtype=tl.float64)
+    have_shift = tl.full([], 0, tl.int32)
     for i in range(0, blocks_per_split):
         rows = first_row + i * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < B
@@ -238,6 +238,7 @@ def _moments_kernel(
         if HAS_MASK:
             considered = considered & (tl.load(mask_ptr + rows * stride_mask, mask=row_ok, other=0) != 0)
         finite = rows_finite(x, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
+        shift, have_shift = take_shift(x, considered & finite, rows, shift, have_shift)
         n, mean, m2, dropped = fold_block(x, considered, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift)
 

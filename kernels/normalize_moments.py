@@ -15,7 +15,7 @@ from .moments import (
     device_guard,
     f64_bits,
     fold_block,
-    load_shift,
+    take_shift,
     num_warps_for,
     rows_finite,
     split_rows,
@@ -43,7 +43,8 @@ def _normalize_moments_kernel(
     mean = tl.zeros([BLOCK_D], dtype=tl.float64)
     m2 = tl.zeros([BLOCK_D], dtype=tl.float64)
     first_row = split * rows_per_split
-    shift = load_shift(x_ptr, first_row, B, stride_x, cols, col_ok)
+    shift = tl.zeros([BLOCK_D], dtype=tl.float64)
+    have_shift = tl.full([], 0, tl.int32)
     for i in range(0, blocks_per_split):
         rows = first_row + i * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < B
@@ -53,6 +54,7 @@ def _normalize_moments_kernel(
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=ok)
         x = raw.to(tl.float64)
         finite = rows_finite(x, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
+        shift, have_shift = take_shift(x, row_ok & finite, rows, shift, have_shift)
         n, mean, m2, dropped = fold_block(x, row_ok, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift)
 

@@ -18,12 +18,12 @@ import triton.language as tl
 from .moments import (
     device_guard,
     f64_bits,
-    finite_or_zero,
     fold_block,
     from_f64_bits,
     num_warps_for,
     split_rows,
     store_part,
+    take_shift,
     tile_plan,
 )
 
@@ -61,12 +61,8 @@ def _reward_moments_kernel(
     mean = tl.zeros([BLOCK_D], dtype=tl.float64)
     m2 = tl.zeros([BLOCK_D], dtype=tl.float64)
     first_row = split * rows_per_split
-    # The shift is the split's first new return, computed here before the loop overwrites it.
-    first = first_row + tl.arange(0, 1)
-    shift = tl.sum(discounted_update(
-        reward_ptr, terminated_ptr, discounted_ptr, first, first < B, cols, col_ok, stride_r, stride_t, stride_d, g, sum_t
-    ).to(tl.float64), axis=0)
-    shift = finite_or_zero(shift)
+    shift = tl.zeros([BLOCK_D], dtype=tl.float64)
+    have_shift = tl.full([], 0, tl.int32)
     for i in range(0, blocks_per_split):
         rows = first_row + i * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < B
@@ -76,6 +72,7 @@ def _reward_moments_kernel(
         tl.store(discounted_ptr + rows[:, None] * stride_d + cols[None, :], new, mask=row_ok[:, None] & col_ok[None, :])
         x = new.to(tl.float64)
         finite = tl.sum(x * 0.0, axis=1) == 0.0
+        shift, have_shift = take_shift(x, row_ok & finite, rows, shift, have_shift)
         n, mean, m2, dropped = fold_block(x, row_ok, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, 0, D, cols, col_ok, n, dropped, mean, m2, shift)
 

@@ -3,6 +3,7 @@ import copy
 import io
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -352,6 +353,45 @@ def test_mask_ignores_rows(backend_name):
     torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
     m.record_moments(x, mask=torch.zeros(12, dtype=torch.bool))
     assert int(m.count) == 9
+
+
+@pytest.mark.parametrize("call", ["masked", "dropped", "normalize_then_record", "reward"])
+def test_rows_left_out_do_not_disturb_the_others(backend_name, call):
+    """Rows a record leaves out (masked out, or dropped for a NaN) may hold anything else, here +-1e30: the other
+    rows' moments keep the hard-data accuracy. The rows left out start the batch and the later row splits of
+    every backend (Triton, interpreted, takes 128-row blocks of these 300 features, 3 splits of 384 rows), and
+    fill the whole first block of one split."""
+    rows, features = 1000, 300
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(1e4 + 1e-2 * rng.standard_normal((rows, features))).float()
+    left_out = torch.zeros(rows, dtype=torch.bool)
+    left_out[[0, 1, 383, 384, 767, 768, 999]] = True
+    left_out[384:512] = True
+    x[left_out] = torch.where(torch.arange(features) % 2 == 0, 1e30, -1e30)
+    if call != "masked":
+        x[left_out, 0] = float("nan")
+    kept = x[~left_out]
+    if call == "reward":
+        clean = torch.from_numpy(1e4 + 1e-2 * rng.standard_normal((rows, features))).float()
+        m = RewardRunningMeanStd(None, (features,), 0.99, device="cpu", backend=backend_name)
+        m.record_reward(clean, torch.zeros(rows, dtype=torch.bool))
+        m.record_reward(x, torch.ones(rows, dtype=torch.bool))  # every return restarts: the new ones are x
+        expected = truth([clean, kept])
+    else:
+        m = make((features,), backend_name)
+        if call == "masked":
+            m.record_moments(x, mask=~left_out)
+        elif call == "dropped":
+            m.record_moments(x)
+        else:
+            m.train()
+            m.normalize(x)
+            m.record_moments(x)
+        expected = truth([kept])
+    assert int(m.count) == expected[2]
+    assert int(m.nonfinite_rows) == (0 if call == "masked" else int(left_out.sum()))
+    assert_close_rel(m.mean, expected[0], MEAN_RTOL, "mean")
+    assert_close_rel(m.var, expected[1], VAR_RTOL, "var")
 
 
 @pytest.mark.parametrize("ema", [None, 0.9])
