@@ -166,6 +166,7 @@ class RunningMeanStd(nn.Module):
         self.shape = shape
         self.device = device
         self.backend = backends.check_choice(backend)
+        backends.preload(self.backend, device)
         self.nonfinite = nonfinite
         self.sync = sync
         self._initialized = False
@@ -191,18 +192,22 @@ class RunningMeanStd(nn.Module):
         # Rows left out for holding NaN/inf. Not persistent: upstream's state_dict keys stay exactly mean/var/count.
         self.register_buffer("nonfinite_rows", nonfinite_rows, persistent=False)
         self.shape = shape
-        self._reset_transient_state()
+        self._reset_derived_state()  # (the output cache stays: a lazy module may be initialized inside a trace)
 
     def _reset_transient_state(self) -> None:
-        # Per-call caches: buffers reused across calls, the moments stashed by a training-mode normalize, and the
-        # distributed module's per-normalizer state. None of it is part of the statistics.
+        self._reset_derived_state()
+        self._outputs = OutputCache()  # large CPU outputs of normalize, recycled once the caller drops them
+
+    def _reset_derived_state(self) -> None:
+        # What was derived from the statistics buffers: scratch buffers reused across calls, the moments stashed by
+        # a training-mode normalize, and the distributed module's per-normalizer state. None of it is part of the
+        # statistics.
         self._workspace_record: dict = {}
         self._workspace_stash: dict = {}
         self._stash = None
         self._sync_state = None
         self._layout_cache: Optional[_Layout] = None
         self._discounted_rows = None  # (discounted_reward, its [B, D] view)
-        self._outputs = OutputCache()  # large CPU outputs of normalize, recycled once the caller drops them
 
     def _lazy_init(self, x: Tensor) -> None:
         if not self._initialized:
@@ -254,7 +259,9 @@ class RunningMeanStd(nn.Module):
             self._lazy_device = fn(torch.empty(0, device=self._lazy_device or "cpu")).device
         self._layout_cache = None
         self._outputs.clear()  # CPU memory kept for outputs is not wanted once the module moves
-        return super()._apply(keep_dtype, recurse)
+        result = super()._apply(keep_dtype, recurse)
+        backends.preload(self.backend, self.mean.device if self._initialized else self._lazy_device)
+        return result
 
     def to(self, *args, **kwargs):
         """Move the buffers (their dtypes never change) and remember the device, like upstream's ``to(device)``."""

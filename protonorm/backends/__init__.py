@@ -55,11 +55,25 @@ def available(device: torch.device) -> Dict[str, Optional[str]]:
     return result
 
 
+def _preferred(device: torch.device) -> str:
+    """What ``auto`` tries first on ``device``."""
+    return "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
+
+
+def preload(choice: str, device) -> None:
+    """Import the backends that a validated ``choice`` may resolve to on ``device`` (the fallback ``torch`` too),
+    so that a first call traced by ``torch.compile`` finds them loaded: Dynamo cannot trace an import."""
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        device = torch.device("cpu")  # where the module's buffers will be (normalizer._resolve_default_device)
+    load("torch")
+    load(_preferred(device) if choice == "auto" else choice)
+
+
 def resolve(choice: str, device: torch.device) -> Backend:
     """The backend that runs a call on ``device`` for a validated ``choice``."""
     if choice == "auto":
-        preferred = "triton" if device.type == "cuda" else "cpp" if device.type == "cpu" else "torch"
-        backend, _ = load(preferred)
+        backend, _ = load(_preferred(device))
         if backend is not None and backend.supports(device) is None:
             return backend
         return load("torch")[0]

@@ -174,7 +174,7 @@ def outside_inference_mode(factory):
     For state and buffers that are later updated in place: torch refuses in-place updates of an inference tensor
     outside inference mode, and rollouts often run under it, so whatever is created first there would break the
     training calls that follow (in-place updates of a normal tensor inside inference mode are allowed)."""
-    if torch.is_inference_mode_enabled():
+    if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
         with torch.inference_mode(False):
             return factory()
     return factory()
