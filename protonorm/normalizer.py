@@ -460,6 +460,8 @@ class RunningMeanStd(nn.Module):
         return None
 
     def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
+        if not arr.is_floating_point() and (arr.dtype == torch.bool or arr.is_complex()):
+            raise TypeError(f"normalize: expected a real-valued tensor (floating point or integer), got {arr.dtype}")
         compiling = _is_compiling()
         if (arr.requires_grad and torch.is_grad_enabled()) or _is_exporting(compiling):
             # Traced / exported graphs (ProtoMotions exports its actor to ONNX) get the plain reference math, and
@@ -515,6 +517,7 @@ class RunningMeanStd(nn.Module):
 
     @_without_grad
     def _record_moments(self, arr: Tensor, mask: Optional[Tensor]) -> None:
+        _check_floating("record_moments", arr)
         if not self._initialized:
             self._lazy_init(arr)
         layout = self._layout()
@@ -605,6 +608,7 @@ class RewardRunningMeanStd(RunningMeanStd):
 
     @_without_grad
     def _record_reward(self, reward: Tensor, terminated: Tensor) -> None:
+        _check_floating("record_reward", reward)
         if not self._initialized:
             self._lazy_init(reward)
         layout = self._layout()
@@ -614,6 +618,8 @@ class RewardRunningMeanStd(RunningMeanStd):
             terminated = torch.as_tensor(terminated, device=reward.device)
         elif terminated.device != layout.device:  # reward is on the statistics' device (checked above)
             raise ValueError(f"record_reward: expected terminated on {reward.device} like reward, got {terminated.device}")
+        if terminated.is_complex():
+            raise TypeError(f"record_reward: expected terminated as bool, integer or floating-point flags, got {terminated.dtype}")
         terminated_dim = terminated.dim()
         if terminated.numel() != num_rows or (terminated_dim > 0 and terminated.shape[0] != num_rows):
             raise ValueError(
@@ -722,6 +728,14 @@ def _as_shape(shape) -> Tuple[int, ...]:
     if any(s < 0 for s in shape):
         raise ValueError(f"shape: expected non-negative sizes, got {shape}")
     return shape
+
+
+def _check_floating(what: str, arr: Tensor) -> None:
+    """Statistics are taken of floating-point batches only, as upstream's ``torch.mean`` demands."""
+    if not isinstance(arr, Tensor):
+        raise TypeError(f"{what}: expected a tensor, got {type(arr).__name__}")
+    if not arr.is_floating_point():
+        raise TypeError(f"{what}: expected a floating-point tensor (float32, float64, float16 or bfloat16), got {arr.dtype}")
 
 
 def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:

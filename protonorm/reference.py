@@ -175,8 +175,9 @@ def normalize(
 def discounted_return_update(discounted: Tensor, reward: Tensor, terminated: Tensor, gamma: float) -> Tensor:
     """``discounted * gamma + reward``, restarted at ``reward`` where ``terminated`` is nonzero.
 
-    For finite returns this equals upstream's ``discounted * gamma * (1 - terminated) + reward``; unlike it, a
-    reset also clears a non-finite return, so one bad reward cannot disable an environment forever.
+    For finite returns and flags of 0 and 1 this equals upstream's ``discounted * gamma * (1 - terminated) +
+    reward``; unlike it, a reset also clears a non-finite return, so one bad reward cannot disable an environment
+    forever.
     """
     carried = discounted * gamma
     carried = torch.where(terminated != 0, 0.0, carried)

@@ -418,6 +418,11 @@ def _bad_calls():
         ("mask dtype", lambda m: m.record_moments(torch.randn(4, 3), mask=torch.ones(4)), TypeError, "bool"),
         ("mask length", lambda m: m.record_moments(torch.randn(4, 3), mask=torch.ones(3, dtype=torch.bool)), ValueError, r"\[4\]"),
         ("moments shape", lambda m: m.update_from_moments(torch.zeros(2), torch.ones(3), 4), ValueError, "batch_mean"),
+        ("integer record", lambda m: m.record_moments(torch.ones(4, 3, dtype=torch.long)), TypeError, "int64"),
+        ("bool record", lambda m: m.record_moments(torch.ones(4, 3, dtype=torch.bool)), TypeError, "floating-point"),
+        ("complex record", lambda m: m.record_moments(torch.ones(4, 3, dtype=torch.complex64)), TypeError, "complex64"),
+        ("bool normalize", lambda m: m.train().normalize(torch.ones(4, 3, dtype=torch.bool)), TypeError, "bool"),
+        ("complex normalize", lambda m: m.normalize(torch.ones(4, 3, dtype=torch.complex64)), TypeError, "complex"),
     ]
 
 
@@ -431,15 +436,32 @@ def test_bad_input_raises_and_leaves_statistics(backend_name, what, call, error,
     assert_stats_equal(stats(m), before)
 
 
-def test_reward_bad_terminated_raises_and_leaves_statistics():
-    r = RewardRunningMeanStd(None, (1,), 0.99, device="cpu")
+def test_reward_bad_terminated_raises_and_leaves_statistics(backend_name):
+    r = RewardRunningMeanStd(None, (1,), 0.99, device="cpu", backend=backend_name)
     r.record_reward(torch.ones(4), torch.zeros(4))
-    before = stats(r)
+    before, returns = stats(r), r.discounted_reward.clone()
     with pytest.raises(ValueError, match="one entry per environment"):
         r.record_reward(torch.ones(4), torch.zeros(3))
     with pytest.raises(ValueError, match="like the previous steps"):
         r.record_reward(torch.ones(5), torch.zeros(5))
+    with pytest.raises(TypeError, match="int64"):
+        r.record_reward(torch.ones(4, dtype=torch.long), torch.zeros(4))
+    with pytest.raises(TypeError, match="complex64"):
+        r.record_reward(torch.ones(4), torch.zeros(4, dtype=torch.complex64))
     assert_stats_equal(stats(r), before)
+    assert torch.equal(r.discounted_reward, returns)
+
+
+def test_integer_first_batches_leave_a_lazy_module_uninitialized():
+    m = RunningMeanStd(None, None, device="cpu")
+    with pytest.raises(TypeError, match="int64"):
+        m.record_moments(torch.ones(4, 3, dtype=torch.long))
+    m.record_moments(torch.ones(4, 5))
+    assert m.mean.shape == (5,)
+    r = RewardRunningMeanStd(None, (1,), 0.99, device="cpu")
+    with pytest.raises(TypeError, match="int32"):
+        r.record_reward(torch.ones(4, dtype=torch.int32), torch.zeros(4))
+    assert r.discounted_reward is None
 
 
 @pytest.mark.parametrize(
