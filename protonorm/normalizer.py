@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 import weakref
 from typing import Optional, Tuple
@@ -158,7 +159,7 @@ class RunningMeanStd(nn.Module):
         sync: str = "per_call",
     ):
         super().__init__()
-        _check_arguments(epsilon, clamp_value, ema_decay, nonfinite, sync)
+        epsilon, clamp_value, ema_decay = _check_arguments(epsilon, clamp_value, ema_decay, nonfinite, sync)
         self.fabric = fabric
         self.epsilon = epsilon
         self.clamp_value = clamp_value
@@ -268,7 +269,8 @@ class RunningMeanStd(nn.Module):
         device, _, non_blocking, _ = torch._C._nn._parse_to(*args, **kwargs)
         if device is not None:
             super().to(device=device, non_blocking=non_blocking)
-            self.device = device
+            given = kwargs.get("device", args[0] if args else None)
+            self.device = given if isinstance(given, (str, torch.device)) else device  # as upstream keeps it
             if isinstance(getattr(self, "discounted_reward", None), Tensor):
                 self.discounted_reward = self.discounted_reward.to(device)
             # Scratch buffers and the stash belong to the old device; the deferred-sync state (rows recorded since
@@ -289,6 +291,10 @@ class RunningMeanStd(nn.Module):
                 self._create_buffers(shape, self._lazy_device or entry.device)
                 self._initialized = True
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        for name, dtype in (("mean", torch.float64), ("var", torch.float64), ("count", torch.int64)):
+            loaded = self._buffers.get(name)
+            if loaded is not None and loaded.dtype != dtype:  # load_state_dict(assign=True) takes the checkpoint's
+                self._buffers[name] = loaded.to(dtype)
         if entry is not None:
             self.shape = tuple(self.mean.shape)
         if any(prefix + key in state_dict for key in ("mean", "var", "count")):
@@ -573,8 +579,10 @@ class RewardRunningMeanStd(RunningMeanStd):
         nonfinite: str = "drop",
         sync: str = "per_call",
     ):
-        if not isinstance(gamma, (int, float)) or not 0.0 <= float(gamma) <= 1.0:
+        number = _plain_number(gamma)
+        if number is None or not 0.0 <= number <= 1.0:
             raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
+        gamma = number
         super().__init__(
             fabric, shape, epsilon, device, clamp_value, ema_decay, backend=backend, nonfinite=nonfinite, sync=sync
         )
@@ -681,10 +689,12 @@ def materialize_lazy_running_stats_from_state_dict(model: nn.Module, state_dict:
 
 
 def combine_moments(means, vars, counts):
-    """Merge lists of per-group moments pairwise (tree order): ``(mean, var, count)`` with an exact int64 count.
+    """Merge lists of per-group moments pairwise (tree order): ``(mean, var, count)``.
 
-    ``counts`` may be Python ints, tensors, or one tensor. The merge runs in float64 and the result keeps the
-    dtype upstream would give (``promote_types(mean dtype, float32)``); no value is read on the host.
+    ``counts`` may be Python numbers, tensors, or one tensor. Integer counts give an exact int64 total; fractional
+    ones (float counts, as weights) weigh the groups as they are and give the total truncated to int64, as upstream
+    does. The merge runs in float64, the results take the dtypes upstream's arithmetic would give them, and no value
+    is read on the host.
     """
     if len(means) == 0 or len(means) != len(vars) or len(means) != len(counts):
         raise ValueError(
@@ -694,27 +704,46 @@ def combine_moments(means, vars, counts):
     # A tensor keeps its device (torch.as_tensor would move it to a default device set with set_default_device).
     first = means[0] if isinstance(means[0], Tensor) else torch.as_tensor(means[0])
     device = first.device
-    out_dtype = torch.promote_types(first.dtype, torch.float32)
-    mean = torch.stack([torch.as_tensor(m, device=device).to(torch.float64) for m in means])
-    var = torch.stack([torch.as_tensor(v, device=device).to(torch.float64) for v in vars])
-    if isinstance(counts, Tensor):
-        count_i64 = counts.to(device=device).reshape(-1).to(torch.int64)
-    else:
-        count_i64 = torch.stack([torch.as_tensor(c, device=device).reshape(()).to(torch.int64) for c in counts])
+    means = [torch.as_tensor(m, device=device) for m in means]
+    vars = [torch.as_tensor(v, device=device) for v in vars]
+    if len(means) == 1:  # upstream returns the one group's tensors as they are
+        mean_dtype, var_dtype = means[0].dtype, vars[0].dtype
+    else:  # upstream mixes them with float32 counts
+        mean_dtype = functools.reduce(torch.promote_types, [m.dtype for m in means], torch.float32)
+        var_dtype = functools.reduce(torch.promote_types, [v.dtype for v in vars], mean_dtype)
+    mean = torch.stack([m.to(torch.float64) for m in means])
+    var = torch.stack([v.to(torch.float64) for v in vars])
+    n, total = _group_counts(counts, device)
     feature_shape = mean.shape[1:]
     k = mean.shape[0]
     mean2, var2 = mean.reshape(k, -1), var.reshape(k, -1)
-    n = count_i64.to(torch.float64)
     parts = torch.cat([n[:, None], torch.zeros_like(n)[:, None], mean2, var2 * n[:, None]], dim=1)
-    _, _, combined_mean, combined_m2 = reference.split_parts(reference.combine_parts(parts))
-    total = count_i64.sum()
-    safe_total = torch.where(total > 0, total, torch.ones_like(total)).to(torch.float64)
-    combined_var = (combined_m2[0] / safe_total).clamp(min=0.0)
+    combined_n, _, combined_mean, combined_m2 = reference.split_parts(reference.combine_parts(parts))
+    safe_n = torch.where(combined_n > 0, combined_n, torch.ones_like(combined_n))
+    combined_var = (combined_m2[0] / safe_n).clamp(min=0.0)
     return (
-        combined_mean[0].reshape(feature_shape).to(out_dtype),
-        combined_var.reshape(feature_shape).to(out_dtype),
+        combined_mean[0].reshape(feature_shape).to(mean_dtype),
+        combined_var.reshape(feature_shape).to(var_dtype),
         total,
     )
+
+
+def _group_counts(counts, device):
+    """``(n, total)``: the groups' counts as float64 weights, and their total as an int64 scalar (exact for
+    integer counts, truncated for fractional ones)."""
+    if isinstance(counts, Tensor):
+        raw = counts.to(device=device).reshape(-1)
+    else:
+        raw = [c.to(device=device).reshape(()) if isinstance(c, Tensor)
+               else torch.as_tensor(c, device=device, dtype=torch.float64 if isinstance(c, float) else None).reshape(())
+               for c in counts]
+        fractional = any(c.is_floating_point() for c in raw)
+        raw = torch.stack([c.to(torch.float64 if fractional else torch.int64) for c in raw])
+    if raw.is_floating_point():
+        n = raw.to(torch.float64)
+        return n, n.sum().to(torch.int64)
+    exact = raw.to(torch.int64)
+    return exact.to(torch.float64), exact.sum()
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -781,14 +810,38 @@ def _check_mask(mask: Tensor, x: Tensor) -> Tensor:
     return mask
 
 
-def _check_arguments(epsilon, clamp_value, ema_decay, nonfinite, sync) -> None:
-    if not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0:
+def _plain_number(value):
+    """``value`` as a Python int or float if it is a real number (a Python, numpy or one-element torch number), else
+    None. Hyperparameters are kept as Python numbers: a tensor would be read on the host at every call."""
+    if type(value) in (int, float):
+        return value
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, numbers.Real):  # numpy scalars
+        return int(value) if isinstance(value, numbers.Integral) else float(value)
+    if isinstance(value, Tensor) and value.numel() == 1 and not (value.is_complex() or value.dtype == torch.bool):
+        return value.item()
+    return None
+
+
+def _check_arguments(epsilon, clamp_value, ema_decay, nonfinite, sync):
+    """Validates the constructor's arguments; returns ``(epsilon, clamp_value, ema_decay)`` as Python numbers."""
+    number = _plain_number(epsilon)
+    if number is None or not math.isfinite(number) or number < 0:
         raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
-    if clamp_value is not None and (not isinstance(clamp_value, (int, float)) or not clamp_value > 0):
-        raise ValueError(f"clamp_value: expected None or a number > 0, got {clamp_value!r}")
-    if ema_decay is not None and (not isinstance(ema_decay, (int, float)) or not 0.0 < ema_decay < 1.0):
-        raise ValueError(f"ema_decay: expected None or a number in (0, 1), got {ema_decay!r}")
+    epsilon = number
+    if clamp_value is not None:
+        number = _plain_number(clamp_value)
+        if number is None or not number > 0:
+            raise ValueError(f"clamp_value: expected None or a number > 0, got {clamp_value!r}")
+        clamp_value = number
+    if ema_decay is not None:
+        number = _plain_number(ema_decay)
+        if number is None or not 0.0 < number < 1.0:
+            raise ValueError(f"ema_decay: expected None or a number in (0, 1), got {ema_decay!r}")
+        ema_decay = number
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite: expected one of {NONFINITE_POLICIES}, got {nonfinite!r}")
     if sync not in SYNC_MODES:
         raise ValueError(f"sync: expected one of {SYNC_MODES}, got {sync!r}")
+    return epsilon, clamp_value, ema_decay

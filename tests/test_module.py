@@ -127,7 +127,28 @@ def test_fabric_attribute_can_be_reassigned():
 
 def test_to_returns_self_and_records_device():
     m = make((2,))
-    assert m.to("cpu") is m and m.device == torch.device("cpu")
+    assert m.to("cpu") is m and m.device == "cpu"  # the argument as given, as upstream keeps it
+    assert m.to(torch.device("cpu")).device == torch.device("cpu")
+    assert m.to(device="cpu", non_blocking=True).device == "cpu"
+    assert m.to(torch.zeros(1)).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_load_with_assign_keeps_statistics_dtypes(backend_name, lazy):
+    """A checkpoint of an upstream model cast with .float() holds float32 mean/var; load_state_dict(assign=True)
+    takes the checkpoint's tensors, which must not leave float32 statistics behind."""
+    source = make((3,), "torch")
+    source.record_moments(torch.randn(20, 3) * 2 + 1)
+    checkpoint = {k: (v.float() if k != "count" else v.int()) for k, v in source.state_dict().items()}
+    m = make(None if lazy else (3,), backend_name)
+    m.load_state_dict(checkpoint, assign=True)
+    assert (m.mean.dtype, m.var.dtype, m.count.dtype) == (torch.float64, torch.float64, torch.int64)
+    assert torch.equal(m.mean, checkpoint["mean"].double()) and int(m.count) == int(source.count)
+    m.train()
+    x = torch.randn(5, 3)
+    m.normalize(x)
+    m.record_moments(x)
+    assert int(m.count) == int(source.count) + 5
 
 
 def test_parent_dtype_casts_keep_float64_statistics():
@@ -480,6 +501,20 @@ def test_integer_first_batches_leave_a_lazy_module_uninitialized():
 def test_constructor_rejects_out_of_range_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         RunningMeanStd(None, (2,), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize("number", [np.float32, np.float64, lambda v: torch.tensor(v), lambda v: torch.tensor([v])],
+                         ids=["np.float32", "np.float64", "tensor", "tensor[1]"])
+def test_hyperparameters_may_be_numpy_or_torch_numbers(number):
+    """Upstream takes them as they come; they are kept here as Python numbers (a tensor would be read on the host
+    at every call)."""
+    m = RunningMeanStd(None, (2,), number(1e-5), "cpu", number(5.0), number(0.5))
+    r = RewardRunningMeanStd(None, (1,), number(0.5), device="cpu", clamp_value=np.int64(3))
+    values = (m.epsilon, m.clamp_value, m.ema_decay, r.gamma, r.clamp_value)
+    assert all(type(v) in (int, float) for v in values), values
+    assert values == pytest.approx((1e-5, 5.0, 0.5, 0.5, 3))
+    m.record_moments(torch.randn(4, 2))
+    r.record_reward(torch.ones(3), torch.zeros(3))
 
 
 @pytest.mark.parametrize("gamma", [-0.1, 1.5])

@@ -159,6 +159,31 @@ def test_combine_moments_matches_upstream(upstream):
     assert ours[0].dtype == theirs[0].dtype and ours[2].dtype == theirs[2].dtype and int(ours[2]) == int(theirs[2])
 
 
+@pytest.mark.parametrize(
+    "dtypes,counts",
+    [
+        ((torch.float32, torch.float64), [4, 5]),  # the result dtype follows every group, not the first
+        ((torch.float64, torch.float32, torch.bfloat16), [3, 1, 6]),
+        ((torch.float32, torch.float32), [2.5, 3.5]),  # fractional counts weigh as they are
+        ((torch.float32, torch.float32), [0.5, 0.5]),
+        ((torch.float64, torch.float64), torch.tensor([1.5, 2.0, 0.25])[:2]),
+        ((torch.bfloat16,), [7]),  # one group: returned in its own dtypes
+    ],
+)
+def test_combine_moments_dtypes_and_counts_match_upstream(upstream, dtypes, counts):
+    g = torch.Generator().manual_seed(9)
+    means = [(torch.randn(3, generator=g) * 2 + 1).to(dt) for dt in dtypes]
+    vars_ = [(torch.rand(3, generator=g) + 0.5).to(dt) for dt in dtypes]
+    ours = protonorm.combine_moments(means, vars_, counts)
+    theirs = upstream.combine_moments(means, vars_, counts)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    tolerance = 1e-2 if torch.bfloat16 in dtypes else 1e-6  # upstream weighs in float32 (and bf16 groups round)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(ours[1], theirs[1], rtol=tolerance, atol=tolerance)
+    assert int(ours[2]) == int(theirs[2])
+
+
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
 def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
     up = upstream.RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
