@@ -3,6 +3,7 @@ on ProtoMotions' calls and prints a table (see ``protonorm bench --help``)."""
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -103,6 +104,12 @@ def _bench(args) -> int:
     device = _parse_device(args.device)
     dtype = getattr(torch, args.dtype)
     requested = _parse_backends(args.backends, device)
+    # Outputs are written after the benchmark has run: find out now whether they can be.
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:
+            _check_output_path(flag, path)
+    if args.plot is not None and importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'protonorm[bench]'")
 
     from . import backends
     from .benchmark import cases as case_defs
@@ -150,6 +157,25 @@ def _bench(args) -> int:
     if args.plot:
         report.write_plot(args.plot, records, header.splitlines()[0])
     return 0
+
+
+def _check_output_path(flag: str, path: str) -> None:
+    """Raise UsageError unless ``path`` can be written, by opening it for appending (its missing folders are made,
+    as the writer would make them; a file made only for this test is removed)."""
+    existed = os.path.exists(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag}: cannot write {path!r}: {folder!r} is not a directory")
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot write {path!r}: {exc.strerror or exc}") from None
+    if not existed:
+        os.remove(path)
 
 
 def _parse_device(text: Optional[str]):

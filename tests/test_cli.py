@@ -163,6 +163,20 @@ def test_bad_input_is_one_clean_line_and_exit_2(capsys, extra, message):
     assert captured.out == ""
 
 
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_unwritable_output_is_a_clean_error_before_anything_runs(capsys, tmp_path, flag):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for path, message in ((tmp_path, "Is a directory"), (blocker / "out.json", f"{str(blocker)!r} is not a directory")):
+        assert main(["bench", flag, str(path), "--cases", "reward", "--iters", "1"]) == 2
+        captured = capsys.readouterr()
+        lines = captured.err.strip().splitlines()
+        assert lines == [f"protonorm bench: error: {flag}: cannot write {str(path)!r}: {message}"], captured.err
+        assert captured.out == ""  # nothing was timed
+    fresh = tmp_path / "made" / "for" / "it.out"
+    assert main(TINY + [flag, str(fresh), "--no-progress"]) == 0 and fresh.stat().st_size > 0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
 def test_cuda_without_cuda_is_a_clean_error(capsys):
     assert main(["bench", "--device", "cuda"]) == 2
