@@ -662,8 +662,18 @@ class RewardRunningMeanStd(RunningMeanStd):
                 backend.reward_record(rows, flags, discounted, float(self.gamma), layout.flat_mean, layout.flat_var,
                                       layout.count, layout.dropped, self.ema_decay, self._workspace_record)
                 return
+            # nonfinite="raise" may refuse the step after the returns were advanced in place: keep them to put back.
+            kept = previous.clone() if self.nonfinite == "raise" else None
             parts = backend.reward_moments(rows, flags, discounted, float(self.gamma), self._workspace_record)
-        self._fold(parts, backend, layout)
+        try:
+            self._fold(parts, backend, layout)
+        except ValueError:
+            if self.nonfinite == "raise":  # the step did not happen: the returns are as before it
+                if previous is None:
+                    self.discounted_reward = None
+                else:
+                    previous.copy_(kept)
+            raise
 
     def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:
         """``clamp(arr / sqrt(var + epsilon))``; ``un_norm=True`` clamps ``arr`` then multiplies back."""

@@ -368,6 +368,23 @@ def test_nonfinite_raise_leaves_statistics_untouched(backend_name):
     assert_stats_equal(stats(m), before)
 
 
+def test_nonfinite_raise_refuses_the_whole_reward_step(backend_name):
+    """The step is refused: statistics and discounted returns stay as they were, so a retry with good rewards
+    advances the returns once."""
+    r = RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend=backend_name, nonfinite="raise")
+    with pytest.raises(ValueError, match="1 row"):
+        r.record_reward(torch.tensor([1.0, float("nan")]), torch.zeros(2))
+    assert r.discounted_reward is None
+    r.record_reward(torch.tensor([1.0, 2.0]), torch.zeros(2))
+    before, returns = stats(r), r.discounted_reward.clone()
+    with pytest.raises(ValueError, match="1 row"):
+        r.record_reward(torch.tensor([float("inf"), 1.0]), torch.zeros(2))
+    assert_stats_equal(stats(r), before)
+    assert torch.equal(r.discounted_reward, returns)
+    r.record_reward(torch.tensor([1.0, 1.0]), torch.zeros(2))
+    assert torch.equal(r.discounted_reward, torch.tensor([1.5, 2.0]))
+
+
 def test_mask_ignores_rows(backend_name):
     x = torch.randn(12, 3)
     mask = torch.arange(12) % 3 != 0
