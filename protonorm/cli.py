@@ -20,6 +20,15 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it has one (not "(default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -37,7 +46,10 @@ def _names(text: str) -> List[str]:
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark.cases import CASE_HELP, DEFAULT_CASES, DEFAULT_ENVS, DEFAULT_SHAPES
 
+    from . import __version__
+
     parser = _Parser(prog="protonorm", description="protonorm: fast running mean/std normalizers for RL.")
+    parser.add_argument("--version", action="version", version=f"protonorm {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     bench = commands.add_parser(
         "bench",
@@ -49,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
             + "; ".join(f"{name}: {text}" for name, text in CASE_HELP.items())
             + "."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_DefaultsFormatter,
     )
     bench.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     bench.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the observation and reward batches")
@@ -84,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = "protonorm bench" if argv[:1] == ["bench"] else "protonorm"
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -91,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return _bench(args)
     except UsageError as exc:
-        print(f"protonorm bench: error: {exc}", file=sys.stderr)
+        print(f"{command}: error: {exc}", file=sys.stderr)
         return 2
     except SystemExit as exc:  # --help
         return exc.code if isinstance(exc.code, int) else 0

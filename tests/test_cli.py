@@ -198,6 +198,16 @@ def test_help_in_process(capsys):
     for option in ("--shapes", "--dtype", "--device", "--iters", "--backends", "--cases", "--json", "--plot",
                    "--compile", "--workload"):
         assert option in text
+    assert "(default: None)" not in text
+
+
+def test_version_and_top_level_errors(capsys):
+    import protonorm
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"protonorm {protonorm.__version__}"
+    assert main(["--frobnicate"]) == 2
+    assert capsys.readouterr().err.strip() == "protonorm: error: unrecognized arguments: --frobnicate"
 
 
 def test_console_script_help():
