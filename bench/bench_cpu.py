@@ -40,6 +40,7 @@ import torch
 import protonorm
 from protonorm.backends import load
 from protonorm.benchmark.baseline import BaselineRewardRunningMeanStd, BaselineRunningMeanStd
+from protonorm.benchmark.timing import wait_until_quiet
 
 from cpu_common import add_common_arguments, paired_ratio, setup
 
@@ -72,36 +73,6 @@ def keep_freed_memory() -> str:
     if not ok:
         return "allocator: default (mallopt unavailable)"
     return "allocator: glibc keeps freed memory (blocks below 32 MB from its never-trimmed heap)"
-
-
-def _cpu_busy_ticks():
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields) - idle, sum(fields)
-
-
-def wait_until_quiet(max_seconds: float = 1.0, window: float = 0.01, busy_share: float = 0.1) -> None:
-    """Sleep until the machine has been nearly idle for one ``window`` (Linux; elsewhere a single window).
-
-    With the default allocator the upstream-style code returns tens of MB to the kernel per call, and the kernel's
-    page-freeing workers then run on the same cores for tens of ms: measured here, about one core's worth while the
-    loop ran, making whichever contender came next up to 3x slower. Each contender starts once that has drained.
-    """
-    deadline = time.perf_counter() + max_seconds
-    before = _cpu_busy_ticks()
-    while True:
-        time.sleep(window)
-        after = _cpu_busy_ticks()
-        if before is None or after is None:
-            return
-        busy, total = after[0] - before[0], after[1] - before[1]
-        if total > 0 and busy <= busy_share * total or time.perf_counter() > deadline:
-            return
-        before = after
 
 
 def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: int = 1) -> Dict[str, List[float]]:

@@ -35,6 +35,9 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 from protonorm.backends import triton_backend  # noqa: E402
 
 if triton_backend.UNAVAILABLE_REASON is not None:
+    if torch.cuda.is_available():  # what these tests are for: they must not pass by skipping
+        pytest.fail(f"CUDA is present but the Triton backend is not: {triton_backend.UNAVAILABLE_REASON}",
+                    pytrace=False)
     pytest.skip(triton_backend.UNAVAILABLE_REASON, allow_module_level=True)
 
 from protonorm.kernels import merge as merge_kernels  # noqa: E402

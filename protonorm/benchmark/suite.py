@@ -12,12 +12,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from . import timing
-from .cases import BASELINE, Case, Contender
+from .cases import BASELINE, COMPILE, Case, Contender
 
 COPY = "copy"
 WARMUP_CALLS = {"cuda": 3, "cpu": 1}  # CUDA: Triton compiles and the allocator settles in the first calls
 MIN_REPETITIONS = 5
 MAX_REPETITIONS = 200
+# Contenders that allocate and free tens of MB per call (upstream's op sequence, eager or compiled): on the CPU
+# the next block waits until the kernel has taken that memory back (timing.interleaved).
+MEMORY_RETURNING = (BASELINE, COMPILE)
 
 
 def run_case(
@@ -42,8 +45,10 @@ def run_case(
         inner[name], per_call[name] = timing.calibrate_inner(fn, device)
     if repetitions is None:
         per_repetition = sum(inner[n] * per_call[n] for n in fns)
+        if device.type != "cuda":  # and at least one 10 ms window of quiet after each memory-returning block
+            per_repetition += 0.01 * sum(1 for n in fns if n in MEMORY_RETURNING)
         repetitions = int(min(MAX_REPETITIONS, max(MIN_REPETITIONS, budget_s // max(per_repetition, 1e-9))))
-    samples = timing.interleaved(fns, inner, repetitions, device, on_repetition)
+    samples = timing.interleaved(fns, inner, repetitions, device, on_repetition, settle_after=MEMORY_RETURNING)
 
     copy_s = samples[COPY].median
     copy_gbps = case.copy_bytes() / copy_s / 1e9

@@ -3,8 +3,11 @@
 Contenders are timed round-robin: every repetition times each of them once, in an order rotated from one
 repetition to the next, so slow drift of the machine (clocks, other load) hits all of them alike and the
 per-repetition ratios stay meaningful. Each timed block runs ``inner`` calls back to back (enough to last a
-fraction of a millisecond) and is divided by ``inner``. On CUDA the blocks are timed with events after a
-warm-up; elsewhere with ``time.perf_counter``.
+fraction of a millisecond) and is divided by ``inner``. On CUDA the blocks are timed with events, each
+starting on an idle device (a block queued behind another's work would hide its own launch costs); elsewhere
+with ``time.perf_counter``, and after a contender that frees tens of MB (the upstream-style baseline) the next
+block waits until the machine is quiet: the kernel returns that memory on the same cores for tens of ms after
+the call, which would be timed as part of whatever runs next.
 """
 from __future__ import annotations
 
@@ -78,6 +81,32 @@ class _BlockTimer:
         return lambda: elapsed
 
 
+def _cpu_busy_ticks():
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_until_quiet(max_seconds: float = 1.0, window: float = 0.01, busy_share: float = 0.1) -> None:
+    """Sleep until the machine has been nearly idle (at most ``busy_share`` of its CPU time busy) for one
+    ``window``, or ``max_seconds`` have passed (Linux; elsewhere a single window)."""
+    deadline = time.perf_counter() + max_seconds
+    before = _cpu_busy_ticks()
+    while True:
+        time.sleep(window)
+        after = _cpu_busy_ticks()
+        if before is None or after is None:
+            return
+        busy, total = after[0] - before[0], after[1] - before[1]
+        if total > 0 and busy <= busy_share * total or time.perf_counter() > deadline:
+            return
+        before = after
+
+
 def calibrate_inner(fn: Callable[[], object], device: torch.device) -> Tuple[int, float]:
     """Time single calls (at least one, together at least the device's minimum block length) and return
     ``(inner, seconds per call)``: how many calls one timed block needs to last that long."""
@@ -103,8 +132,10 @@ def interleaved(
     repetitions: int,
     device: torch.device,
     progress: Optional[Callable[[], None]] = None,
+    settle_after: Sequence[str] = (),
 ) -> Dict[str, Samples]:
-    """Time every function once per repetition, round-robin with a rotating start; per-call seconds."""
+    """Time every function once per repetition, round-robin with a rotating start; per-call seconds. On the CPU,
+    the block after one of ``settle_after`` waits until the machine is quiet."""
     names = list(fns)
     timer = _BlockTimer(device)
     readings: Dict[str, List[Callable[[], float]]] = {name: [] for name in names}
@@ -112,10 +143,14 @@ def interleaved(
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
             fn, k = fns[name], inner[name]
+            if timer.cuda:
+                synchronize(device)
             started = timer.start()
             for _ in range(k):
                 fn()
             readings[name].append(timer.stop(started))
+            if name in settle_after and not timer.cuda:
+                wait_until_quiet()
         synchronize(device)
         if progress is not None:
             progress()
