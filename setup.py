@@ -46,6 +46,7 @@ def extensions():
         Pybind11Extension(
             "protonorm._C",
             sources,
+            depends=sorted(glob.glob(os.path.join("csrc", "*.h"))),  # a changed header rebuilds the extension
             cxx_std=17,
             # No contraction into FMA: normalize must round exactly like the reference's separate operations.
             extra_compile_args=["-O3", "-ffp-contract=off"] + openmp,
