@@ -78,9 +78,11 @@ inline typename Elem<T>::Bits max_exponent(typename Elem<T>::Bits largest, T v) 
 }
 
 // s + d * d: one fused instruction where the instruction set has it (the moments need not match any particular
-// rounding; normalize never uses this).
+// rounding; normalize never uses this). Every build with a hardware FMA (the x86 AVX2 and AVX-512 builds, the
+// baseline build of aarch64) rounds once and so gives the same bits; the x86 baseline build, for CPUs without FMA,
+// rounds the square and the sum separately, which can change the last bits of the moments.
 inline double add_square(double s, double d) {
-#ifdef PROTONORM_KERNELS_FMA
+#if defined(PROTONORM_KERNELS_FMA) || defined(__FP_FAST_FMA)
   return __builtin_fma(d, d, s);
 #else
   return s + d * d;

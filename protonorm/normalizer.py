@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, reference
-from .backends.base import Backend, normalized_dtype, outside_inference_mode
+from .backends.base import Backend, is_negated_view, normalized_dtype, outside_inference_mode
 from .output_cache import OutputCache
 
 NONFINITE_POLICIES = ("drop", "raise")
@@ -293,8 +293,10 @@ class RunningMeanStd(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         for name, dtype in (("mean", torch.float64), ("var", torch.float64), ("count", torch.int64)):
             loaded = self._buffers.get(name)
-            if loaded is not None and loaded.dtype != dtype:  # load_state_dict(assign=True) takes the checkpoint's
-                self._buffers[name] = loaded.to(dtype)
+            # load_state_dict(assign=True) takes the checkpoint's tensors as they are: they must become statistics
+            # the kernels can update in place (float64 / int64, separate elements, values in memory).
+            if loaded is not None and (loaded.dtype != dtype or not loaded.is_contiguous() or loaded.is_neg()):
+                self._buffers[name] = loaded.resolve_neg().to(dtype).contiguous()
         if entry is not None:
             self.shape = tuple(self.mean.shape)
         if any(prefix + key in state_dict for key in ("mean", "var", "count")):
@@ -450,6 +452,7 @@ class RunningMeanStd(nn.Module):
             or not layout.current(self._buffers)
             or _is_compiling()
             or _is_exporting(False)
+            or is_negated_view(arr)
         ):
             return None
         out = self._outputs.empty(arr.shape, normalized_dtype(arr.dtype), layout.device)
@@ -606,6 +609,7 @@ class RewardRunningMeanStd(RunningMeanStd):
             and layout.backend.direct
             and layout.current(self._buffers)
             and type(reward) is Tensor
+            and not is_negated_view(reward)
             and (reward.dim() == 1 if layout.num_features == 1 else len(layout.shape) == 1 and reward.dim() == 2)
             and layout.backend.try_reward_record(reward, terminated, previous, self.gamma, layout.flat_mean,
                                                  layout.flat_var, layout.count, layout.dropped, self.ema_decay,
@@ -786,6 +790,8 @@ def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:
 
 
 def _as_rows(arr: Tensor, d: int) -> Tensor:
+    if is_negated_view(arr):  # the kernels read memory, which holds such a view's values unnegated
+        arr = arr.resolve_neg()
     rows = arr.reshape(-1, d) if arr.dim() != 2 or arr.shape[1] != d else arr
     return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 

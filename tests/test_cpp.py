@@ -136,6 +136,58 @@ def test_each_instruction_set(isa, b, d):
         assert_parts_close(parts, reference.batch_moments(x))
 
 
+def test_instruction_sets_with_fma_give_the_same_moments():
+    """The AVX2 and AVX-512 kernels (and any build with a hardware FMA) take the same moments bit for bit; the
+    x86 baseline, for CPUs without FMA, rounds squares separately and is held to the reference's tolerance by
+    test_each_instruction_set."""
+    fused = [name for name in ISAS if name != "baseline"]
+    if len(fused) < 2:
+        pytest.skip(f"this CPU runs one instruction set with FMA: {fused}")
+    previous = _C.isa()
+    results = {}
+    try:
+        for name in fused:
+            _C.set_isa(name)
+            got = []
+            for dtype in DTYPES:
+                for b, d in SMALL_SHAPES:
+                    x = data(b, d, dtype, seed=b * d, offset=1e3)
+                    mean, var = stats(d)
+                    got.append(CPP.moments(x, torch.arange(b) % 4 != 2, {}).clone())
+                    got.append(CPP.normalize_moments(x, mean, var, 1e-5, 2.0, torch.empty(b, d, dtype=normalized_dtype(dtype)), {}).clone())
+            reward, returns = data(4099, 1, torch.float32, seed=1), data(4099, 1, torch.float32, seed=2)
+            got.append(CPP.reward_moments(reward, torch.arange(4099) % 7 == 0, returns, 0.99, {}).clone())
+            results[name] = got
+    finally:
+        _C.set_isa(previous)
+    first, *others = fused
+    for name in others:
+        for a, b in zip(results[first], results[name]):
+            assert_same(a, b)
+
+
+def test_ops_refuse_what_they_would_write_wrongly():
+    """Statistics or outputs whose elements share memory (threads would race, later writes would win), lazily
+    negated outputs (the kernels write memory, not values) and a fused output sharing the batch's memory (its
+    moments are read after the output is written) raise, saying what was expected."""
+    x = data(8, 4, torch.float32)
+    mean, var = stats(4)
+    shared_mean = torch.zeros(1, dtype=torch.float64).expand(4)
+    with pytest.raises(ValueError, match="mean: expected elements that do not share memory"):
+        CPP.merge(CPP.moments(x, None, {}), shared_mean, var.clone(), torch.tensor(1), torch.tensor(0), None)
+    with pytest.raises(ValueError, match="out: expected elements that do not share memory"):
+        CPP.normalize(x, mean, var, 1e-5, None, False, True, torch.empty(1, 4).expand(8, 4))
+    with pytest.raises(ValueError, match="lazily negated"):
+        CPP.normalize(x, mean, var, 1e-5, None, False, True, torch._neg_view(torch.empty(8, 4)))
+    with pytest.raises(ValueError, match="shares no memory with x"):
+        CPP.normalize_moments(x, mean, var, 1e-5, 2.0, x, {})
+    before = x.clone()
+    CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, x)  # a plain normalize may write over its input
+    want = torch.empty_like(before)
+    TORCH.normalize(before, mean, var, 1e-5, 2.0, False, True, want)
+    assert_same(x, want)
+
+
 def assert_same_parts_as_float64(x):
     """The moments and the fused normalize's parts of ``x`` are bitwise those of the same values as float64."""
     b, d = x.shape

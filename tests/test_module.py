@@ -436,6 +436,48 @@ def test_rows_left_out_do_not_disturb_the_others(backend_name, call):
     assert_close_rel(m.var, expected[1], VAR_RTOL, "var")
 
 
+def test_lazily_negated_views_are_read_as_their_values(backend_name):
+    """A view with torch's negative bit (``.conj().imag`` of a complex tensor, ``torch._neg_view``) holds its values
+    unnegated in memory; every backend must see the values."""
+    wide = (torch.randn(64, 5, dtype=torch.complex64, generator=torch.Generator().manual_seed(4)) * 3 + 5j).conj().imag
+    column = wide[:, :1]
+    unit = torch._neg_view(torch.randn(64, 5) - 5)
+    for x in (wide, column, unit):
+        m, ref = make((x.shape[1],), backend_name).train(), make((x.shape[1],), "torch").train()
+        plain = x.resolve_neg().clone()
+        outputs = []
+        for module, batch in ((m, x), (ref, plain)):
+            module.record_moments(batch)
+            module.record_moments(batch)  # the direct way, once the layout exists
+            outputs.append(module.normalize(batch))
+            module.record_moments(batch)
+        torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m.var, ref.var, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-6, atol=1e-6)
+    r, ref = (RewardRunningMeanStd(None, (1,), 0.9, device="cpu", backend=b) for b in (backend_name, "torch"))
+    for step in range(3):
+        reward = torch._neg_view(torch.full((8,), 2.0 + step))
+        r.record_reward(reward, torch.zeros(8, dtype=torch.bool))
+        ref.record_reward(reward.resolve_neg(), torch.zeros(8, dtype=torch.bool))
+    assert torch.equal(r.discounted_reward, ref.discounted_reward)
+    torch.testing.assert_close(r.mean, ref.mean, rtol=1e-12, atol=1e-12)
+
+
+def test_loaded_statistics_sharing_memory_are_made_separate(backend_name):
+    """load_state_dict(assign=True) of expanded (stride-0) statistics: the module holds separate elements, so the
+    kernels' in-place updates stay per feature."""
+    m, ref = make((4,), backend_name), make((4,), "torch")
+    checkpoint = {"mean": torch.zeros(1, dtype=torch.float64).expand(4), "var": torch.ones(1, dtype=torch.float64).expand(4),
+                  "count": torch.tensor(1)}
+    m.load_state_dict(checkpoint, assign=True)
+    x = torch.randn(30, 4) * torch.arange(1, 5) + torch.arange(4)
+    m.record_moments(x)
+    ref.record_moments(x)
+    assert m.mean.stride() == (1,) and m.var.stride() == (1,)
+    torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(m.var, ref.var, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("ema", [None, 0.9])
 def test_empty_batch_is_a_noop(backend_name, ema):
     m = make((3,), backend_name, ema_decay=ema)

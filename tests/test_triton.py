@@ -593,6 +593,13 @@ def test_supports_and_bad_input(monkeypatch):
         TB.merge(torch.zeros(1, 5, dtype=torch.float64, device=DEVICE), *stats(3), None)
 
 
+def test_fused_output_must_not_share_the_batch_memory():
+    x = batch(8, 4)
+    mean, var, _, _ = stats(4)
+    with pytest.raises(ValueError, match="shares no memory with x"):
+        TB.normalize_moments(x, mean, var, 1e-5, 2.0, x, {})
+
+
 COMPILE_CHECK = textwrap.dedent(
     """
     import torch, triton

@@ -168,6 +168,21 @@ def eager_plain(*tensors) -> bool:
     return True
 
 
+def is_negated_view(t: Tensor) -> bool:
+    """Whether ``t`` is a lazily negated view (its memory holds the values unnegated). Never inside a trace, which
+    cannot follow ``is_neg`` and whose tensors reach the kernels materialized."""
+    return not torch.compiler.is_compiling() and t.is_neg()
+
+
+def check_not_sharing(name: str, out: Tensor, x: Tensor) -> None:
+    """Raise unless ``out`` and ``x`` live in different storages: a fused normalize + moments reads the batch's
+    moments after it has written the output. (Not checked inside a trace, which has no storages to compare.)"""
+    if torch.compiler.is_compiling():
+        return
+    if out.numel() and x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        raise ValueError(f"{name}: expected a tensor that shares no memory with x (the moments are taken of x)")
+
+
 def outside_inference_mode(factory):
     """``factory()``, run so that the tensor it creates is a normal one even under ``torch.inference_mode()``.
 

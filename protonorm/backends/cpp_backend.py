@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..reference import parts_width
-from .base import Backend, eager_plain, normalized_dtype, outside_inference_mode
+from .base import Backend, check_not_sharing, eager_plain, normalized_dtype, outside_inference_mode
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -120,13 +120,35 @@ def _check_float_rows(name: str, x: Tensor) -> None:
 
 
 def _unit_columns(x: Tensor) -> Tensor:
-    """``x`` with contiguous columns (a copy only when they are not)."""
+    """``x`` as the kernels read it: its values in memory (a lazily negated view resolved, since the kernels read
+    raw memory) and contiguous columns; a copy only when needed."""
+    if x.is_neg():
+        x = x.resolve_neg()
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
+def _is_separate(t: Tensor) -> bool:
+    """What the kernels write holds its values in memory (no lazy negation) and no two of its elements share it
+    (rows, or elements of a 1-D tensor, apart by at least a row's length)."""
+    if t.is_neg():
+        return False
+    if t.dim() == 0 or t.shape[0] <= 1:
+        return True
+    return t.stride(0) >= (max(1, t.shape[1]) if t.dim() == 2 else 1)
+
+
 def _is_writable_rows(t: Tensor, shape, dtype: torch.dtype) -> bool:
-    """``t`` of that shape and dtype on the CPU, with unit column stride where it has two dimensions."""
-    return t.is_cpu and t.shape == shape and t.dtype == dtype and (len(shape) < 2 or shape[1] <= 1 or t.stride(1) == 1)
+    """``t`` of that shape and dtype on the CPU, with unit column stride where it has two dimensions, and
+    separate elements."""
+    return (t.is_cpu and t.shape == shape and t.dtype == dtype and (len(shape) < 2 or shape[1] <= 1 or t.stride(1) == 1)
+            and _is_separate(t))
+
+
+def _check_separate(name: str, t: Tensor) -> None:
+    if t.is_neg():
+        raise ValueError(f"{name}: expected a tensor holding its values, got a lazily negated view (resolve_neg())")
+    raise ValueError(f"{name}: expected elements that do not share memory, got shape {tuple(t.shape)} "
+                     f"with strides {t.stride()}")
 
 
 def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> None:
@@ -135,18 +157,22 @@ def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> Non
     _check_cpu(name, t)
     if t.shape != shape or t.dtype != dtype:
         raise ValueError(f"{name}: expected a {dtype} tensor of shape {tuple(shape)}, got {t.dtype} {tuple(t.shape)}")
-    raise ValueError(f"{name}: expected contiguous columns (stride 1), got strides {t.stride()}")
+    if len(shape) == 2 and shape[1] > 1 and t.stride(1) != 1:
+        raise ValueError(f"{name}: expected contiguous columns (stride 1), got strides {t.stride()}")
+    _check_separate(name, t)
 
 
 def _is_stat(t: Tensor, cols: int) -> bool:
-    return t.is_cpu and t.dtype is _F64 and t.dim() == 1 and t.shape[0] == cols
+    return t.is_cpu and t.dtype is _F64 and t.dim() == 1 and t.shape[0] == cols and _is_separate(t)
 
 
 def _check_stats(mean: Tensor, var: Tensor, cols: int) -> None:
     for name, t in (("mean", mean), ("var", var)):
         if not _is_stat(t, cols):
             _check_cpu(name, t)
-            raise ValueError(f"{name}: expected a float64 tensor of shape ({cols},), got {t.dtype} {tuple(t.shape)}")
+            if t.dtype is not _F64 or t.dim() != 1 or t.shape[0] != cols:
+                raise ValueError(f"{name}: expected a float64 tensor of shape ({cols},), got {t.dtype} {tuple(t.shape)}")
+            _check_separate(name, t)
 
 
 def _is_counter(t: Tensor) -> bool:
@@ -384,6 +410,7 @@ def _run_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_v
 def _normalize_moments_kernel(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
                               out: Tensor, parts: Tensor) -> None:
     _check_normalize(x, mean, var, epsilon, clamp_value, out)
+    check_not_sharing("out", out, x)
     x = _unit_columns(x)
     _parts_out(parts, x.shape[0], x.shape[1])
     _run_normalize_moments(x, mean, var, epsilon, clamp_value, out, parts)
@@ -501,7 +528,7 @@ def _direct_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clam
 def _is_direct_rows(x: Tensor) -> bool:
     """What the op would copy or pass on to the general way's early return: strided columns, no rows or columns."""
     rows, cols = x.shape
-    return rows > 0 and cols > 0 and (cols == 1 or x.stride(1) == 1)
+    return rows > 0 and cols > 0 and (cols == 1 or x.stride(1) == 1) and not x.is_neg()
 
 
 def _direct_merge(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .base import Backend, eager_plain, normalized_dtype, workspace_buffer
+from .base import Backend, check_not_sharing, eager_plain, is_negated_view, normalized_dtype, workspace_buffer
 
 try:
     import triton  # noqa: F401
@@ -156,8 +156,10 @@ if UNAVAILABLE_REASON is None:
 # Each condition is a predicate (``_is_*``) that the direct calls use as it is; the checks of the general way run it
 # and, only when it fails, convert the input or raise saying what was expected.
 def _is_kernel_rows(x: Tensor) -> bool:
-    """``[B, D]`` rows the kernels read as they are: a dtype they load, unit column stride."""
-    return x.dim() == 2 and x.dtype in KERNEL_DTYPES and (x.shape[1] <= 1 or x.stride(1) == 1)
+    """``[B, D]`` rows the kernels read as they are: a dtype they load, unit column stride, values in memory (the
+    kernels read raw memory, so a lazily negated view would be read unnegated)."""
+    return (x.dim() == 2 and x.dtype in KERNEL_DTYPES and (x.shape[1] <= 1 or x.stride(1) == 1)
+            and not is_negated_view(x))
 
 
 def _check_rows(x: Tensor, what: str) -> Tensor:
@@ -170,6 +172,8 @@ def _check_rows(x: Tensor, what: str) -> Tensor:
         if x.is_complex():
             raise TypeError(f"{what}: expected a real tensor, got {x.dtype}")
         x = x.to(torch.float64)  # integers and exotic floats: exact in float64
+    if is_negated_view(x):
+        x = x.resolve_neg()
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
     return x
@@ -204,14 +208,15 @@ def _check_counters(count: Tensor, dropped: Tensor, device: torch.device) -> Non
 
 def _is_out(out: Tensor, x: Tensor) -> bool:
     return (out.dtype == normalized_dtype(x.dtype) and out.shape == x.shape and out.device == x.device
-            and out.stride(-1) == 1)
+            and out.stride(-1) == 1 and not is_negated_view(out))
 
 
 def _check_out(out: Tensor, x: Tensor) -> None:
     if not _is_out(out, x):
         want = normalized_dtype(x.dtype)
         raise ValueError(
-            f"out: expected a {want} tensor of shape {tuple(x.shape)} on {x.device} with unit column stride, "
+            f"out: expected a {want} tensor of shape {tuple(x.shape)} on {x.device} with unit column stride "
+            "(and not a lazily negated view), "
             f"got {out.dtype} {tuple(out.shape)} on {out.device}"
         )
 
@@ -292,6 +297,7 @@ class TritonBackend(Backend):
         x = _check_rows(x, "normalize")
         _check_stats(mean, var, x.device, x.shape[1])
         _check_out(out, x)
+        check_not_sharing("out", out, x)
         parts = _parts_buffer(workspace, x)
         clamp_value = None if clamp_value is None else float(clamp_value)
         direct = eager_plain(x, mean, var, out, parts)
