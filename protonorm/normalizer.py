@@ -722,8 +722,8 @@ def combine_moments(means, vars, counts):
     vars = [torch.as_tensor(v, device=device) for v in vars]
     if len(means) == 1:  # upstream returns the one group's tensors as they are
         mean_dtype, var_dtype = means[0].dtype, vars[0].dtype
-    else:  # upstream mixes them with float32 counts
-        mean_dtype = functools.reduce(torch.promote_types, [m.dtype for m in means], torch.float32)
+    else:  # upstream's arithmetic promotes the groups' dtypes (its float32 counts are 0-d, so they do not count)
+        mean_dtype = functools.reduce(torch.promote_types, [m.dtype for m in means])
         var_dtype = functools.reduce(torch.promote_types, [v.dtype for v in vars], mean_dtype)
     mean = torch.stack([m.to(torch.float64) for m in means])
     var = torch.stack([v.to(torch.float64) for v in vars])

@@ -168,6 +168,9 @@ def test_combine_moments_matches_upstream(upstream):
         ((torch.float32, torch.float32), [0.5, 0.5]),
         ((torch.float64, torch.float64), torch.tensor([1.5, 2.0, 0.25])[:2]),
         ((torch.bfloat16,), [7]),  # one group: returned in its own dtypes
+        ((torch.bfloat16, torch.bfloat16), [2, 5]),  # bfloat16 groups stay bfloat16 (0-d float32 counts)
+        ((torch.bfloat16, torch.float16), [2, 5]),
+        ((torch.float64, torch.float64), [3, 2.5]),  # an integer count among fractional ones weighs as it is too
     ],
 )
 def test_combine_moments_dtypes_and_counts_match_upstream(upstream, dtypes, counts):
