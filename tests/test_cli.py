@@ -282,9 +282,10 @@ def test_percentile_matches_numpy():
 
 
 def test_paired_speedup_is_the_median_of_per_repetition_ratios():
-    # A machine that slows down mid-run: every ratio is 4, the ratio of medians would not be.
+    # A machine whose speed drifts: the per-repetition ratios are 4, 2, 8, 4, 4 (median 4), while the ratio of the
+    # medians, 8 / 4, is 2.
     baseline = timing.Samples([4.0, 8.0, 40.0, 80.0, 4.0])
-    contender = timing.Samples([1.0, 2.0, 10.0, 20.0, 1.0])
+    contender = timing.Samples([1.0, 4.0, 5.0, 20.0, 1.0])
     assert timing.paired_speedup(baseline, contender) == 4.0
 
 
@@ -300,6 +301,13 @@ def test_interleaved_rotates_and_times_every_contender():
     samples = timing.interleaved(fns, {"a": 1, "b": 2, "c": 1}, 3, torch.device("cpu"))
     assert order == ["a", "b", "b", "c", "b", "b", "c", "a", "c", "a", "b", "b"]
     assert all(len(s.seconds) == 3 and min(s.seconds) >= 0 for s in samples.values())
+
+
+def test_interleaved_reports_seconds_per_call_not_per_block():
+    import time
+
+    samples = timing.interleaved({"sleep": lambda: time.sleep(0.002)}, {"sleep": 5}, 3, torch.device("cpu"))
+    assert all(0.002 <= s < 0.008 for s in samples["sleep"].seconds), samples["sleep"].seconds
 
 
 # ------------------------------------------------------------------------------------------------ baseline

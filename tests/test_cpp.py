@@ -179,6 +179,10 @@ def test_ops_refuse_what_they_would_write_wrongly():
         CPP.normalize(x, mean, var, 1e-5, None, False, True, torch.empty(1, 4).expand(8, 4))
     with pytest.raises(ValueError, match="lazily negated"):
         CPP.normalize(x, mean, var, 1e-5, None, False, True, torch._neg_view(torch.empty(8, 4)))
+    with pytest.raises(ValueError, match="out: expected contiguous columns"):
+        CPP.normalize_moments(x, mean, var, 1e-5, 2.0, torch.empty(8, 8)[:, ::2], {})
+    with pytest.raises(ValueError, match="discounted: expected contiguous columns"):
+        CPP.reward_moments(x, torch.zeros(8, dtype=torch.bool), torch.empty(8, 8)[:, ::2], 0.9, {})
     with pytest.raises(ValueError, match="shares no memory with x"):
         CPP.normalize_moments(x, mean, var, 1e-5, 2.0, x, {})
     before = x.clone()

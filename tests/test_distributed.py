@@ -606,6 +606,80 @@ def test_duck_typed_fabric_deferred():
             assert_matches_truth(results[0]["after_sync"][round_index][name], truth_stats)
 
 
+@pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
+def test_deferred_sync_keeps_dropped_row_counts(ema):
+    """A deferred sync's nonfinite_rows is the base's plus every rank's rows dropped since (rank r drops r + 1
+    per batch), on every rank, in the EMA merge as well as Welford's; the second round keeps the first's."""
+
+    def run(fabric, rank):
+        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", ema_decay=ema, backend="torch", sync="deferred")
+        after = []
+        for rounds in DEFERRED_ROUNDS:
+            for step in rounds:
+                bad = torch.ones(rank + 1, D_OBS)
+                bad[:, step % D_OBS] = float("nan")
+                m.record_moments(torch.cat([bad, _obs_batch(rank, step)]))
+            protonorm.sync(m, fabric)
+            after.append(m.nonfinite_rows.clone())
+        return after
+
+    results = _run_threads(_ThreadWorld(3), run)
+    first, second = (len(rounds) * sum(r + 1 for r in range(3)) for rounds in DEFERRED_ROUNDS)
+    for result in results:
+        assert [n.item() for n in result] == [first, first + second]
+
+
+def test_all_reduce_shift_follows_the_data(monkeypatch):
+    """The all_reduce path sums around the previous merged batch mean, so it must move the shift with the data.
+    The first batch (mean ~0) leaves a shift of ~0; the batches at 1e6 with std 1e-2 that follow lose their whole
+    variance to cancellation when summed around it (eps64 * 1e12 / 1e-4 ~ 2). The first of them pays that in any
+    case (a jump of 1e8 standard deviations); EMA forgets it over 200 batches (0.9^199 ~ 1e-9), but a stale shift
+    would spoil every batch. (Welford's variance is dominated by the 1e6 offset, so only EMA shows this.)"""
+    monkeypatch.setenv(distributed.REDUCE_ENV_VAR, "all_reduce")
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(6, 3, generator=g, dtype=torch.float64)]
+    batches += [1e6 + 1e-2 * torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(200)]
+    for ema in EMA_CHOICES:
+
+        def run(fabric, rank):
+            m = RunningMeanStd(fabric, shape=(3,), device="cpu", ema_decay=ema, backend="torch")
+            for b in batches:
+                m.record_moments(b[rank::3])
+            return _stats(m)
+
+        results = _run_threads(_ThreadWorld(3), run)
+        single = RunningMeanStd(None, shape=(3,), device="cpu", ema_decay=ema, backend="torch")
+        for b in batches:
+            single.record_moments(b)
+        assert_same_on_every_rank(results)
+        assert_close_rel(results[0][0], single.mean, MEAN_RTOL)
+        assert_close_rel(results[0][1], single.var, VAR_RTOL)
+        assert torch.equal(results[0][2], single.count)
+
+
+def test_deferred_load_state_dict_restarts_from_checkpoint():
+    """load_state_dict on a used deferred normalizer drops its records pending since the last sync and its synced
+    base: a sync right after the load (no new records) leaves exactly the checkpoint, on every rank."""
+
+    def run(fabric, rank):
+        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", backend="torch", sync="deferred")
+        m.record_moments(_obs_batch(rank, 0))
+        protonorm.sync(m, fabric)
+        checkpoint = {k: v.clone() for k, v in m.state_dict().items()}
+        m.record_moments(_obs_batch(rank, 1))
+        protonorm.sync(m, fabric)  # the synced base moves past the checkpoint
+        m.record_moments(_obs_batch(rank, 3))  # pending, never synced
+        m.load_state_dict(checkpoint)
+        protonorm.sync(m, fabric)
+        return checkpoint, _stats(m)[:3]
+
+    results = _run_threads(_ThreadWorld(2), run)
+    assert_same_on_every_rank([stats for _, stats in results])
+    for checkpoint, stats in results:
+        for key, value in zip(("mean", "var", "count"), stats):
+            assert torch.equal(value, checkpoint[key]), key
+
+
 # --------------------------------------------------------------------------------------------- single process
 class _FakeWorld:
     def __init__(self, world_size=1, global_rank=0):

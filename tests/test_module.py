@@ -306,6 +306,20 @@ def test_reward_normalizer_semantics(backend_name):
     assert "discounted_reward" not in r.state_dict()
 
 
+def test_a_reset_clears_a_nonfinite_return(backend_name):
+    """An environment whose return went NaN or inf starts again at its reward when it terminates; the others are
+    unaffected, and only the steps holding non-finite returns are left out of the statistics."""
+    r = RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend=backend_name)
+    r.record_reward(torch.tensor([1.0, float("nan"), float("inf"), 2.0]), torch.zeros(4, dtype=torch.bool))
+    r.record_reward(torch.tensor([1.0, 1.0, 1.0, 1.0]), torch.zeros(4, dtype=torch.bool))  # still NaN and inf
+    r.record_reward(torch.tensor([1.0, 3.0, 4.0, 1.0]), torch.tensor([False, True, True, False]))
+    assert torch.equal(r.discounted_reward, torch.tensor([1.75, 3.0, 4.0, 2.0]))
+    assert int(r.nonfinite_rows) == 4
+    expected = truth([torch.tensor([[1.0], [2.0], [1.5], [2.0], [1.75], [3.0], [4.0], [2.0]], dtype=torch.float64)])
+    assert int(r.count) == expected[2]
+    assert_close_rel(r.mean, expected[0], 1e-12, "mean")
+
+
 # ------------------------------------------------------------------------------------------------ fused two-call path
 def test_normalize_then_record_reuses_moments_and_matches_separate_calls(backend_name):
     g = torch.Generator().manual_seed(1)
@@ -368,6 +382,19 @@ def test_nonfinite_raise_leaves_statistics_untouched(backend_name):
     assert_stats_equal(stats(m), before)
 
 
+def test_nonfinite_raise_after_a_training_normalize(backend_name):
+    """The moments a training-mode normalize kept are checked like any others: a NaN row still raises at record."""
+    m = make((3,), backend_name, nonfinite="raise").train()
+    m.record_moments(torch.randn(5, 3))
+    before = stats(m)
+    x = torch.randn(6, 3)
+    x[4, 1] = float("nan")
+    m.normalize(x)
+    with pytest.raises(ValueError, match="1 row"):
+        m.record_moments(x)
+    assert_stats_equal(stats(m), before)
+
+
 def test_nonfinite_raise_refuses_the_whole_reward_step(backend_name):
     """The step is refused: statistics and discounted returns stay as they were, so a retry with good rewards
     advances the returns once."""
@@ -395,6 +422,25 @@ def test_mask_ignores_rows(backend_name):
     torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
     m.record_moments(x, mask=torch.zeros(12, dtype=torch.bool))
     assert int(m.count) == 9
+
+
+@pytest.mark.parametrize("features", [5, 1])
+def test_masks_with_a_row_stride_and_after_a_training_normalize(backend_name, features):
+    """A mask that is a column of a wider bool tensor (row stride 2) selects the right rows, and a masked record
+    after a training-mode normalize of the same batch counts only the rows the mask keeps."""
+    x = torch.randn(37, features, generator=torch.Generator().manual_seed(5)) * 2 + 1
+    flags = torch.rand(37, 2, generator=torch.Generator().manual_seed(6)) < 0.5
+    mask = flags[:, 0]
+    assert mask.stride() == (2,)
+    expected = truth([x[mask].double()])
+    for train_first in (False, True):
+        m = make((features,), backend_name).train()
+        if train_first:
+            m.normalize(x)
+        m.record_moments(x, mask=mask)
+        assert int(m.count) == expected[2]
+        assert_close_rel(m.mean, expected[0], 1e-12, "mean")
+        assert_close_rel(m.var, expected[1], 1e-10, "var")
 
 
 @pytest.mark.parametrize("call", ["masked", "dropped", "normalize_then_record", "reward"])
