@@ -452,7 +452,6 @@ class RunningMeanStd(nn.Module):
             or not layout.current(self._buffers)
             or _is_compiling()
             or _is_exporting(False)
-            or is_negated_view(arr)
         ):
             return None
         out = self._outputs.empty(arr.shape, normalized_dtype(arr.dtype), layout.device)
@@ -609,7 +608,6 @@ class RewardRunningMeanStd(RunningMeanStd):
             and layout.backend.direct
             and layout.current(self._buffers)
             and type(reward) is Tensor
-            and not is_negated_view(reward)
             and (reward.dim() == 1 if layout.num_features == 1 else len(layout.shape) == 1 and reward.dim() == 2)
             and layout.backend.try_reward_record(reward, terminated, previous, self.gamma, layout.flat_mean,
                                                  layout.flat_var, layout.count, layout.dropped, self.ema_decay,

@@ -132,7 +132,7 @@ def _is_separate(t: Tensor) -> bool:
     (rows, or elements of a 1-D tensor, apart by at least a row's length)."""
     if t.is_neg():
         return False
-    if t.dim() == 0 or t.shape[0] <= 1:
+    if t.is_contiguous() or t.dim() == 0 or t.shape[0] <= 1:
         return True
     return t.stride(0) >= (max(1, t.shape[1]) if t.dim() == 2 else 1)
 
@@ -561,6 +561,7 @@ def _direct_reward_record(reward: Tensor, terminated: Tensor, discounted: Tensor
         and reward.is_cpu
         and reward.dtype in _FLOAT_DTYPES
         and (cols == 1 or reward.stride(1) == 1)
+        and not reward.is_neg()
         and _is_returns(discounted, reward.shape)
         and _is_flags(terminated, rows)
         and _is_stat(mean, cols)
