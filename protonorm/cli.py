@@ -177,13 +177,13 @@ def _check_output_path(flag: str, path: str) -> None:
     """Raise UsageError unless ``path`` can be written, by opening it for appending (its missing folders are made,
     as the writer would make them; a file made only for this test is removed)."""
     existed = os.path.exists(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    parent = folder = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     if not os.path.isdir(folder):
         raise UsageError(f"{flag}: cannot write {path!r}: {folder!r} is not a directory")
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        os.makedirs(parent, exist_ok=True)
         with open(path, "a"):
             pass
     except OSError as exc:

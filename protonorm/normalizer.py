@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, reference
-from .backends.base import Backend, is_negated_view, normalized_dtype, outside_inference_mode
+from .backends.base import Backend, normalized_dtype, outside_inference_mode
 from .output_cache import OutputCache
 
 NONFINITE_POLICIES = ("drop", "raise")
@@ -788,8 +788,6 @@ def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:
 
 
 def _as_rows(arr: Tensor, d: int) -> Tensor:
-    if is_negated_view(arr):  # the kernels read memory, which holds such a view's values unnegated
-        arr = arr.resolve_neg()
     rows = arr.reshape(-1, d) if arr.dim() != 2 or arr.shape[1] != d else arr
     return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 
