@@ -310,6 +310,37 @@ def test_interleaved_reports_seconds_per_call_not_per_block():
     assert all(0.002 <= s < 0.008 for s in samples["sleep"].seconds), samples["sleep"].seconds
 
 
+def _slowing_down_then_steady(seconds):
+    """A callable whose calls sleep ``seconds[i]`` in turn, then 0; it records how often it was called."""
+    import time
+
+    def fn():
+        i = fn.calls
+        fn.calls += 1
+        if i < len(seconds):
+            time.sleep(seconds[i])
+
+    fn.calls = 0
+    return fn
+
+
+def test_warm_up_goes_on_while_calls_still_get_much_faster():
+    # Compiled code: a compiling call, then first runs each several times faster than the one before.
+    fn = _slowing_down_then_steady([0.08, 0.02, 0.005, 0.001])
+    timing.warm_up(fn, torch.device("cpu"), calls=1)
+    assert 5 <= fn.calls <= 6  # the four slow calls, the first steady one, at most one more
+    steady = _slowing_down_then_steady([])
+    timing.warm_up(steady, torch.device("cpu"), calls=3)
+    assert steady.calls == 4
+
+
+def test_calibration_is_not_set_by_one_slow_call():
+    # One slow call (compiling, a page fault) must not leave a fast contender timed one cold call per block.
+    fn = _slowing_down_then_steady([0.005])
+    inner, per_call = timing.calibrate_inner(fn, torch.device("cpu"))
+    assert per_call < 0.001 and inner > 10, (inner, per_call)
+
+
 # ------------------------------------------------------------------------------------------------ baseline
 @pytest.fixture(scope="module")
 def upstream():

@@ -16,6 +16,9 @@ from .cases import BASELINE, COMPILE, Case, Contender
 
 COPY = "copy"
 WARMUP_CALLS = {"cuda": 3, "cpu": 1}  # CUDA: Triton compiles and the allocator settles in the first calls
+# torch.compile-d code compiles on its first call and again on the first call that takes another branch (the
+# reward normalizer's second step): that must happen before the host-sync probe and the calibration.
+COMPILE_WARMUP_CALLS = 3
 MIN_REPETITIONS = 5
 MAX_REPETITIONS = 200
 # Contenders that allocate and free tens of MB per call (upstream's op sequence, eager or compiled): on the CPU
@@ -37,8 +40,7 @@ def run_case(
     warmup = WARMUP_CALLS["cuda" if device.type == "cuda" else "cpu"]
     inner, per_call, host_syncs = {}, {}, {}
     for name, fn in fns.items():
-        for _ in range(warmup):
-            fn()
+        timing.warm_up(fn, device, max(warmup, COMPILE_WARMUP_CALLS) if name == COMPILE else warmup)
         # Counted once warm (a first call may take a different path, e.g. the reward normalizer's first step);
         # the probe call doubles as one more warm-up call.
         host_syncs[name] = timing.count_host_syncs(fn, device, calls=1)

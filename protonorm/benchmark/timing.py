@@ -23,6 +23,9 @@ from ..diagnostics import HostSyncCounter
 
 MIN_BLOCK_S = {"cuda": 2e-4, "cpu": 1e-3}
 MAX_INNER = 1000
+CALIBRATION_CALLS = 3
+MAX_EXTRA_WARMUP = 20
+WARMED_UP_BELOW_S = 1e-4
 
 
 @dataclass
@@ -107,21 +110,38 @@ def wait_until_quiet(max_seconds: float = 1.0, window: float = 0.01, busy_share:
         before = after
 
 
+def warm_up(fn: Callable[[], object], device: torch.device, calls: int) -> None:
+    """Make ``calls`` untimed calls, then more (at most MAX_EXTRA_WARMUP) while each still takes under half the
+    time of the one before, if that one took over WARMED_UP_BELOW_S (below it the clock's jitter decides):
+    compiled code compiles again on a later call (a reward normalizer's second step takes another branch), and
+    its first runs after compiling are several times slower than the rest."""
+    previous = None
+    for i in range(calls + MAX_EXTRA_WARMUP):
+        synchronize(device)
+        started = time.perf_counter()
+        fn()
+        synchronize(device)
+        elapsed = time.perf_counter() - started
+        if i >= calls and (previous < WARMED_UP_BELOW_S or not elapsed < 0.5 * previous):
+            return
+        previous = elapsed
+
+
 def calibrate_inner(fn: Callable[[], object], device: torch.device) -> Tuple[int, float]:
-    """Time single calls (at least one, together at least the device's minimum block length) and return
-    ``(inner, seconds per call)``: how many calls one timed block needs to last that long."""
+    """Time single calls (at least CALIBRATION_CALLS, together at least the device's minimum block length) and
+    return ``(inner, seconds per call)``: how many calls one timed block needs to last that long. The median call
+    sets it, so that one slow call does not leave a fast contender timed one cold call at a time."""
     synchronize(device)
     timer = _BlockTimer(device)
     min_block = MIN_BLOCK_S[_kind(device)]
-    calls, elapsed = 0, 0.0
-    while calls < 1 or (elapsed < min_block and calls < MAX_INNER):
+    seconds: List[float] = []
+    while len(seconds) < CALIBRATION_CALLS or (sum(seconds) < min_block and len(seconds) < MAX_INNER):
         started = timer.start()
         fn()
         read = timer.stop(started)
         synchronize(device)
-        elapsed += read()
-        calls += 1
-    per_call = elapsed / calls
+        seconds.append(read())
+    per_call = percentile(seconds, 50)
     inner = max(1, min(MAX_INNER, math.ceil(min_block / max(per_call, 1e-9))))
     return inner, per_call
 
