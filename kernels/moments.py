@@ -258,6 +258,7 @@ def launch_args(x: torch.Tensor, mask, parts: torch.Tensor):
     meta = dict(
         HAS_MASK=mask is not None, ONE_TILE=plan.col_tiles == 1,
         BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, num_warps=num_warps_for(plan.block_r * plan.block_d),
+        enable_fp_fusion=False,  # as normalize_moments, so that both give the same parts bit for bit
     )
     return _moments_kernel, grid, args, meta
 

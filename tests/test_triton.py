@@ -626,7 +626,10 @@ COMPILE_CHECK = textwrap.dedent(
             else:
                 sig[p.name] = "i32" if -2**31 <= a < 2**31 else "i64"
         opts = {k: v for k, v in meta.items() if k not in consts}
-        triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=TARGET, options=opts)
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=TARGET, options=opts)
+        # No contraction anywhere: a fused multiply-add rounds differently from the reference's two roundings,
+        # and from the same helpers compiled without it (moments and normalize_moments must give equal parts).
+        assert "fma." not in compiled.asm["ptx"], f"{kernel.__name__} contracts multiply-adds into FMA"
 
     TARGET = GPUTarget("cuda", 90, 32)
     e = torch.empty
