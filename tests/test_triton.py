@@ -55,11 +55,13 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 
 @pytest.fixture
 def small_tiles(monkeypatch):
-    """Interpreter tiles of 64 elements, 8 columns and merges of 4 columns per program."""
-    monkeypatch.setattr(moment_kernels, "INTERPRET_TILE_ELEMENTS", 64)
-    monkeypatch.setattr(moment_kernels, "MAX_BLOCK_D", 8)
-    monkeypatch.setattr(normalize_kernels, "MAX_BLOCK_D", 8)
-    monkeypatch.setattr(normalize_kernels, "INTERPRET_TILE_ELEMENTS", 64)
+    """Tiles of 64 elements and 8 columns, interpreted or compiled, merges of 4 columns per interpreted program,
+    and compiled moments split over as many programs as the device takes (not only batches of millions)."""
+    for kernels in (moment_kernels, normalize_kernels):
+        monkeypatch.setattr(kernels, "INTERPRET_TILE_ELEMENTS", 64)
+        monkeypatch.setattr(kernels, "TILE_ELEMENTS", 64)
+        monkeypatch.setattr(kernels, "MAX_BLOCK_D", 8)
+    monkeypatch.setattr(moment_kernels, "MIN_ELEMENTS_PER_PROGRAM", 1)
     monkeypatch.setattr(merge_kernels, "INTERPRET_MAX_BLOCK_M", 4)
 
 
@@ -99,7 +101,12 @@ def test_moments_match_reference(b, d, dtype):
 def test_moments_with_splits_and_column_tiles(small_tiles, b, d, dtype):
     x = batch(b, d, dtype)
     parts = TB.moments(x, None, {})
-    assert parts.shape[0] == min(moment_kernels.INTERPRET_SPLITS, -(-b // max(1, 64 // min(8, 1 << (d - 1).bit_length()))))
+    row_blocks = -(-b // max(1, 64 // min(8, 1 << (d - 1).bit_length())))
+    if moment_kernels.compiled_for(x.device):
+        most = -(-moment_kernels.PROGRAMS_PER_SM * moment_kernels.sm_count(x.device) // -(-d // 8))
+    else:
+        most = moment_kernels.INTERPRET_SPLITS
+    assert parts.shape[0] == min(most, row_blocks)
     assert_parts_close(parts, reference.batch_moments(x))
 
 
