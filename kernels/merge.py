@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .moments import compiled_for, device_guard, f64_bits, from_f64_bits, num_warps_for, sm_count
+from .moments import check_features, compiled_for, device_guard, f64_bits, from_f64_bits, num_warps_for, sm_count
 
 MAX_BLOCK_M = 256
 MIN_BLOCK_M = 16
@@ -113,6 +113,7 @@ def _merge_kernel(
 
 def _plan(num_parts: int, num_features: int, device: torch.device):
     """``(BLOCK_K, BLOCK_M, programs)``: spread the columns over about one program per SM."""
+    check_features(num_features)
     full = triton.next_power_of_2(max(1, num_features))
     if compiled_for(device):
         per_sm = triton.next_power_of_2(triton.cdiv(num_features, sm_count(device)))

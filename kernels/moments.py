@@ -46,6 +46,9 @@ INTERPRET_TILE_ELEMENTS = 1 << 16
 PROGRAMS_PER_SM = 2
 MIN_ELEMENTS_PER_PROGRAM = 1 << 15
 INTERPRET_SPLITS = 3
+# Widest rows: normalize puts its column tiles on grid axis 1, which CUDA limits to 65535 programs (this also keeps
+# the kernels' int32 column indices far from overflow; row offsets are int64).
+MAX_FEATURES = 65535 * MAX_BLOCK_D
 
 
 def interpreting() -> bool:
@@ -66,6 +69,12 @@ def sm_count(device: torch.device) -> int:
     return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def check_features(num_features: int) -> None:
+    """Refuse rows wider than ``MAX_FEATURES``: a clear error rather than wrapped indices or a failed launch."""
+    if num_features > MAX_FEATURES:
+        raise ValueError(f"triton kernels: expected at most {MAX_FEATURES} features per row, got {num_features}")
+
+
 def num_warps_for(elements: int) -> int:
     """About 16 elements per thread (float64 tiles: 32 registers each), 1 to 8 warps."""
     return max(1, min(8, triton.next_power_of_2(max(1, elements // 512))))
@@ -84,6 +93,7 @@ def tile_plan(num_rows: int, num_features: int, device: torch.device, single_til
 
     ``single_tile`` gives every program all the columns (the in-place reward update needs it).
     """
+    check_features(num_features)
     interp = not compiled_for(device)
     target = INTERPRET_TILE_ELEMENTS if interp else TILE_ELEMENTS
     block_d = triton.next_power_of_2(max(1, num_features))

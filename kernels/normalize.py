@@ -15,7 +15,16 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .moments import MAX_BLOCK_D, compiled_for, compute_is_f64, device_guard, f64_bits, from_f64_bits, num_warps_for
+from .moments import (
+    MAX_BLOCK_D,
+    check_features,
+    compiled_for,
+    compute_is_f64,
+    device_guard,
+    f64_bits,
+    from_f64_bits,
+    num_warps_for,
+)
 
 TILE_ELEMENTS = 4096
 INTERPRET_TILE_ELEMENTS = 1 << 16
@@ -89,6 +98,7 @@ def _normalize_kernel(
 
 def launch_args(x, mean, var, epsilon, clamp_value, un_norm, center, out):
     num_rows, num_features = x.shape
+    check_features(num_features)
     target = TILE_ELEMENTS if compiled_for(x.device) else INTERPRET_TILE_ELEMENTS
     block_d = min(triton.next_power_of_2(max(1, num_features)), MAX_BLOCK_D)
     block_r = max(1, min(target // block_d, triton.next_power_of_2(max(1, num_rows))))

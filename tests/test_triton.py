@@ -159,6 +159,26 @@ def test_workspace_is_reused_across_calls():
     assert first.data_ptr() == second.data_ptr()
 
 
+@pytest.mark.parametrize("wide", [2**31, 65535 * 2048 + 1])
+def test_rows_too_wide_for_the_grid_or_32_bit_column_indices_are_refused(wide, monkeypatch):
+    """Row offsets are 64-bit but column indices 32-bit, and normalize's column tiles are limited to 65535 (grid
+    axis 1): a row of 2^31 features wrapped the indices, one of 65535 * 2048 + 1 overflowed the grid (meta tensors)."""
+    x = torch.empty(1, wide, device="meta")
+    stat = torch.empty(wide, dtype=torch.float64, device="meta")
+    parts = torch.empty(1, reference.parts_width(wide), dtype=torch.float64, device="meta")
+    counter = torch.empty((), dtype=torch.int64, device="meta")
+    for build in (
+        lambda: moment_kernels.tile_plan(1, wide, x.device),
+        lambda: normalize_kernels.launch_args(x, stat, stat, 1e-5, None, False, True, x),
+        lambda: merge_kernels.launch_args(parts, stat, stat, counter, counter, None, None),
+    ):
+        with pytest.raises(ValueError, match="features"):
+            build()
+    widest = x[:, : moment_kernels.MAX_FEATURES]
+    monkeypatch.setattr(normalize_kernels, "compiled_for", lambda device: True)  # the grid on a GPU
+    assert normalize_kernels.launch_args(widest, stat, stat, 1e-5, None, False, True, widest)[1][1] <= 65535
+
+
 # ------------------------------------------------------------------------------------------ merge
 def chunked_parts(x, k):
     return torch.cat([reference.batch_moments(c) for c in x.chunk(k)])
