@@ -215,6 +215,22 @@ def test_multi_program_merge_resets_its_ticket(small_tiles):
     assert count.item() == 5 + 3 * 40
 
 
+def test_merge_ticket_is_not_first_made_inside_cuda_graph_capture(small_tiles, monkeypatch):
+    # A ticket zeroed by a captured memset holds garbage until the graph replays; refuse to make one there.
+    d = 33
+    count = torch.tensor(5, device=DEVICE)
+    mean, var = stats(d)[:2]
+    parts = chunked_parts(batch(40, d, torch.float64), 3)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pytest.raises(RuntimeError, match="capturing a CUDA graph"):
+        TB.merge(parts, mean, var, count, torch.tensor(0, device=DEVICE), None)
+    monkeypatch.undo()
+    assert count.item() == 5  # nothing merged
+    key = (str(count.device), count.data_ptr())
+    assert key not in triton_backend._tickets
+
+
 @pytest.mark.parametrize("tiles", ["large", "small"])
 @pytest.mark.parametrize("ema", [None, 0.9])
 def test_batch_without_valid_rows_leaves_statistics_bit_exact(request, tiles, ema):

@@ -49,6 +49,13 @@ def _ticket_for(count: Tensor) -> Tensor:
     key = (str(count.device), count.data_ptr())
     ticket = _tickets.get(key)
     if ticket is None:
+        if count.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Made during capture, the counter would be zeroed only when the graph replays: an eager record
+            # before that would read uninitialized memory and could leave `count` unmerged for good.
+            raise RuntimeError(
+                "protonorm: the first record of this size was made while capturing a CUDA graph; record one "
+                "batch of the same size eagerly before capturing (the usual warm-up)"
+            )
         ticket = torch.zeros(1, dtype=torch.int32, device=count.device)
         _tickets[key] = ticket
     return ticket
