@@ -689,14 +689,15 @@ def materialize_lazy_running_stats_from_state_dict(model: nn.Module, state_dict:
     that entry, before ``model.load_state_dict``; leave the others alone (upstream's helper).
 
     protonorm's modules also materialize themselves inside ``load_state_dict``; this stays for callers that
-    follow upstream's sequence.
+    follow upstream's sequence, and puts the buffers where ``load_state_dict`` would: on the device the model was
+    moved to, else the entry's.
     """
     for name, module in model.named_modules():
         if isinstance(module, RunningMeanStd) and not module._initialized:
             key = f"{name}.mean" if name else "mean"
             if key in state_dict:
                 entry = state_dict[key]
-                module._create_buffers(tuple(entry.shape), entry.device)
+                module._create_buffers(tuple(entry.shape), module._lazy_device or entry.device)
                 module._initialized = True
 
 

@@ -120,6 +120,15 @@ def test_lazy_module_loads_onto_the_device_it_was_moved_to():
     assert not model.critic_norm._initialized
 
 
+def test_upstream_helper_materializes_on_the_device_the_model_was_moved_to():
+    # A checkpoint read onto the CPU for a model moved elsewhere ("meta" stands in for a GPU here).
+    model = _Agent(RunningMeanStd).to("meta")
+    state = {"actor_norm.mean": torch.zeros(3, dtype=torch.float64), "actor_norm.var": torch.ones(3, dtype=torch.float64),
+             "actor_norm.count": torch.tensor(7)}
+    protonorm.materialize_lazy_running_stats_from_state_dict(model, state)
+    assert model.actor_norm.mean.device.type == "meta" and model.actor_norm.count.device.type == "meta"
+
+
 def test_mismatched_checkpoint_is_rejected_before_anything_is_copied():
     m = RunningMeanStd(None, (3,), device="cpu")
     m.record_moments(torch.randn(5, 3))
