@@ -789,7 +789,10 @@ def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:
 
 
 def _as_rows(arr: Tensor, d: int) -> Tensor:
-    rows = arr.reshape(-1, d) if arr.dim() != 2 or arr.shape[1] != d else arr
+    rows = arr
+    if arr.dim() != 2 or arr.shape[1] != d:
+        # Without features -1 is ambiguous to reshape; the rows are then the first dim's (nothing is read).
+        rows = arr.reshape(-1, d) if d else arr.reshape(arr.shape[0], 0)
     return rows if rows.stride(1) == 1 or rows.shape[1] == 1 else rows.contiguous()
 
 

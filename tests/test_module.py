@@ -257,6 +257,15 @@ def test_normalize_broadcasts_leading_dims_and_unbatched_input(backend_name):
     torch.testing.assert_close(m.normalize(m.normalize(x), un_norm=True), x, rtol=1e-5, atol=1e-5)
 
 
+def test_features_of_zero_width(backend_name):
+    m = make((2, 0), backend_name)
+    m.record_moments(torch.randn(17, 2, 0))
+    assert int(m.count) == 18  # rows without features still count, as upstream's
+    for un_norm in (False, True):
+        assert m.normalize(torch.randn(3, 5, 2, 0), un_norm=un_norm).shape == (3, 5, 2, 0)
+        assert m.normalize(torch.randn(2, 0), un_norm=un_norm).shape == (2, 0)
+
+
 def test_strided_rows(backend_name):
     wide = torch.randn(33, 11) * 3 + 7
     view = wide[:, 2:9]  # row stride 11, last stride 1
