@@ -244,7 +244,7 @@ class RunningMeanStd(nn.Module):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(state)
+        super().__setstate__(state)  # nn.Module's: fills in the attributes a pickle from an older torch lacks
         self._reset_transient_state()
 
     def _apply(self, fn, recurse=True):

@@ -176,6 +176,15 @@ def test_deepcopy_and_pickle_are_independent(backend_name):
     assert pickle.loads(pickle.dumps(m)).backend == m.backend
 
 
+def test_unpickling_fills_in_module_attributes_an_older_torch_lacked():
+    m = make((4,), "torch")
+    state = m.__getstate__()
+    del state["_state_dict_pre_hooks"], state["_forward_hooks_always_called"]
+    restored = RunningMeanStd.__new__(RunningMeanStd)
+    restored.__setstate__(state)
+    assert list(restored.state_dict()) == ["mean", "var", "count"]
+
+
 def test_default_cuda_device_falls_back_to_cpu_with_warning():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the fallback cannot happen")  # pragma: no cover
