@@ -178,6 +178,10 @@ class RunningMeanStd(nn.Module):
             self._create_buffers(shape, _resolve_default_device(device))
             self._initialized = True
 
+    def __setattr__(self, name: str, value) -> None:
+        check = _HYPERPARAMETER_CHECKS.get(name)
+        super().__setattr__(name, value if check is None else check(value))
+
     # ----------------------------------------------------------------------------------------- state
     def _create_buffers(self, shape, device) -> None:
         # Normal tensors even when the first call comes under torch.inference_mode(): they are updated in place.
@@ -452,6 +456,7 @@ class RunningMeanStd(nn.Module):
             or not layout.current(self._buffers)
             or _is_compiling()
             or _is_exporting(False)
+            or (self.clamp_value is not None and self.clamp_value > _FLOAT32_MAX)  # checked the general way
         ):
             return None
         out = self._outputs.empty(arr.shape, normalized_dtype(arr.dtype), layout.device)
@@ -480,6 +485,7 @@ class RunningMeanStd(nn.Module):
         layout = self._layout()
         x = self._elementwise_rows(arr, "normalize", layout)
         dtype = normalized_dtype(arr.dtype)
+        _check_clamp_fits(self.clamp_value, arr.dtype if un_norm else dtype)
         if compiling:
             out = torch.empty_like(arr, dtype=dtype, memory_format=torch.contiguous_format)
         else:
@@ -581,10 +587,7 @@ class RewardRunningMeanStd(RunningMeanStd):
         nonfinite: str = "drop",
         sync: str = "per_call",
     ):
-        number = _plain_number(gamma)
-        if number is None or not 0.0 <= number <= 1.0:
-            raise ValueError(f"gamma: expected a number in [0, 1], got {gamma!r}")
-        gamma = number
+        gamma = _check_gamma(gamma)
         super().__init__(
             fabric, shape, epsilon, device, clamp_value, ema_decay, backend=backend, nonfinite=nonfinite, sync=sync
         )
@@ -840,24 +843,69 @@ def _plain_number(value):
     return None
 
 
-def _check_arguments(epsilon, clamp_value, ema_decay, nonfinite, sync):
-    """Validates the constructor's arguments; returns ``(epsilon, clamp_value, ema_decay)`` as Python numbers."""
-    number = _plain_number(epsilon)
-    if number is None or not math.isfinite(number) or number < 0:
-        raise ValueError(f"epsilon: expected a finite number >= 0, got {epsilon!r}")
-    epsilon = number
-    if clamp_value is not None:
-        number = _plain_number(clamp_value)
-        if number is None or not number > 0:
-            raise ValueError(f"clamp_value: expected None or a number > 0, got {clamp_value!r}")
-        clamp_value = number
-    if ema_decay is not None:
-        number = _plain_number(ema_decay)
-        if number is None or not 0.0 < number < 1.0:
-            raise ValueError(f"ema_decay: expected None or a number in (0, 1), got {ema_decay!r}")
-        ema_decay = number
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _check_clamp_fits(clamp_value, dtype: torch.dtype) -> None:
+    """Upstream clamps with ``torch.clamp``, which refuses a finite bound beyond the clamped tensor's range (the
+    output's dtype; the input's for ``un_norm``): the kernels would clamp at inf instead."""
+    if clamp_value is not None and math.isfinite(clamp_value) and clamp_value > torch.finfo(dtype).max:
+        raise RuntimeError(
+            f"clamp_value: {clamp_value!r} cannot be converted to {str(dtype).replace('torch.', '')} without "
+            f"overflow (the dtype it clamps, as torch.clamp requires)"
+        )
+
+
+def _checked_number(name: str, expected: str, in_range, value, optional: bool = False):
+    """``value`` as a Python number if ``in_range(number)``; None stays None when ``optional``."""
+    if optional and value is None:
+        return None
+    number = _plain_number(value)
+    if number is None or not in_range(number):
+        raise ValueError(f"{name}: expected {expected}, got {value!r}")
+    return number
+
+
+_check_epsilon = functools.partial(
+    _checked_number, "epsilon", "a finite number >= 0", lambda n: math.isfinite(n) and n >= 0
+)
+_check_clamp_value = functools.partial(
+    _checked_number, "clamp_value", "None or a number > 0", lambda n: n > 0, optional=True
+)
+_check_ema_decay = functools.partial(
+    _checked_number, "ema_decay", "None or a number in (0, 1)", lambda n: 0.0 < n < 1.0, optional=True
+)
+_check_gamma = functools.partial(_checked_number, "gamma", "a number in [0, 1]", lambda n: 0.0 <= n <= 1.0)
+
+
+def _check_nonfinite(nonfinite):
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"nonfinite: expected one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+    return nonfinite
+
+
+def _check_sync(sync):
     if sync not in SYNC_MODES:
         raise ValueError(f"sync: expected one of {SYNC_MODES}, got {sync!r}")
-    return epsilon, clamp_value, ema_decay
+    return sync
+
+
+# The hyperparameters, checked when the constructor sets them and whenever they are assigned later (upstream's
+# are plain attributes, so callers may change them): the backends rely on the checked ranges.
+_HYPERPARAMETER_CHECKS = {
+    "epsilon": _check_epsilon,
+    "clamp_value": _check_clamp_value,
+    "ema_decay": _check_ema_decay,
+    "gamma": _check_gamma,
+    "nonfinite": _check_nonfinite,
+    "sync": _check_sync,
+}
+
+
+def _check_arguments(epsilon, clamp_value, ema_decay, nonfinite, sync):
+    """Validates the constructor's arguments, all before any is set; returns ``(epsilon, clamp_value, ema_decay)``
+    as Python numbers."""
+    checked = _check_epsilon(epsilon), _check_clamp_value(clamp_value), _check_ema_decay(ema_decay)
+    _check_nonfinite(nonfinite)
+    _check_sync(sync)
+    return checked

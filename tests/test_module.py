@@ -250,6 +250,29 @@ def test_maybe_clamp():
     assert make((1,)).maybe_clamp(x) is x
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_clamp_beyond_the_clamped_dtype_raises_as_upstream(backend_name, training):
+    """torch.clamp (upstream) refuses a finite bound its tensor cannot hold: the output's dtype, or the input's for
+    un_norm. The kernels would clamp at inf instead."""
+    m = make((2,), backend_name, clamp_value=1e39).train(training)
+    x = torch.randn(8, 2)
+    m.record_moments(x)
+    before = stats(m)
+    for _ in range(2):  # the second call would take the direct way
+        with pytest.raises(RuntimeError, match="float32 without overflow"):
+            m.normalize(x)
+    assert m.normalize(x.double()).dtype == torch.float64  # float64 holds 1e39
+    m.clamp_value = 7e4
+    with pytest.raises(RuntimeError, match="float16 without overflow"):
+        m.normalize(x.half(), un_norm=True)
+    assert m.normalize(x.half()).dtype == torch.float32
+    m.clamp_value = float("inf")  # no bound, as torch.clamp takes it
+    unbounded = m.normalize(x, un_norm=True)
+    m.clamp_value = None
+    assert torch.equal(unbounded, m.normalize(x, un_norm=True))
+    assert_stats_equal(stats(m), before)  # nothing recorded by the refused (or any) normalize
+
+
 @pytest.mark.parametrize("dtype,expected", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                             (torch.float16, torch.float32), (torch.float64, torch.float64)])
 def test_normalize_output_dtype_is_upstreams(backend_name, dtype, expected):
@@ -624,6 +647,31 @@ def test_integer_first_batches_leave_a_lazy_module_uninitialized():
 def test_constructor_rejects_out_of_range_arguments(kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         RunningMeanStd(None, (2,), device="cpu", **kwargs)
+
+
+@pytest.mark.parametrize(
+    "name,bad,good",
+    [
+        ("clamp_value", 0.0, 3.0),
+        ("clamp_value", float("nan"), None),
+        ("epsilon", -1e-8, 0.0),
+        ("ema_decay", 1.0, 0.9),
+        ("gamma", 1.5, 0.5),
+        ("nonfinite", "ignore", "raise"),
+        ("sync", "sometimes", "deferred"),
+    ],
+)
+def test_hyperparameters_assigned_later_are_checked_like_the_constructor_s(name, bad, good):
+    """Upstream's hyperparameters are plain attributes that callers may change; a bad value raises on assignment
+    (the backends rely on the checked ranges: a clamp of 0 or NaN gave different outputs per backend) and leaves
+    the old value."""
+    r = RewardRunningMeanStd(None, (1,), 0.99, device="cpu", clamp_value=5.0)
+    before = getattr(r, name)
+    with pytest.raises(ValueError, match=name):
+        setattr(r, name, bad)
+    assert getattr(r, name) == before
+    setattr(r, name, np.float64(good) if isinstance(good, float) else good)
+    assert getattr(r, name) == good and type(getattr(r, name)) is type(good)
 
 
 @pytest.mark.parametrize("number", [np.float32, np.float64, lambda v: torch.tensor(v), lambda v: torch.tensor([v])],
