@@ -37,10 +37,11 @@ def test_batch_moments_masks_and_drops_rows():
     x = torch.arange(12, dtype=torch.float32).reshape(6, 2)
     x[1, 0] = float("nan")
     x[4, 1] = float("inf")
+    x[3, 1] = float("nan")  # masked out: neither counted nor dropped
     mask = torch.tensor([True, True, True, False, True, True])
     n, dropped, mean, m2 = reference.split_parts(reference.batch_moments(x, mask))
     kept = x[[0, 2, 5]].double()
-    assert n.item() == 3 and dropped.item() == 2  # the masked row is ignored, not counted as dropped
+    assert n.item() == 3 and dropped.item() == 2  # the masked NaN row is ignored, not counted as dropped
     torch.testing.assert_close(mean[0], kept.mean(0), rtol=0, atol=0)
     torch.testing.assert_close(m2[0], ((kept - kept.mean(0)) ** 2).sum(0), rtol=1e-15, atol=0)
 
