@@ -134,6 +134,60 @@ def test_ema_follows_batch_mean_and_population_variance():
     assert int(count) == 7
 
 
+def _normalize_in_numpy(x, mean, var, epsilon, clamp_value, un_norm, center):
+    """``reference.normalize`` evaluated in numpy float64 from the statistics as upstream rounds them (mean and var
+    to float32, ``var + eps`` added in float32), and each element's error bound (see the test below)."""
+    xs = x.double().numpy()
+    m = mean.numpy().astype(np.float32).astype(np.float64)
+    std = np.sqrt((var.numpy().astype(np.float32) + np.float32(epsilon)).astype(np.float64))
+    if not center:
+        m = np.zeros_like(m)
+    if un_norm:
+        if clamp_value is not None:  # clamped in x's own dtype, as torch.clamp does: bound rounded to that dtype
+            xs = torch.from_numpy(np.clip(xs, -clamp_value, clamp_value)).to(x.dtype).double().numpy()
+        want = xs * std + m
+        scale = np.abs(xs * std) + np.abs(m)
+    else:
+        want = (xs - m) / std
+        if clamp_value is not None:
+            want = np.clip(want, -clamp_value, clamp_value)
+        scale = np.abs(want)
+    return want, scale
+
+
+# Against numpy float64, in units of u = 2^-24 of the result (of |x * std| + |mean| for un_norm, whose sum can
+# cancel). The root is float32 for every dtype (upstream's var.float()): up to 2u, torch's vectorised CPU sqrt not
+# being correctly rounded. float32, float16, bfloat16 input (16-bit input widens to float32 exactly): a float32
+# output, whose subtraction (or product) and division (or sum) add 1u each: 4u. float64 input: the arithmetic is
+# float64, so the root alone: 2u.
+NORMALIZE_NUMPY_RTOL = {torch.float32: 4 * 2.0**-24, torch.float16: 4 * 2.0**-24, torch.bfloat16: 4 * 2.0**-24,
+                        torch.float64: 2 * 2.0**-24}
+
+
+@pytest.mark.parametrize("stream,dtype", STREAM_CASES)
+@pytest.mark.parametrize("un_norm,center,clamp_value", [(False, True, None), (False, True, 1.3), (False, False, None),
+                                                        (True, True, None), (True, True, 1.3), (True, False, 2.0)],
+                         ids=["normalize", "clamp", "scale", "un_norm", "un_norm_clamp", "un_norm_scale"])
+def test_normalize_matches_numpy(stream, dtype, un_norm, center, clamp_value):
+    """normalize / clamp / scale-only / un_norm of the hard streams with their own statistics (offsets up to 1e6
+    with small spread, constant columns whose root is sqrt(eps), one row, odd widths), and a NaN and infinities."""
+    batches, shape = make_stream(stream, dtype)
+    x = torch.cat(batches).reshape(-1, int(np.prod(shape)))
+    x[0, 0] = float("nan")
+    x[-1, -1] = float("inf")
+    t_mean, t_var, _ = truth(batches, with_prior=False)
+    mean, var = torch.from_numpy(t_mean.reshape(-1)), torch.from_numpy(t_var.reshape(-1))
+    y = reference.normalize(x, mean, var, 1e-5, clamp_value, un_norm, center)
+    assert y.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want, scale = _normalize_in_numpy(x, mean, var, 1e-5, clamp_value, un_norm, center)
+    got = y.double().numpy()
+    assert np.array_equal(np.isnan(got), np.isnan(want))
+    finite, infinite = np.isfinite(want), np.isinf(want)
+    assert np.array_equal(got[infinite], want[infinite])
+    err = np.abs(got[finite] - want[finite])
+    assert np.all(err <= NORMALIZE_NUMPY_RTOL[dtype] * scale[finite]), np.max(err / np.maximum(scale[finite], 1e-300))
+
+
 def test_normalize_matches_upstream_formula():
     x = torch.randn(9, 4) * 3
     mean, var = torch.randn(4, dtype=torch.float64), torch.rand(4, dtype=torch.float64) + 0.1
