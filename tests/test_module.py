@@ -69,12 +69,28 @@ def test_long_stream_matches_numpy(backend_name):
     assert int(m.count) == t_count
 
 
-def test_count_is_exact_past_float32_precision():
-    m = make((1,))
-    chunk = 2**22 + 1
-    for _ in range(5):
-        m.record_moments(torch.ones(chunk, 1))
-    assert m.count.dtype == torch.int64 and int(m.count) == 5 * chunk + 1  # > 2^24, not representable in float32
+def test_count_and_weights_are_exact_past_float32_precision(backend_name):
+    """A long stream's count passes 2^24, past which upstream's float32 counts round. Here the count stays exact and
+    the merge weighs the running statistics by it: from c = 2^24 + 1 (float32: 2^24) a batch of n = 2 rows moves the
+    mean to mean_b * n / (c + n), which a count rounded to float32 would miss by 6e-8 of it. The expectation is
+    computed in exact rationals; 1e-12 leaves room for the backends' float64 summation orders."""
+    from fractions import Fraction
+
+    m = make((3,), backend_name)
+    c = 2**24 + 1
+    m.count.fill_(c)
+    x = torch.tensor([[1e6, -3.0, 0.5], [1e6 + 2.0, 5.0, 0.5]], dtype=torch.float64)
+    m.record_moments(x)
+    assert m.count.dtype == torch.int64 and int(m.count) == c + 2  # 2^24 + 3: not a float32 number
+    rows = [[Fraction(v) for v in row] for row in x.tolist()]
+    n = len(rows)
+    for j in range(3):
+        mean_b = sum(r[j] for r in rows) / n
+        m2_b = sum((r[j] - mean_b) ** 2 for r in rows)
+        mean = mean_b * n / (c + n)  # the prior: mean 0, var 1 over c rows
+        var = (c + m2_b + mean_b**2 * c * n / (c + n)) / (c + n)
+        assert float(m.mean[j]) == pytest.approx(float(mean), rel=1e-12, abs=0)
+        assert float(m.var[j]) == pytest.approx(float(var), rel=1e-12, abs=0)
 
 
 @pytest.mark.parametrize("ema", [None, 0.99])
