@@ -29,3 +29,20 @@ CPU_BACKENDS = _usable_backends()
 @pytest.fixture(params=CPU_BACKENDS)
 def backend_name(request):
     return request.param
+
+
+def assert_same(a, b):
+    """Bitwise equality (so -0.0 differs from 0.0), except that any two NaNs are equal: the sign and payload of a
+    NaN carry no meaning, and torch itself does not preserve them across dtype conversions."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if not a.is_floating_point():
+        assert torch.equal(a, b)
+        return
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(nan_a, nan_b), "NaN positions differ"
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    a_bits, b_bits = a.reshape(-1).view(bits), b.reshape(-1).view(bits)
+    keep = ~nan_a.reshape(-1)
+    differ = (a_bits != b_bits) & keep
+    assert not differ.any(), f"{int(differ.sum())} values differ, e.g. {a.reshape(-1)[differ][:4].tolist()} vs " \
+        f"{b.reshape(-1)[differ][:4].tolist()}"

@@ -27,6 +27,7 @@ from protonorm.backends import load
 from protonorm.backends.base import normalized_dtype
 from protonorm.diagnostics import HostSyncCounter
 
+from conftest import assert_same
 from hard_data import MEAN_RTOL, STREAM_CASES, VAR_RTOL, assert_close_rel, make_stream, truth
 
 CPP, CPP_REASON = load("cpp")
@@ -66,23 +67,6 @@ def stats(d, seed=1):
     mean = torch.randn(d, generator=g, dtype=torch.float64)
     var = torch.rand(d, generator=g, dtype=torch.float64) * 3 + 0.1
     return mean, var
-
-
-def assert_same(a, b):
-    """Bitwise equality (so -0.0 differs from 0.0), except that any two NaNs are equal: the sign and payload of a
-    NaN carry no meaning, and torch itself does not preserve them across dtype conversions."""
-    assert a.dtype == b.dtype and a.shape == b.shape
-    if not a.is_floating_point():
-        assert torch.equal(a, b)
-        return
-    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
-    assert torch.equal(nan_a, nan_b), "NaN positions differ"
-    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    a_bits, b_bits = a.reshape(-1).view(bits), b.reshape(-1).view(bits)
-    keep = ~nan_a.reshape(-1)
-    differ = (a_bits != b_bits) & keep
-    assert not differ.any(), f"{int(differ.sum())} values differ, e.g. {a.reshape(-1)[differ][:4].tolist()} vs " \
-        f"{b.reshape(-1)[differ][:4].tolist()}"
 
 
 def assert_parts_close(parts, expected):
