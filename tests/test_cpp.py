@@ -747,10 +747,12 @@ def test_normalize_moments_over_several_blocks_per_part(isa, dtype, b, d):
 @pytest.mark.parametrize("reward_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("term_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32,
                                         torch.float16, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("disc_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("b,d", [(1, 1), (4097, 1), (1023, 3)])
-def test_reward_moments_match_reference(b, d, reward_dtype, term_dtype):
+def test_reward_moments_match_reference(b, d, reward_dtype, term_dtype, disc_dtype):
+    """The returns are float32 or float64 whatever the reward's dtype (a module's returns keep the dtype of its first
+    reward): float32 returns with float64 rewards are summed in float64 and rounded once, as torch does."""
     g = torch.Generator().manual_seed(b + d)
-    disc_dtype = normalized_dtype(reward_dtype)
     discounted = torch.randn(b, d, generator=g, dtype=torch.float64).to(disc_dtype) * 5
     if b > 10:
         discounted[10, 0] = float("nan")  # a poisoned return: dropped, then cleared by its reset below

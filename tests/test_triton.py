@@ -310,21 +310,23 @@ def test_normalize_moments_equals_separate_calls(request, tiles, dtype):
 
 # ------------------------------------------------------------------------------------------ reward
 @pytest.mark.parametrize("reward_dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("returns_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("terminated_dtype", [torch.bool, torch.int64, torch.float32], ids=str)
 @pytest.mark.parametrize("b,d", [(1, 1), (1023, 1), (7, 3)])
-def test_reward_moments_match_reference(b, d, reward_dtype, terminated_dtype):
+def test_reward_moments_match_reference(b, d, reward_dtype, returns_dtype, terminated_dtype):
+    """The returns are float32 or float64 whatever the reward's dtype (a module's returns keep the dtype of its first
+    reward): float32 returns with float64 rewards are summed in float64 and rounded once, as torch does."""
     g = torch.Generator().manual_seed(7)
-    disc_dtype = torch.promote_types(reward_dtype, torch.float32)
-    got = (torch.randn(b, d, generator=g) * 2).to(disc_dtype).to(DEVICE)
+    got = (torch.randn(b, d, generator=g, dtype=torch.float64) * 2).to(returns_dtype).to(DEVICE)
     want = got.clone()
     for step in range(2):
-        reward = torch.randn(b, d, generator=g).to(reward_dtype).to(DEVICE)
+        reward = torch.randn(b, d, generator=g, dtype=torch.float64).to(reward_dtype).to(DEVICE)
         if step == 1 and b > 1:
             reward[b // 2, 0] = float("nan")  # that environment's return is dropped until it resets
         terminated = (torch.rand(b, generator=g) < 0.3).to(terminated_dtype).to(DEVICE)
         parts = TB.reward_moments(reward, terminated, got, 0.99, {})
         expected = RB.reward_moments(reward, terminated, want, 0.99, {})
-        assert torch.equal(got.nan_to_num(), want.nan_to_num())
+        assert_same(got, want)
         assert_parts_close(parts, expected)
 
 
