@@ -4,7 +4,9 @@ Without a CUDA device the Triton kernels run under Triton's CPU interpreter; the
 triton is first imported, which is why it is set here, at collection time, before protonorm is imported.
 """
 import os
+from unittest import mock
 
+import numpy as np
 import torch
 
 if not torch.cuda.is_available():
@@ -13,7 +15,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import protonorm  # noqa: E402,F401  (imported after TRITON_INTERPRET is set)
-from protonorm import backends  # noqa: E402
+from protonorm import backends, reference  # noqa: E402
 
 
 def _usable_backends():
@@ -46,3 +48,17 @@ def assert_same(a, b):
     differ = (a_bits != b_bits) & keep
     assert not differ.any(), f"{int(differ.sum())} values differ, e.g. {a.reshape(-1)[differ][:4].tolist()} vs " \
         f"{b.reshape(-1)[differ][:4].tolist()}"
+
+
+def _correctly_rounded_sqrt(t):
+    return torch.from_numpy(np.sqrt(t.numpy()))  # numpy's float32 root is IEEE's, correctly rounded
+
+
+def expected_normalize(backend_name, x, mean, var, epsilon, clamp_value, un_norm=False, center=True):
+    """What backend ``backend_name`` must write, bit for bit: ``reference.normalize``, with the float32 root that
+    backend takes. The torch and C++ backends take torch's (on the CPU, MKL's, which is not always correctly
+    rounded); the Triton kernels take the correctly rounded one (``sqrt_rn``): torch's on CUDA, numpy's here."""
+    if backend_name != "triton" or x.is_cuda:
+        return reference.normalize(x, mean, var, epsilon, clamp_value, un_norm, center)
+    with mock.patch.object(torch, "sqrt", _correctly_rounded_sqrt):
+        return reference.normalize(x, mean, var, epsilon, clamp_value, un_norm, center)
