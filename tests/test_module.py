@@ -44,14 +44,18 @@ def test_backends_present():
 
 
 # ------------------------------------------------------------------------------------------------ accuracy
-@pytest.mark.parametrize("stream,dtype", [c for c in STREAM_CASES if c[1] in (torch.float32, torch.bfloat16)])
-def test_stream_accuracy_through_module(backend_name, stream, dtype):
+@pytest.mark.parametrize("stream,dtype", STREAM_CASES)
+@pytest.mark.parametrize("with_prior", [True, False], ids=["prior", "no_prior"])
+def test_stream_accuracy_through_module(backend_name, stream, dtype, with_prior):
+    """The hard streams in every dtype, from upstream's prior pseudo-sample (mean 0, var 1, count 1: merged with data
+    at an offset of 1e6 it dominates the variance) or without it (the statistics are then the data's own)."""
     batches, shape = make_stream(stream, dtype)
     m = make(shape, backend_name)
-    m.count.zero_()  # no prior pseudo-sample: the statistics must equal the data's own
+    if not with_prior:
+        m.count.zero_()
     for b in batches:
         m.record_moments(b)
-    t_mean, t_var, t_count = truth(batches, with_prior=False)
+    t_mean, t_var, t_count = truth(batches, with_prior)
     assert_close_rel(m.mean.reshape(-1), t_mean.reshape(-1), MEAN_RTOL, "mean", floor=1e-12)
     assert_close_rel(m.var.reshape(-1), t_var.reshape(-1), VAR_RTOL, "var", floor=1e-12)
     assert int(m.count) == t_count
