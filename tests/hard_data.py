@@ -49,6 +49,35 @@ def truth(batches, with_prior: bool = True):
     return merged_mean, merged_m2 / total, total
 
 
+def ema_truth(batches, decay: float):
+    """float64 mean and population variance after an EMA record of each batch in turn from upstream's prior (mean 0,
+    var 1): ``mean <- decay * mean + (1 - decay) * batch mean``, the variance likewise with each batch's population
+    variance, computed in numpy by the direct two-pass formula; a batch without rows changes nothing."""
+    mean = var = None
+    for b in batches:
+        data = b.to(torch.float64).numpy().reshape(b.shape[0], -1)
+        if mean is None:
+            mean, var = np.zeros(data.shape[1]), np.ones(data.shape[1])
+        if data.shape[0] == 0:
+            continue
+        batch_mean = data.mean(axis=0)
+        mean = decay * mean + (1.0 - decay) * batch_mean
+        var = decay * var + (1.0 - decay) * ((data - batch_mean) ** 2).mean(axis=0)
+    return mean, var
+
+
+# How a stream is recorded: from upstream's prior pseudo-sample, from nothing (count 0), or as an EMA (from the prior).
+STREAM_MODES = ["prior", "no_prior", "ema"]
+STREAM_EMA_DECAY = 0.9
+
+
+def stream_truth(batches, mode: str):
+    """``(mean, var, count)`` in float64 after recording ``batches`` in ``mode`` (one of ``STREAM_MODES``)."""
+    if mode == "ema":
+        return (*ema_truth(batches, STREAM_EMA_DECAY), 1)  # EMA leaves the prior's count alone
+    return truth(batches, mode == "prior")
+
+
 def assert_close_rel(actual: torch.Tensor, expected: np.ndarray, rtol: float, what: str, floor: float = 1e-300):
     """|actual - expected| <= rtol * max(|expected|, floor), elementwise."""
     a = actual.detach().to(torch.float64).cpu().numpy()

@@ -19,7 +19,8 @@ from protonorm import RewardRunningMeanStd, RunningMeanStd, backends
 from protonorm.diagnostics import HostSyncCounter
 
 from conftest import CPU_BACKENDS, assert_same, expected_normalize
-from hard_data import MEAN_RTOL, STREAM_CASES, VAR_RTOL, assert_close_rel, make_stream, truth
+from hard_data import (MEAN_RTOL, STREAM_CASES, STREAM_EMA_DECAY, STREAM_MODES, VAR_RTOL, assert_close_rel,
+                       make_stream, stream_truth, truth)
 
 
 def make(shape=None, backend="torch", **kwargs):
@@ -45,17 +46,17 @@ def test_backends_present():
 
 # ------------------------------------------------------------------------------------------------ accuracy
 @pytest.mark.parametrize("stream,dtype", STREAM_CASES)
-@pytest.mark.parametrize("with_prior", [True, False], ids=["prior", "no_prior"])
-def test_stream_accuracy_through_module(backend_name, stream, dtype, with_prior):
+@pytest.mark.parametrize("mode", STREAM_MODES)
+def test_stream_accuracy_through_module(backend_name, stream, dtype, mode):
     """The hard streams in every dtype, from upstream's prior pseudo-sample (mean 0, var 1, count 1: merged with data
-    at an offset of 1e6 it dominates the variance) or without it (the statistics are then the data's own)."""
+    at an offset of 1e6 it dominates the variance), without it (the statistics are then the data's own), or as EMA."""
     batches, shape = make_stream(stream, dtype)
-    m = make(shape, backend_name)
-    if not with_prior:
+    m = make(shape, backend_name, ema_decay=STREAM_EMA_DECAY if mode == "ema" else None)
+    if mode == "no_prior":
         m.count.zero_()
     for b in batches:
         m.record_moments(b)
-    t_mean, t_var, t_count = truth(batches, with_prior)
+    t_mean, t_var, t_count = stream_truth(batches, mode)
     assert_close_rel(m.mean.reshape(-1), t_mean.reshape(-1), MEAN_RTOL, "mean", floor=1e-12)
     assert_close_rel(m.var.reshape(-1), t_var.reshape(-1), VAR_RTOL, "var", floor=1e-12)
     assert int(m.count) == t_count

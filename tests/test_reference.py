@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from protonorm import combine_moments, reference
 
-from hard_data import MEAN_RTOL, STREAM_CASES, VAR_RTOL, assert_close_rel, make_stream, truth
+from hard_data import (MEAN_RTOL, STREAM_CASES, STREAM_EMA_DECAY, STREAM_MODES, VAR_RTOL, assert_close_rel,
+                       make_stream, stream_truth, truth)
 
 
 def _running(batches, d, with_prior=True, ema=None):
@@ -21,11 +22,12 @@ def _running(batches, d, with_prior=True, ema=None):
 
 
 @pytest.mark.parametrize("stream,dtype", STREAM_CASES)
-@pytest.mark.parametrize("with_prior", [True, False], ids=["prior", "no_prior"])
-def test_stream_matches_numpy(stream, dtype, with_prior):
+@pytest.mark.parametrize("mode", STREAM_MODES)
+def test_stream_matches_numpy(stream, dtype, mode):
     batches, shape = make_stream(stream, dtype)
-    mean, var, count, dropped = _running(batches, int(np.prod(shape)), with_prior)
-    t_mean, t_var, t_count = truth(batches, with_prior)
+    ema = STREAM_EMA_DECAY if mode == "ema" else None
+    mean, var, count, dropped = _running(batches, int(np.prod(shape)), mode != "no_prior", ema)
+    t_mean, t_var, t_count = stream_truth(batches, mode)
     # The bounds hold for every input dtype because accumulation is float64 and the truth is taken on the
     # same rounded values; bf16/fp16 input is not allowed to lose accuracy.
     assert_close_rel(mean, t_mean.reshape(-1), MEAN_RTOL, "mean", floor=1e-12)
