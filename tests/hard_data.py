@@ -55,7 +55,7 @@ def ema_truth(batches, decay: float):
     variance, computed in numpy by the direct two-pass formula; a batch without rows changes nothing."""
     mean = var = None
     for b in batches:
-        data = b.to(torch.float64).numpy().reshape(b.shape[0], -1)
+        data = b.to(torch.float64).numpy().reshape(b.shape[0], int(np.prod(b.shape[1:])))
         if mean is None:
             mean, var = np.zeros(data.shape[1]), np.ones(data.shape[1])
         if data.shape[0] == 0:

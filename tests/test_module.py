@@ -20,7 +20,7 @@ from protonorm.diagnostics import HostSyncCounter
 
 from conftest import CPU_BACKENDS, assert_same, expected_normalize
 from hard_data import (MEAN_RTOL, STREAM_CASES, STREAM_EMA_DECAY, STREAM_MODES, VAR_RTOL, assert_close_rel,
-                       make_stream, stream_truth, truth)
+                       ema_truth, make_stream, stream_truth, truth)
 
 
 def make(shape=None, backend="torch", **kwargs):
@@ -112,6 +112,95 @@ def test_backends_agree_with_reference(backend_name, ema):
     torch.testing.assert_close(m.mean, ref.mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(m.var, ref.var, rtol=1e-10, atol=1e-12)
     assert torch.equal(m.count, ref.count)
+
+
+# Random inputs against numpy float64 (hypothesis; few, small examples: Triton runs interpreted here).
+_EXAMPLES = {"triton": 25}
+_OFFSETS = [0.0, -40.0, 1e4, 1e6]  # float16 holds no 1e6: it gets 1e4
+_SPREADS = [1e-2, 1.0, 300.0]
+
+
+def _random_rows(g, shape, dtype, offset, spread):
+    """float64 values at ``offset`` with spread ``spread``, rounded once to ``dtype``."""
+    offset = min(offset, 1e4) if dtype == torch.float16 else offset
+    return torch.from_numpy(offset + spread * g.standard_normal(shape)).to(dtype)
+
+
+def test_random_records_match_numpy(backend_name):
+    """Records of random batches (0-40 rows, 1-9 features, every dtype, offsets up to 1e6 with spreads down to 1e-2,
+    masks, NaN and inf rows), Welford from no prior or EMA: the statistics keep the hard-data bounds against numpy
+    float64 on the same rounded values, the counts are exact, and normalize writes the reference's bits."""
+
+    @settings(max_examples=_EXAMPLES.get(backend_name, 100), deadline=None)
+    @given(sizes=st.lists(st.integers(0, 40), min_size=1, max_size=3), d=st.integers(1, 9),
+           dtype=st.sampled_from(_DTYPES), offset=st.sampled_from(_OFFSETS), spread=st.sampled_from(_SPREADS),
+           masked=st.booleans(), ema=st.sampled_from([None, 0.9]), seed=st.integers(0, 2**16))
+    def check(sizes, d, dtype, offset, spread, masked, ema, seed):
+        g = np.random.default_rng(seed)
+        m = make((d,), backend_name, clamp_value=3.0, ema_decay=ema)
+        m.count.zero_()
+        kept, dropped = [], 0
+        for rows in sizes:
+            x = _random_rows(g, (rows, d), dtype, offset, spread)
+            bad = torch.from_numpy(g.random(rows) < 0.15)
+            x[bad, int(g.integers(d))] = torch.where(torch.from_numpy(g.random(rows) < 0.5), np.inf, np.nan)[bad].to(dtype)
+            mask = torch.from_numpy(g.random(rows) < 0.7) if masked else torch.ones(rows, dtype=torch.bool)
+            m.record_moments(x, mask if masked else None)
+            kept.append(x[mask & ~bad])
+            dropped += int((mask & bad).sum())
+        assert int(m.nonfinite_rows) == dropped
+        if ema is not None:
+            t_mean, t_var, t_count = *ema_truth(kept, ema), 0
+        elif sum(k.shape[0] for k in kept):
+            t_mean, t_var, t_count = truth(kept, with_prior=False)
+        else:  # no row at all: the statistics are as made
+            t_mean, t_var, t_count = np.zeros(d), np.ones(d), 0
+        assert int(m.count) == t_count
+        assert_close_rel(m.mean, t_mean, MEAN_RTOL, "mean", floor=1e-12)
+        assert_close_rel(m.var, t_var, VAR_RTOL, "var", floor=1e-12)
+        m.eval()
+        assert_same(m.normalize(x), expected_normalize(backend_name, x, m.mean, m.var, m.epsilon, 3.0))
+
+    check()
+
+
+def test_random_reward_steps_match_numpy(backend_name):
+    """Random reward streams (1-30 environments, one or three features, every reward dtype, gamma from 0 to 1, resets,
+    the odd NaN reward): the discounted returns are numpy's recursion in the returns' dtype, bit for bit, and the
+    statistics of the finite returns keep the hard-data bounds against numpy float64."""
+
+    @settings(max_examples=_EXAMPLES.get(backend_name, 100), deadline=None)
+    @given(envs=st.integers(1, 30), d=st.sampled_from([1, 3]), dtype=st.sampled_from(_DTYPES),
+           steps=st.integers(1, 5), gamma=st.sampled_from([0.0, 0.5, 0.99, 1.0]), offset=st.sampled_from([0.0, 1e3]),
+           seed=st.integers(0, 2**16))
+    def check(envs, d, dtype, steps, gamma, offset, seed):
+        g = np.random.default_rng(seed)
+        r = RewardRunningMeanStd(None, (d,), gamma, device="cpu", backend=backend_name)
+        r.count.zero_()
+        rdt = np.float64 if dtype == torch.float64 else np.float32  # the returns' dtype: the reward's, promoted
+        returns, seen = None, []
+        for _ in range(steps):
+            reward = _random_rows(g, (envs, d) if d > 1 else (envs,), dtype, offset, 1.0)
+            reward.view(envs, -1)[torch.from_numpy(g.random(envs) < 0.05), 0] = float("nan")
+            terminated = torch.from_numpy(g.random(envs) < 0.3)
+            r.record_reward(reward, terminated)
+            step = reward.double().numpy().astype(rdt)  # exact
+            if returns is None:
+                returns = step
+            else:
+                reset = terminated.numpy().reshape(-1, *[1] * (step.ndim - 1))
+                returns = np.where(reset, rdt(0), returns * rdt(gamma)) + step
+            assert np.array_equal(r.discounted_reward.numpy(), returns, equal_nan=True)
+            seen.append(torch.from_numpy(returns.reshape(envs, -1).copy()))
+        kept = [s[torch.isfinite(s).all(dim=1)] for s in seen]
+        assert int(r.nonfinite_rows) == sum(s.shape[0] - k.shape[0] for s, k in zip(seen, kept))
+        n = sum(k.shape[0] for k in kept)
+        t_mean, t_var, _ = truth(kept, with_prior=False) if n else (np.zeros(d), np.ones(d), 0)
+        assert int(r.count) == n
+        assert_close_rel(r.mean, t_mean, MEAN_RTOL, "mean", floor=1e-12)
+        assert_close_rel(r.var, t_var, VAR_RTOL, "var", floor=1e-12)
+
+    check()
 
 
 # ------------------------------------------------------------------------------------------------ upstream API
