@@ -209,25 +209,38 @@ def test_moving_the_module_releases_the_cache():
     assert norm.mean.dtype == torch.float64
 
 
-def test_threads_sharing_a_module_never_share_an_output():
+def test_threads_sharing_a_module_never_share_an_output(monkeypatch):
+    """Two threads asking for an output while one storage is idle: the one that finds it idle first claims it, and
+    the other must not find it idle too. Each thread's idleness check waits (up to a second) for the other's, so
+    that both checks overlap unless the cache lets one thread at a time through."""
     norm = make()
-    inputs = [batch(i) for i in range(4)]
-    wanted = [expected(norm, x) for x in inputs]
-    errors = []
+    norm.normalize(batch(0))  # dropped at once: an idle storage of the size asked for below
+    inputs = [batch(1), batch(2)]
+    meet = threading.Barrier(2, timeout=1.0)
+    idle = output_cache._Slot.idle
 
-    def work(offset):
-        for step in range(60):
-            i = (step + offset) % 4
-            out = norm.normalize(inputs[i])
-            if not torch.equal(out, wanted[i]):
-                errors.append((offset, step))
+    def idle_after_meeting(slot):
+        found = idle(slot)
+        try:
+            meet.wait()
+        except threading.BrokenBarrierError:  # the other thread is held back from its check: as it should be
+            pass
+        return found
 
-    threads = [threading.Thread(target=work, args=(k,)) for k in range(3)]
+    monkeypatch.setattr(output_cache._Slot, "idle", idle_after_meeting)
+    outputs = [None, None]
+
+    def work(i):
+        outputs[i] = norm.normalize(inputs[i])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
-    assert errors == []
+        t.join(60)
+    assert outputs[0].data_ptr() != outputs[1].data_ptr()
+    for out, x in zip(outputs, inputs):
+        torch.testing.assert_close(out, expected(norm, x), rtol=0, atol=0)
 
 
 def test_an_output_moved_to_shared_memory_is_never_handed_out_again():
