@@ -808,7 +808,8 @@ def _state_dict_problems(state_dict, prefix: str, shape) -> list:
             continue
         if not isinstance(entry, Tensor):
             problems.append(f"{prefix}{key}: expected a tensor, got {type(entry).__name__}")
-        elif tuple(entry.shape) != tuple(want):
+        elif tuple(entry.shape) != tuple(want) and not (want == () and tuple(entry.shape) == (1,)):
+            # (torch's loader takes a one-element 1-d entry for a 0-d buffer, as in checkpoints of torch 0.3)
             problems.append(
                 f"size mismatch for {prefix}{key}: expected shape {tuple(want)}, got {tuple(entry.shape)} in the checkpoint"
             )

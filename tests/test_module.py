@@ -262,6 +262,21 @@ def test_load_with_assign_keeps_statistics_dtypes(backend_name, lazy):
     assert int(m.count) == int(source.count) + 5
 
 
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_count_saved_as_one_element_vector_loads_as_torch_s_loader_takes_it(lazy, assign):
+    """torch's loader (so upstream's module) takes a [1] entry for a 0-d buffer; a [2] one is still refused."""
+    source = make((3,))
+    source.record_moments(torch.randn(20, 3))
+    checkpoint = dict(source.state_dict(), count=source.count.reshape(1))
+    m = make(None if lazy else (3,))
+    m.load_state_dict(checkpoint, assign=assign)
+    assert m.count.shape == () and int(m.count) == 21 and torch.equal(m.mean, source.mean)
+    with pytest.raises(RuntimeError, match=r"count: expected shape \(\), got \(2,\)"):
+        m.load_state_dict(dict(checkpoint, count=torch.tensor([5, 6])))
+    assert int(m.count) == 21
+
+
 def test_parent_dtype_casts_keep_float64_statistics():
     model = nn.Sequential(nn.Linear(2, 2))
     model.norm = make((2,))
