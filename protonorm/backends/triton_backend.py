@@ -2,12 +2,12 @@
 
 Each kernel is a ``torch.library.custom_op`` in the ``protonorm`` namespace with a fake implementation and
 its mutated arguments declared, so ``torch.compile(fullgraph=True)`` traces through the backend and CUDA
-graphs capture it. In eager mode, with no dispatch mode active and plain tensors, the backend calls the ops'
-bodies directly (the same launches; the dispatcher's way to a custom op costs far more than a launch), and the
-module's hot calls come straight to those bodies through the ``try_`` methods when their arguments need nothing
-converted. Launches per call: ``moments`` 1, ``merge`` 1, ``combine`` 1, ``normalize`` 1, ``normalize_moments`` 1,
-``reward_moments`` 1; a record is therefore two launches, with no host sync and, once the workspace holds its parts
-buffer, no allocation.
+graphs capture it (once an eager record has made the merge's counter: see ``_ticket_for``). In eager mode,
+with no dispatch mode active and plain tensors, the backend calls the ops' bodies directly (the same launches;
+the dispatcher's way to a custom op costs far more than a launch), and the module's hot calls come straight to
+those bodies through the ``try_`` methods when their arguments need nothing converted. Launches per call:
+``moments`` 1, ``merge`` 1, ``combine`` 1, ``normalize`` 1, ``normalize_moments`` 1, ``reward_moments`` 1; a record
+is therefore two launches, with no host sync and, once the workspace holds its parts buffer, no allocation.
 
 CUDA tensors always work; CPU tensors work only under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before Triton is imported), which is how the kernels are tested without a GPU.
