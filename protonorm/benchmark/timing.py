@@ -2,12 +2,12 @@
 
 Contenders are timed round-robin: every repetition times each of them once, in an order rotated from one
 repetition to the next, so slow drift of the machine (clocks, other load) hits all of them alike and the
-per-repetition ratios stay meaningful. Each timed block runs ``inner`` calls back to back (enough to last a
-fraction of a millisecond) and is divided by ``inner``. On CUDA the blocks are timed with events, each
-starting on an idle device (a block queued behind another's work would hide its own launch costs); elsewhere
-with ``time.perf_counter``, and after a contender that frees tens of MB (the upstream-style baseline) the next
-block waits until the machine is quiet: the kernel returns that memory on the same cores for tens of ms after
-the call, which would be timed as part of whatever runs next.
+per-repetition ratios stay meaningful. Each timed block runs ``inner`` calls back to back (enough to last 0.2 ms
+on CUDA and 1 ms elsewhere, at most MAX_INNER calls) and is divided by ``inner``. On CUDA the blocks are timed
+with events, each starting on an idle device (a block queued behind another's work would hide its own launch
+costs); elsewhere with ``time.perf_counter``, and after a contender that frees tens of MB (the upstream-style
+baseline) the next block waits until the machine is quiet: the kernel returns that memory on the same cores for
+tens of ms after the call, which would be timed as part of whatever runs next.
 """
 from __future__ import annotations
 
