@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--backends",
         help="comma-separated protonorm backends to time, from: auto, torch, cpp, triton (default: auto and every "
-        "other backend available on the device; the baseline is always timed)",
+        "other backend available on the device, triton on the CPU only when named; the baseline is always timed)",
     )
     bench.add_argument(
         "--iters",
