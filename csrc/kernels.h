@@ -1,9 +1,10 @@
 // The CPU kernels: batch moments, normalize, normalize-and-moments, reward update-and-moments.
 //
 // This file is included several times, once per instruction set, each inside its own namespace and under a
-// `#pragma GCC target(...)` (see kernels_*.cpp); it includes nothing itself, so that no library header is compiled
-// under a foreign target. The loops are written for the auto-vectorizer: columns are contiguous, so the inner loops
-// run over columns with restrict-qualified pointers and plain selects.
+// `#pragma GCC target(...)`, or for clang a `#pragma clang attribute` giving a target attribute (see
+// kernels_*.cpp); it includes nothing itself, so that no library header is compiled under a foreign target. The
+// loops are written for the auto-vectorizer: columns are contiguous, so the inner loops run over columns with
+// restrict-qualified pointers and plain selects.
 //
 // Moments. Rows are cut into parts of `rows_per_part` rows (a function of the batch size only, so results do not
 // depend on the thread count). Within a part every column is accumulated as float64 sums of deviations from a

@@ -2,6 +2,7 @@
 //
 //   #include "kernels_isa.h"          library headers first, so only protonorm's code gets the target below
 //   #pragma GCC target("...")         (GCC does not macro-expand this pragma's argument, so it is spelled out)
+//                                     (clang: #pragma clang attribute push(__attribute__((target("..."))), ...))
 //   namespace protonorm { namespace <isa> {
 //   #include "kernels.h"
 //   } }
