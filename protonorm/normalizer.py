@@ -3,7 +3,8 @@
 They keep upstream's constructor arguments, buffers (``mean``/``var`` float64, ``count`` int64), state_dict keys,
 lazy shape and methods, and add keyword-only extras after upstream's arguments. All arithmetic happens in a backend
 (see :mod:`protonorm.backends`), chosen per call from the tensor's device; this file validates input, owns the
-buffers and routes calls. Nothing here reads a tensor value on the host, except ``nonfinite="raise"``.
+buffers and routes calls. Nothing here reads a tensor value on the host, except ``nonfinite="raise"`` and a
+hyperparameter given as a one-element tensor (read once, when it is set).
 """
 from __future__ import annotations
 
