@@ -103,7 +103,9 @@ class Backend:
     # The module's per-call hot paths (normalize, the record that follows a training normalize, the per-step reward
     # record) first offer their call to these. A backend that can take such a call more cheaply than through the
     # methods above (``direct = True``) does so and reports it; otherwise it returns None / False having touched
-    # nothing and raised nothing, and the module goes the general way, which also raises the errors. The module
+    # nothing, and the module goes the general way, which raises the errors. (A try_ method may raise too, before
+    # touching anything, but only an error the general way raises for the same call: Triton's width limit and its
+    # refusal to start a merge counter inside CUDA graph capture.) The module
     # only offers calls whose inputs it has itself accepted: ``x`` ``[B, D]``, the statistics of its layout.
 
     direct: bool = False  # whether the try_ methods can take calls at all

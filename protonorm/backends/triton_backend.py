@@ -53,8 +53,8 @@ def _ticket_for(count: Tensor) -> Tensor:
             # Made during capture, the counter would be zeroed only when the graph replays: an eager record
             # before that would read uninitialized memory and could leave `count` unmerged for good.
             raise RuntimeError(
-                "protonorm: the first record of this size was made while capturing a CUDA graph; record one "
-                "batch of the same size eagerly before capturing (the usual warm-up)"
+                "protonorm: the first record into these statistics was made while capturing a CUDA graph; "
+                "record one batch eagerly before capturing (the usual warm-up)"
             )
         ticket = torch.zeros(1, dtype=torch.int32, device=count.device)
         _tickets[key] = ticket
