@@ -413,13 +413,13 @@ class RunningMeanStd(nn.Module):
         flat_mean, flat_var, count, dropped = self._flat_stats()
         merge = backends.resolve("torch", mean.device).merge
         merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
-        if self.sync == "deferred" and self._sync_state is not None:
-            # Applied alike on every rank, so it goes into the base every rank shares too; the rows this rank
-            # recorded since the last sync stay owed to the others.
-            from . import distributed
+        from . import distributed
 
+        if isinstance(self._sync_state, distributed._DeferredState):
+            # Applied alike on every rank, so it goes into the base every rank shares too; the rows this rank
+            # recorded since the last sync stay owed to the others (in either mode: see fold_parts).
             distributed.merge_into_base(self, parts, merge)
-        else:
+        else:  # no base yet (the next deferred record takes the statistics, update included), or a per-call shift
             self._sync_state = None
 
     def maybe_clamp(self, x: Tensor) -> Tensor:

@@ -747,3 +747,20 @@ def test_deferred_state_is_not_persistent():
     m.record_moments(torch.ones(4, 3))  # deferred records make no collective, so a fake world of two is enough
     assert m._sync_state is not None
     assert set(m.state_dict()) == {"mean", "var", "count"}
+
+
+def test_update_from_moments_after_switching_to_deferred_counts_once(monkeypatch):
+    """A normalizer recorded per call on the all_reduce path (which keeps a shared shift) then switched to deferred:
+    an update_from_moments before its first deferred record must enter the synced base once, not twice."""
+    monkeypatch.setenv(distributed.REDUCE_ENV_VAR, "all_reduce")
+
+    def run(fabric, rank):
+        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", backend="torch")
+        m.record_moments(_obs_batch(rank, 0))
+        m.sync = "deferred"
+        m.update_from_moments(torch.full((D_OBS,), 90.0), torch.full((D_OBS,), 4.0), 100)
+        protonorm.sync(m, fabric)
+        return m.count.item()
+
+    rows = sum(_obs_batch(r, 0).shape[0] for r in range(2))
+    assert _run_threads(_ThreadWorld(2), run) == [1 + rows + 100] * 2
