@@ -172,20 +172,33 @@ def fold_parts(module, parts: Tensor, backend, check: Optional[Callable[[Tensor]
     fabric = module.fabric
     world = world_size(fabric)
     local = backend.combine(parts)
+    owed = None
+    if isinstance(module._sync_state, _DeferredState):
+        # Switched from deferred mode since the last sync: this rank's statistics hold rows the other ranks have
+        # not seen. They travel with this batch, and the merge starts from the synced base every rank shares.
+        owed = _deferred_state(module)
+        local = backend.combine(torch.cat([owed.pending, local]))
     method = reduce_method(world)
     if method == "all_reduce" and isinstance(module._sync_state, _PerCallState):
         merged = _all_reduce_shifted(module, fabric, local, world)
+        new_state = module._sync_state
     else:
         merged = _all_gather(fabric, local, world).reshape(world, local.shape[-1])
+        new_state = None
         if method == "all_reduce":
             # No shift is shared yet (first call, or the statistics were reset): this call gathers, which is
             # exact, and leaves its merged batch mean as the shift of the all_reduces that follow. Which branch
             # runs depends only on the sequence of calls, the same on every rank.
             n, _, batch_mean, _ = reference.split_parts(backend.combine(merged))
-            module._sync_state = _PerCallState(torch.where(n > 0, batch_mean[0], module._flat_stats()[0]))
+            shared_mean = module._flat_stats()[0] if owed is None else owed.mean
+            new_state = _PerCallState(torch.where(n > 0, batch_mean[0], shared_mean))
     if check is not None:
         check(merged)
     mean, var, count, dropped = module._flat_stats()
+    if owed is not None:
+        for stat, synced in zip((mean, var, count, dropped), (owed.mean, owed.var, owed.count, owed.dropped)):
+            stat.copy_(synced)
+    module._sync_state = new_state
     backend.merge(merged, mean, var, count, dropped, module.ema_decay)
 
 

@@ -764,3 +764,35 @@ def test_update_from_moments_after_switching_to_deferred_counts_once(monkeypatch
 
     rows = sum(_obs_batch(r, 0).shape[0] for r in range(2))
     assert _run_threads(_ThreadWorld(2), run) == [1 + rows + 100] * 2
+
+
+@pytest.mark.parametrize("method", REDUCE_METHODS)
+def test_switching_sync_modes_keeps_every_row(monkeypatch, method):
+    """deferred -> per_call with rows not yet synced, then back to deferred after a sync: every rank's rows enter
+    once, on every rank alike (the pending rows travel with the first per-call record; the per-call records are
+    not lost to a stale synced base)."""
+    monkeypatch.setenv(distributed.REDUCE_ENV_VAR, method)
+
+    def run(fabric, rank):
+        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", backend="torch", sync="deferred")
+        m.record_moments(_obs_batch(rank, 0))
+        m.sync = "per_call"
+        m.record_moments(_obs_batch(rank, 1))
+        m.record_moments(_obs_batch(rank, 2))
+        m.sync = "deferred"
+        protonorm.sync(m, fabric)
+        m.record_moments(_obs_batch(rank, 3))
+        protonorm.sync(m, fabric)
+        m.sync = "per_call"
+        m.record_moments(_obs_batch(rank, 4))
+        m.sync = "deferred"
+        m.record_moments(_obs_batch(rank, 5))
+        protonorm.sync(m, fabric)
+        return _stats(m)
+
+    results = _run_threads(_ThreadWorld(2), run)
+    assert_same_on_every_rank(results)
+    single = RunningMeanStd(None, shape=(D_OBS,), device="cpu", backend="torch")
+    for step in range(6):
+        single.record_moments(torch.cat([_obs_batch(r, step) for r in range(2)]))
+    assert_matches_truth(results[0], _stats(single))
