@@ -278,10 +278,12 @@ def _deferred_normalizers(module_tree) -> List[Tuple[str, object]]:
     ]
 
 
-def _layout_signature(entries) -> float:
-    """A number naming the tree's deferred normalizers (name, feature count, mode), exact in float64."""
+def _layout_signature(entries, untracked=frozenset()) -> float:
+    """A number naming the tree's deferred normalizers (name, feature count, mode, whether the fabric is
+    missing), exact in float64."""
     text = ";".join(
         f"{name}:{module.num_features if module._initialized else -1}:{'ema' if module.ema_decay is not None else 'w'}"
+        + (":local" if name in untracked else "")
         for name, module in entries
     )
     return float(zlib.crc32(text.encode()))
@@ -312,26 +314,29 @@ def sync(module_tree, fabric=None) -> None:
     world = world_size(fabric)
     if world <= 1:
         return
-    for name, module in entries:
-        if module.fabric is None or world_size(module.fabric) <= 1:
-            raise ValueError(
-                f"sync: normalizer {name or '<root>'!r} has sync='deferred' but fabric={module.fabric!r}, so its "
-                "records were merged locally and not tracked; give it the distributed fabric before recording"
-            )
+    untracked = [name for name, m in entries if m.fabric is None or world_size(m.fabric) <= 1]
     live = [(name, m) for name, m in entries if m._initialized]
     device = live[0][1].mean.device if live else torch.device("cpu")
+    # First every rank's layout signature (fixed size), so that ranks whose trees differ, in size or in which
+    # normalizers lack the fabric too, all raise before anything of a size that differs between them is sent.
+    size = sum(reference.parts_width(m.num_features) for _, m in live)
+    signature = torch.tensor([_layout_signature(entries, set(untracked)), float(size)],
+                             dtype=torch.float64, device=device)
+    _check_layouts(_all_gather(fabric, signature, world), signature, world)
+    if untracked:
+        name = untracked[0]
+        fabric_held = dict(entries)[name].fabric
+        raise ValueError(
+            f"sync: normalizer {name or '<root>'!r} has sync='deferred' but fabric={fabric_held!r}, so its "
+            "records were merged locally and not tracked; give it the distributed fabric before recording"
+        )
+    if not live:
+        return
     rows, states = [], []
     for _, module in live:
         state = _deferred_state(module)
         states.append(state)
         rows.append(_outgoing_row(module, state).reshape(-1).to(device))
-    # First every rank's layout signature (fixed size), so that ranks whose trees differ, in size too, all raise
-    # before anything of a size that differs between them is sent.
-    signature = torch.tensor([_layout_signature(entries), float(sum(r.numel() for r in rows))],
-                             dtype=torch.float64, device=device)
-    _check_layouts(_all_gather(fabric, signature, world), signature, world)
-    if not rows:
-        return
     gathered = _all_gather(fabric, torch.cat(rows), world)
     offset = 0
     for (_, module), state in zip(live, states):
@@ -380,5 +385,5 @@ def _check_layouts(signatures: Tensor, signature: Tensor, world: int) -> None:
     bad = [r for r in range(world) if not torch.equal(signatures[r], expected[r])]
     raise ValueError(
         f"sync: the ranks hold different trees of deferred normalizers (ranks {bad} differ from this one in "
-        "names, feature shapes, EMA mode or initialization); every rank must sync the same model"
+        "names, feature shapes, EMA mode, initialization or fabric); every rank must sync the same model"
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import socket
 import threading
 
@@ -724,17 +725,32 @@ def test_world_of_one_is_local(sync_mode):
         assert torch.equal(a, b)
 
 
-def test_sync_rejects_untracked_deferred_normalizer():
-    tree = nn.ModuleDict(
-        {
-            "tracked": RunningMeanStd(_FakeWorld(2), shape=(3,), device="cpu", sync="deferred"),
-            "local": RunningMeanStd(None, shape=(3,), device="cpu", sync="deferred"),
-        }
-    )
-    before = _stats(tree["tracked"])
-    with pytest.raises(ValueError, match="'local'.*fabric=None"):
-        protonorm.distributed.sync(tree)
-    assert all(torch.equal(a, b) for a, b in zip(before, _stats(tree["tracked"])))
+@pytest.mark.parametrize("local_on", [(0, 1), (1,)], ids=["every_rank", "one_rank"])
+def test_sync_rejects_untracked_deferred_normalizer(local_on):
+    """A deferred normalizer without the fabric (on every rank, or on one only) makes every rank raise after the
+    layout check, none left waiting in a collective; the statistics stay as they were and a later sync works."""
+
+    def run(fabric, rank):
+        tree = nn.ModuleDict({
+            "tracked": RunningMeanStd(fabric, shape=(3,), device="cpu", sync="deferred"),
+            "local": RunningMeanStd(None if rank in local_on else fabric, shape=(3,), device="cpu", sync="deferred"),
+        })
+        tree["tracked"].record_moments(torch.ones(2, 3) * (rank + 1))
+        before = _stats(tree["tracked"])
+        with pytest.raises(ValueError) as raised:
+            protonorm.distributed.sync(tree, fabric)
+        unchanged = all(torch.equal(a, b) for a, b in zip(before, _stats(tree["tracked"])))
+        protonorm.distributed.sync(tree["tracked"], fabric)
+        return str(raised.value), unchanged, _stats(tree["tracked"])
+
+    results = _run_threads(_ThreadWorld(2), run)
+    assert all(unchanged for _, unchanged, _ in results)
+    assert_same_on_every_rank([stats for _, _, stats in results])
+    assert results[0][2][2].item() == 5
+    if len(local_on) == 2:
+        assert all(re.search("'local'.*fabric=None", message) for message, _, _ in results)
+    else:
+        assert all("different trees" in message for message, _, _ in results)
 
 
 def test_sync_rejects_non_module():
