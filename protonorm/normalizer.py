@@ -851,7 +851,9 @@ _FLOAT32_MAX = torch.finfo(torch.float32).max
 def _check_clamp_fits(clamp_value, dtype: torch.dtype) -> None:
     """Upstream clamps with ``torch.clamp``, which refuses a finite bound beyond the clamped tensor's range (the
     output's dtype; the input's for ``un_norm``): the kernels would clamp at inf instead."""
-    if clamp_value is not None and math.isfinite(clamp_value) and clamp_value > torch.finfo(dtype).max:
+    # (clamp_value > 0, so finite means != inf; Dynamo traces that comparison when it makes clamp_value a symbolic
+    # float, but not math.isfinite)
+    if clamp_value is not None and clamp_value != math.inf and clamp_value > torch.finfo(dtype).max:
         raise RuntimeError(
             f"clamp_value: {clamp_value!r} cannot be converted to {str(dtype).replace('torch.', '')} without "
             f"overflow (the dtype it clamps, as torch.clamp requires)"

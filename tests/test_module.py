@@ -914,6 +914,20 @@ def test_compile_fullgraph_normalize_and_record(backend_name):
     assert torch.equal(m.count, ref.count)
 
 
+def test_compiled_normalize_sees_hyperparameters_assigned_later(backend_name):
+    """Dynamo turns a float attribute into a symbolic input (from the start with dynamic=True, after one change
+    otherwise): the checks on clamp_value must trace with it, and the compiled call must use each new value."""
+    m, ref = (make((5,), backend_name, clamp_value=5.0).eval() for _ in range(2))
+    for n in (m, ref):
+        n.record_moments(torch.arange(40.0).reshape(8, 5))
+    compiled = torch.compile(m.normalize, fullgraph=True, dynamic=True, backend="eager")
+    x = torch.randn(6, 5) * 20
+    for name, value in (("clamp_value", 5.0), ("clamp_value", 0.5), ("epsilon", 3.0)):
+        setattr(m, name, value)
+        setattr(ref, name, value)
+        assert_same(compiled(x), ref.normalize(x))
+
+
 FIRST_CALLS_COMPILED = textwrap.dedent(
     """
     import sys, torch, protonorm
