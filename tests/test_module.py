@@ -891,6 +891,11 @@ def test_onnx_export_of_normalize(tmp_path):
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert any(node.op_type in ("Sqrt", "Div") for node in model.graph.node)
+    from onnx.reference import ReferenceEvaluator
+
+    obs = torch.randn(6, 4) * 20  # beyond the clamp
+    (got,) = ReferenceEvaluator(model).run(None, {"obs": obs.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), actor(obs), rtol=1e-6, atol=1e-6)
 
 
 # The Triton ops are compiled in tests/test_triton.py (aot_eager): inductor over interpreted kernels is too slow here.
