@@ -116,6 +116,41 @@ inline int64_t prefetch_distance(int64_t row_bytes, int64_t bytes_ahead) {
 constexpr int64_t kMomentsPrefetchBytes = 8192;
 constexpr int64_t kNormalizePrefetchBytes = 4096;
 
+// The caller's floating-point control state (on x86-64 the MXCSR: flush-to-zero, denormals-are-zero, rounding), put
+// in force on a thread of a parallel region for as long as the region runs there. OpenMP workers keep their own
+// state, so without it a caller's torch.set_flush_denormal(True) would hold for the rows its own thread takes and not
+// for the others: results would depend on the thread count and on which thread claimed which rows.
+struct CallerFloatState {
+#if defined(__x86_64__) && defined(__GNUC__)
+  unsigned int csr = _mm_getcsr();
+#endif
+};
+
+class AdoptFloatState {
+ public:
+  explicit AdoptFloatState(const CallerFloatState& caller) {
+#if defined(__x86_64__) && defined(__GNUC__)
+    own_ = _mm_getcsr();
+    wanted_ = caller.csr;
+    if (own_ != wanted_) _mm_setcsr(wanted_);
+#else
+    (void)caller;
+#endif
+  }
+  ~AdoptFloatState() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (own_ != wanted_) _mm_setcsr(own_);
+#endif
+  }
+  AdoptFloatState(const AdoptFloatState&) = delete;
+  AdoptFloatState& operator=(const AdoptFloatState&) = delete;
+
+ private:
+#if defined(__x86_64__) && defined(__GNUC__)
+  unsigned int own_ = 0, wanted_ = 0;
+#endif
+};
+
 // Calls body(next) once on each of `threads` threads, where next(begin, end) hands out the next unclaimed range
 // [begin, end) of [0, n), `grain` items long, and returns false once none is left. A thread that is slowed down
 // (the machine is busy, or its core is shared) takes fewer ranges instead of holding up the others; what each item
@@ -126,8 +161,10 @@ inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& 
 #ifdef _OPENMP
   if (threads > 1 && n > grain) {
     int64_t cursor = 0;
+    const CallerFloatState caller;
 #pragma omp parallel num_threads(threads)
     {
+      const AdoptFloatState adopt(caller);
       const auto next = [&](int64_t& begin, int64_t& end) {
         int64_t claimed;
 #pragma omp atomic capture
@@ -162,8 +199,10 @@ template <class Body>
 inline void parallel_ranges(int64_t n, int threads, const Body& body) {
 #ifdef _OPENMP
   if (threads > 1 && n > 1) {
+    const CallerFloatState caller;
 #pragma omp parallel num_threads(threads)
     {
+      const AdoptFloatState adopt(caller);
       const int64_t t = omp_get_thread_num();
       const int64_t nt = omp_get_num_threads();
       const int64_t begin = n * t / nt;

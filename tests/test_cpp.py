@@ -382,6 +382,35 @@ def test_results_do_not_depend_on_thread_count(threads):
         assert_same(a, b)
 
 
+def test_caller_flush_to_zero_holds_on_every_thread():
+    """torch.set_flush_denormal(True) sets the calling thread's floating-point state; the kernels' worker threads
+    must compute under it as well, or rows of subnormals count as zero on some threads and not on others (results
+    then depend on the thread count and on which thread took which rows), and the caller's state is left as it was."""
+    x = data(1 << 14, 256, torch.float32, scale=1e-39, offset=0.0)  # float32 subnormals throughout
+    mean, var = torch.zeros(256, dtype=torch.float64), torch.ones(256, dtype=torch.float64)
+    before = torch.get_num_threads()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no flush-to-zero control")
+    try:
+        torch.set_num_threads(1)
+        want_out = torch.empty_like(x)
+        TORCH.normalize(x, mean, var, 0.0, None, False, True, want_out)
+        assert not want_out.any()  # the caller's state: subnormal input read as zero
+        one = [CPP.moments(x, None, {}).clone()]
+        torch.set_num_threads(4)
+        for _ in range(3):  # which thread claims which rows varies from call to call
+            out, fused = torch.empty_like(x), torch.empty_like(x)
+            CPP.normalize(x, mean, var, 0.0, None, False, True, out)
+            CPP.normalize_moments(x, mean, var, 0.0, None, fused, {})
+            assert_same(out, want_out)
+            assert_same(fused, want_out)
+            assert_same(CPP.moments(x, None, {}), one[0])
+        assert not (x[:1, :8] * 1.0).any()  # the caller's thread still flushes
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(before)
+
+
 def test_scratch_reused_across_shapes_leaves_nothing_behind():
     """The kernels keep grow-only per-thread scratch (row sums, column values, merge tree, reward parts): a call after
     a larger one reuses buffers that still hold the larger call's data, and must give exactly its own fresh-process
