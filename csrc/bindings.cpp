@@ -122,8 +122,18 @@ Matrix matrix(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, in
   return Matrix{ptr<void>(data), rows, cols, row_stride, dtype};
 }
 
+// Refuses a tensor with elements but no memory: torch's ZeroTensor (torch._efficientzerotensor, and what some
+// autograd formulas return) has a null data pointer, which the kernels would read or write.
+void require_data(uintptr_t data, int64_t elements, const char* name) {
+  if (data == 0 && elements > 0)
+    throw std::invalid_argument(std::string(name) +
+                                ": expected a tensor with memory, got a null data pointer (a ZeroTensor? clone() it)");
+}
+
 void moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t mask,
              int64_t mask_stride, uintptr_t parts, int64_t num_parts, int64_t rows_per_part, int threads) {
+  require_data(x, rows * cols, "x");
+  require_data(parts, num_parts, "parts");
   MomentsArgs a{matrix(x, rows, cols, x_stride, x_dtype), ptr<const uint8_t>(mask), mask_stride,
                 PartsOut{ptr<double>(parts), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
   kernels().moments(a);
@@ -150,6 +160,8 @@ using TorchSqrt = void (*)(int n, const float* in, float* out, long long mode); 
 int float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride, int64_t cols,
                   double epsilon, uintptr_t mean32, uintptr_t std32, uintptr_t radicand, bool primed,
                   uintptr_t torch_sqrt, int64_t torch_sqrt_mode) {
+  require_data(mean, cols, "mean");
+  require_data(var, cols, "var");
   const double* m = ptr<const double>(mean);
   const double* v = ptr<const double>(var);
   float* m32 = ptr<float>(mean32);
@@ -227,6 +239,8 @@ bool stream_output(int64_t rows, int64_t cols, int x_dtype, int out_dtype) {
 void normalize(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t out,
                int64_t out_stride, uintptr_t mean32, uintptr_t std32, bool has_clamp, double clamp_value,
                bool un_norm, bool center, int threads) {
+  require_data(x, rows * cols, "x");
+  require_data(out, rows * cols, "out");
   double bound = clamp_value;
   if (un_norm && x_dtype == kFloat16) bound = round_to_half(static_cast<float>(clamp_value));
   if (un_norm && x_dtype == kBFloat16) bound = round_to_bfloat16(static_cast<float>(clamp_value));
@@ -254,6 +268,9 @@ int64_t normalize_block_bytes() {
 void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t out,
                        int64_t out_stride, uintptr_t mean32, uintptr_t std32, bool has_clamp, double clamp_value,
                        uintptr_t parts, int64_t num_parts, int64_t rows_per_part, int threads) {
+  require_data(x, rows * cols, "x");
+  require_data(out, rows * cols, "out");
+  require_data(parts, num_parts, "parts");
   const int out_dtype = x_dtype == kFloat64 ? kFloat64 : kFloat32;
   NormalizeMomentsArgs a{matrix(x, rows, cols, x_stride, x_dtype), matrix(out, rows, cols, out_stride, out_dtype),
                          NormalizeParams{ptr<const float>(mean32), ptr<const float>(std32), true, false, has_clamp,
@@ -263,6 +280,13 @@ void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride
   kernels().normalize_moments(a);
 }
 
+void require_stats(uintptr_t mean, uintptr_t var, int64_t cols, uintptr_t count, uintptr_t dropped) {
+  require_data(mean, cols, "mean");
+  require_data(var, cols, "var");
+  require_data(count, 1, "count");
+  require_data(dropped, 1, "dropped");
+}
+
 // The merge tree's scratch (MergeArgs::scratch), in this thread's buffer.
 double* merge_scratch(int64_t num_parts, int64_t cols) {
   return scratch_doubles(Scratch::kMergeTree, num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
@@ -270,6 +294,7 @@ double* merge_scratch(int64_t num_parts, int64_t cols) {
 
 // terminated (any dtype, strided) -> one byte per row, 1 = restart, in this thread's scratch.
 const uint8_t* reset_flags(uintptr_t data, int64_t rows, int64_t stride, int dtype) {
+  require_data(data, rows, "terminated");
   uint8_t* reset = scratch_bytes(Scratch::kResetFlags, rows > 0 ? rows : 1);
   auto fill = [&](auto* p, auto nonzero) {
     uint8_t* __restrict out = reset;
@@ -301,6 +326,9 @@ void reward_moments(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward
                     uintptr_t terminated, int64_t terminated_stride, int terminated_dtype, uintptr_t discounted,
                     int64_t discounted_stride, int discounted_dtype, double gamma, uintptr_t parts,
                     int64_t num_parts, int64_t rows_per_part, int threads) {
+  require_data(reward, rows * cols, "reward");
+  require_data(discounted, rows * cols, "discounted");
+  require_data(parts, num_parts, "parts");
   const uint8_t* reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
   RewardArgs a{matrix(reward, rows, cols, reward_stride, reward_dtype), reset,
                matrix(discounted, rows, cols, discounted_stride, discounted_dtype), gamma,
@@ -315,6 +343,9 @@ void reward_record(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_
                    int64_t discounted_stride, int discounted_dtype, double gamma, int64_t num_parts,
                    int64_t rows_per_part, uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride,
                    uintptr_t count, uintptr_t dropped, bool has_ema, double ema_decay, int threads) {
+  require_data(reward, rows * cols, "reward");
+  require_data(discounted, rows * cols, "discounted");
+  require_stats(mean, var, cols, count, dropped);
   const int64_t width = 2 + 2 * cols;
   double* parts = scratch_doubles(Scratch::kRewardParts, static_cast<size_t>(num_parts * width));
   const uint8_t* reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
@@ -331,6 +362,8 @@ void reward_record(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_
 void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t mean,
            int64_t mean_stride, uintptr_t var, int64_t var_stride, uintptr_t count, uintptr_t dropped,
            bool has_ema, double ema_decay, int threads) {
+  require_data(parts, num_parts, "parts");
+  require_stats(mean, var, cols, count, dropped);
   MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, merge_scratch(num_parts, cols), nullptr,
               ptr<double>(mean), mean_stride, ptr<double>(var), var_stride, ptr<int64_t>(count),
               ptr<int64_t>(dropped), has_ema, ema_decay, threads_for(threads, num_parts * cols)};
@@ -338,6 +371,7 @@ void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_strid
 }
 
 void combine(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t out, int threads) {
+  require_data(parts, num_parts, "parts");
   MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, merge_scratch(num_parts, cols),
               ptr<double>(out), nullptr, 0, nullptr, 0, nullptr, nullptr, false, 0.0,
               threads_for(threads, num_parts * cols)};

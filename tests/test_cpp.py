@@ -1219,6 +1219,39 @@ def test_no_host_sync_on_hot_path():
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+def test_tensors_without_memory_are_refused():
+    """torch's ZeroTensor passes every shape, dtype and stride check but has a null data pointer: the kernels must
+    refuse it, whichever argument it is, rather than read or write address 0 (which crashed the process)."""
+    zero = torch._efficientzerotensor
+    x = data(8, 4, torch.float32)
+    mean, var = stats(4)
+    counters = [torch.tensor(3), torch.tensor(0)]
+    with pytest.raises(ValueError, match="x: expected a tensor with memory"):
+        CPP.moments(zero(8, 4), None, {})
+    with pytest.raises(ValueError, match="mask: expected a tensor with memory"):
+        CPP.moments(x, zero(8, dtype=torch.bool), {})
+    with pytest.raises(ValueError, match="x: expected a tensor with memory"):
+        CPP.normalize(zero(8, 4), mean, var, 1e-5, None, False, True, torch.empty(8, 4))
+    with pytest.raises(ValueError, match="out: expected a tensor with memory"):
+        CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, zero(8, 4))
+    with pytest.raises(ValueError, match="mean: expected a tensor with memory"):
+        CPP.normalize(x, zero(4, dtype=torch.float64), var, 1e-5, None, False, True, torch.empty(8, 4))
+    with pytest.raises(ValueError, match="terminated: expected a tensor with memory"):
+        CPP.reward_record(x, zero(8, dtype=torch.bool), torch.zeros(8, 4), 0.9, mean, var, *counters, None, {})
+    with pytest.raises(ValueError, match="reward: expected a tensor with memory"):
+        CPP.reward_moments(zero(8, 4), torch.zeros(8, dtype=torch.bool), torch.zeros(8, 4), 0.9, {})
+    with pytest.raises(ValueError, match="parts: expected a tensor with memory"):
+        CPP.merge(zero(2, 10, dtype=torch.float64), mean, var, *counters, None)
+    with pytest.raises(ValueError, match="var: expected a tensor with memory"):
+        CPP.merge(CPP.moments(x, None, {}), mean, zero(4, dtype=torch.float64), *counters, None)
+    # Through the module's direct calls as well.
+    module = protonorm.RunningMeanStd(shape=(4,), device="cpu", backend="cpp")
+    module.record_moments(x)
+    module.normalize(x)
+    with pytest.raises(ValueError, match="x: expected a tensor with memory"):
+        module.normalize(zero(8, 4))
+
+
 def test_bad_input_is_rejected_before_any_write():
     mean, var = stats(5)
     count, dropped = torch.tensor(3), torch.tensor(0)

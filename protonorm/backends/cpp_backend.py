@@ -337,6 +337,8 @@ def _moments_kernel(x: Tensor, mask: Optional[Tensor], parts: Tensor) -> None:
         if mask.dtype != torch.bool or tuple(mask.shape) != (rows,):
             raise ValueError(f"mask: expected a bool tensor of shape ({rows},), got {mask.dtype} {tuple(mask.shape)}")
         mask_ptr, mask_stride = mask.data_ptr(), mask.stride(0)
+        if mask_ptr == 0 and rows > 0:  # a ZeroTensor: the kernel would take a null mask for no mask at all
+            raise ValueError("mask: expected a tensor with memory, got a null data pointer (a ZeroTensor? clone() it)")
     _C.moments(x.data_ptr(), rows, cols, x.stride(0), _DTYPE_CODES[x.dtype], mask_ptr, mask_stride,
                parts.data_ptr(), num_parts, rows_per_part, _threads())
 
