@@ -207,6 +207,13 @@ def _is_counter(t: Tensor, device: torch.device) -> bool:
     return t.dtype == torch.int64 and t.dim() == 0 and t.device == device
 
 
+def _is_merge_target(mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor, device: torch.device,
+                     num_features: int) -> bool:
+    """The statistics a merge updates in place, as the kernel takes them."""
+    return (_is_stat(mean, device, num_features) and _is_stat(var, device, num_features)
+            and _is_counter(count, device) and _is_counter(dropped, device))
+
+
 def _check_counters(count: Tensor, dropped: Tensor, device: torch.device) -> None:
     for name, t in (("count", count), ("dropped", dropped)):
         if not _is_counter(t, device):
@@ -356,9 +363,7 @@ class TritonBackend(Backend):
     def try_merge(self, parts, mean, var, count, dropped, ema_decay):
         if not (eager_plain(parts, mean, var, count, dropped) and _is_parts(parts, -1) and parts.shape[0] > 0):
             return False
-        device, num_features = parts.device, (parts.shape[1] - reference.HEADER) // 2
-        if not (_is_stat(mean, device, num_features) and _is_stat(var, device, num_features)
-                and _is_counter(count, device) and _is_counter(dropped, device)):
+        if not _is_merge_target(mean, var, count, dropped, parts.device, (parts.shape[1] - reference.HEADER) // 2):
             return False
         _merge_impl(parts, mean, var, count, dropped, ema_decay)
         return True
@@ -373,9 +378,7 @@ class TritonBackend(Backend):
                 and terminated.dim() == 1 and terminated.shape[0] == reward.shape[0]
                 and terminated.device == reward.device and not terminated.is_complex()):
             return False
-        device, num_features = reward.device, reward.shape[1]
-        if not (_is_stat(mean, device, num_features) and _is_stat(var, device, num_features)
-                and _is_counter(count, device) and _is_counter(dropped, device)):
+        if not _is_merge_target(mean, var, count, dropped, reward.device, reward.shape[1]):
             return False
         parts = _parts_buffer(workspace, discounted, single_tile=True)
         _reward_moments_impl(reward, terminated, discounted, float(gamma), parts)
