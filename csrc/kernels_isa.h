@@ -18,7 +18,7 @@
 #include "common.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>  // for the x86-64-v3 specializations in kernels.h
+#include <immintrin.h>  // for the x86-64-v3 specializations and the MXCSR access in kernels.h
 #endif
 
 #define PROTONORM_KERNEL_TABLE(isa, table)                                                                  \
