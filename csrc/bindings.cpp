@@ -287,9 +287,17 @@ void require_stats(uintptr_t mean, uintptr_t var, int64_t cols, uintptr_t count,
   require_data(dropped, 1, "dropped");
 }
 
-// The merge tree's scratch (MergeArgs::scratch), in this thread's buffer.
-double* merge_scratch(int64_t num_parts, int64_t cols) {
-  return scratch_doubles(Scratch::kMergeTree, num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols + 1 : 1);
+// The merge tree's scratch and node counts (MergeArgs::scratch and ::counts), in this thread's buffer.
+struct MergeScratch {
+  double* tree;
+  double* counts;
+};
+MergeScratch merge_scratch(int64_t num_parts, int64_t cols) {
+  const int64_t tree = num_parts > 1 ? (num_parts + 1) / 2 * 2 * cols : 0;
+  // The counts: num_parts, then half of that rounded up, and so on down to 1; each rounding adds at most one, and
+  // there are fewer than 64 levels.
+  double* base = scratch_doubles(Scratch::kMergeTree, static_cast<size_t>(tree + 2 * num_parts + 64));
+  return {base, base + tree};
 }
 
 // terminated (any dtype, strided) -> one byte per row, 1 = restart, in this thread's scratch.
@@ -347,13 +355,16 @@ void reward_record(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_
   require_data(discounted, rows * cols, "discounted");
   require_stats(mean, var, cols, count, dropped);
   const int64_t width = 2 + 2 * cols;
+  // Every buffer is allocated before the discounted returns are updated in place, so that running out of memory
+  // leaves them, and the statistics, as they were.
   double* parts = scratch_doubles(Scratch::kRewardParts, static_cast<size_t>(num_parts * width));
+  const MergeScratch merge_buffers = merge_scratch(num_parts, cols);
   const uint8_t* reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
   RewardArgs r{matrix(reward, rows, cols, reward_stride, reward_dtype), reset,
                matrix(discounted, rows, cols, discounted_stride, discounted_dtype), gamma,
                PartsOut{parts, num_parts, rows_per_part}, threads_for(threads, rows * cols)};
   kernels().reward_moments(r);
-  MergeArgs m{parts, num_parts, cols, width, merge_scratch(num_parts, cols), nullptr, ptr<double>(mean),
+  MergeArgs m{parts, num_parts, cols, width, merge_buffers.tree, merge_buffers.counts, nullptr, ptr<double>(mean),
               mean_stride, ptr<double>(var), var_stride, ptr<int64_t>(count), ptr<int64_t>(dropped), has_ema, ema_decay,
               threads_for(threads, num_parts * cols)};
   kernels().merge(m);
@@ -364,7 +375,8 @@ void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_strid
            bool has_ema, double ema_decay, int threads) {
   require_data(parts, num_parts, "parts");
   require_stats(mean, var, cols, count, dropped);
-  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, merge_scratch(num_parts, cols), nullptr,
+  const MergeScratch buffers = merge_scratch(num_parts, cols);
+  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, buffers.tree, buffers.counts, nullptr,
               ptr<double>(mean), mean_stride, ptr<double>(var), var_stride, ptr<int64_t>(count),
               ptr<int64_t>(dropped), has_ema, ema_decay, threads_for(threads, num_parts * cols)};
   kernels().merge(a);
@@ -372,7 +384,8 @@ void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_strid
 
 void combine(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t out, int threads) {
   require_data(parts, num_parts, "parts");
-  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, merge_scratch(num_parts, cols),
+  const MergeScratch buffers = merge_scratch(num_parts, cols);
+  MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, buffers.tree, buffers.counts,
               ptr<double>(out), nullptr, 0, nullptr, 0, nullptr, nullptr, false, 0.0,
               threads_for(threads, num_parts * cols)};
   kernels().merge(a);

@@ -94,6 +94,7 @@ struct MergeArgs {
   int64_t cols;
   int64_t parts_stride;
   double* scratch;  // (num_parts + 1) / 2 * 2 * cols doubles
+  double* counts;   // 2 * num_parts + 64 doubles: the tree's node counts, filled by the merge before its region
   double* combined;
   double* mean;
   int64_t mean_stride;
@@ -128,7 +129,6 @@ enum class Scratch {
   kColumnValues,
   kColumnStatus,
   kBadRows,
-  kMergeCounts,
   kMergeTree,
   kRewardParts,
   kResetFlags,

@@ -151,10 +151,48 @@ class AdoptFloatState {
 #endif
 };
 
+// An exception thrown on a thread of a parallel region (std::bad_alloc from a thread's scratch, for a batch of
+// enormous width) must not leave it: the runtime would end the process. The first one is kept and rethrown on the
+// calling thread once the region is over.
+class RegionError {
+ public:
+  void keep() {
+#ifdef _OPENMP
+#pragma omp critical(protonorm_region_error)
+#endif
+    {
+      if (!error_) error_ = std::current_exception();
+    }
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+    failed_ = 1;
+  }
+  bool failed() const {
+    int failed;
+#ifdef _OPENMP
+#pragma omp atomic read
+#endif
+    failed = failed_;
+    return failed != 0;
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::exception_ptr error_;
+  int failed_ = 0;
+};
+
 // Calls body(next) once on each of `threads` threads, where next(begin, end) hands out the next unclaimed range
 // [begin, end) of [0, n), `grain` items long, and returns false once none is left. A thread that is slowed down
 // (the machine is busy, or its core is shared) takes fewer ranges instead of holding up the others; what each item
 // computes does not depend on which thread takes it.
+//
+// A body allocates its scratch before its first call to next, and the first call waits until every thread has got
+// that far: if any thread failed to allocate, no range is handed out at all, so a kernel that updates a buffer in
+// place (the discounted returns) either runs whole or not at all. The exception is then rethrown here.
 template <class Body>
 inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& body) {
   if (grain < 1) grain = 1;
@@ -162,10 +200,19 @@ inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& 
   if (threads > 1 && n > grain) {
     int64_t cursor = 0;
     const CallerFloatState caller;
+    RegionError error;
 #pragma omp parallel num_threads(threads)
     {
       const AdoptFloatState adopt(caller);
+      bool waited = false;
+      const auto wait_for_all = [&] {
+        if (waited) return;
+        waited = true;
+#pragma omp barrier
+      };
       const auto next = [&](int64_t& begin, int64_t& end) {
+        wait_for_all();
+        if (error.failed()) return false;
         int64_t claimed;
 #pragma omp atomic capture
         {
@@ -177,8 +224,14 @@ inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& 
         end = claimed + grain < n ? claimed + grain : n;
         return true;
       };
-      body(next);
+      try {
+        body(next);
+      } catch (...) {
+        error.keep();
+      }
+      wait_for_all();  // every thread passes the barrier exactly once, whether or not its body got to next
     }
+    error.rethrow();
     return;
   }
 #endif
@@ -194,12 +247,14 @@ inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& 
   body(once);
 }
 
-// Calls body(begin, end) on [0, n) split into contiguous ranges, one per thread.
+// Calls body(begin, end) on [0, n) split into contiguous ranges, one per thread. The body must not allocate (the
+// merge, its one user, gets every buffer from its caller); an exception is still rethrown on the calling thread.
 template <class Body>
 inline void parallel_ranges(int64_t n, int threads, const Body& body) {
 #ifdef _OPENMP
   if (threads > 1 && n > 1) {
     const CallerFloatState caller;
+    RegionError error;
 #pragma omp parallel num_threads(threads)
     {
       const AdoptFloatState adopt(caller);
@@ -207,8 +262,13 @@ inline void parallel_ranges(int64_t n, int threads, const Body& body) {
       const int64_t nt = omp_get_num_threads();
       const int64_t begin = n * t / nt;
       const int64_t end = n * (t + 1) / nt;
-      if (begin < end) body(begin, end);
+      try {
+        if (begin < end) body(begin, end);
+      } catch (...) {
+        error.keep();
+      }
     }
+    error.rethrow();
     return;
   }
 #endif
@@ -1047,7 +1107,7 @@ void merge(const MergeArgs& a) {
   const int64_t cols = a.cols;
   const int64_t stride = a.parts_stride;
   const double* parts = a.parts;
-  double n_b = 0.0, dropped_b = 0.0;
+  double dropped_b = 0.0;
   for (int64_t p = 0; p < k; ++p) dropped_b += parts[p * stride + 1];
   // Where the combined mean / m2 end up: the only part itself, or slot 0 of the scratch.
   const double* mean_b = parts + 2;
@@ -1056,19 +1116,29 @@ void merge(const MergeArgs& a) {
     mean_b = a.scratch;
     m2_b = a.scratch + cols;
   }
-  // Counts of the tree's nodes; tiny, so each thread recomputes them rather than sharing.
+  // The counts of the tree's nodes, level after level (k, then (k + 1) / 2, ... down to 1: under 2k + 64 in all),
+  // computed here once; the parallel region below only reads them and allocates nothing, so nothing can stop it
+  // half way through the statistics.
+  double* counts = a.counts;
+  for (int64_t p = 0; p < k; ++p) counts[p] = parts[p * stride];
+  int64_t root = 0;
+  for (int64_t level = 0, len = k; len > 1; level += len, len = (len + 1) / 2) {
+    double* next = counts + level + len;
+    for (int64_t i = 0; i + 1 < len; i += 2) next[i / 2] = counts[level + i] + counts[level + i + 1];
+    if (len % 2) next[(len - 1) / 2] = counts[level + len - 1];
+    root = level + len;
+  }
+  const double n_b = k > 0 ? counts[root] : 0.0;
   const int64_t n_current = a.count != nullptr ? *a.count : 0;
   parallel_ranges(cols, a.threads, [&](int64_t c_begin, int64_t c_end) {
     double* scratch = a.scratch;
+    const double* ns = counts;
     int64_t len = k;
-    double node_n[64];
-    double* ns = k <= 64 ? node_n : scratch_doubles(Scratch::kMergeCounts, k);
-    for (int64_t p = 0; p < k; ++p) ns[p] = parts[p * stride];
     bool first_level = true;
     while (len > 1) {
       for (int64_t i = 0; i + 1 < len; i += 2) {
         const double na = ns[i], nb = ns[i + 1];
-        const double n = na + nb;
+        const double n = ns[len + i / 2];
         const double weight_mean = nb / safe_count(n);
         const double weight_m2 = na * nb / safe_count(n);
         const double* src_a = first_level ? parts + i * stride + 2 : scratch + i * 2 * cols;
@@ -1076,7 +1146,6 @@ void merge(const MergeArgs& a) {
         double* dst = scratch + (i / 2) * 2 * cols;
         chan_merge_columns(src_a, src_a + cols, src_b, src_b + cols, dst, dst + cols, weight_mean, weight_m2,
                            c_begin, c_end);
-        ns[i / 2] = n;
       }
       if (len % 2) {
         const int64_t last = len - 1;
@@ -1086,13 +1155,12 @@ void merge(const MergeArgs& a) {
           dst[j] = src[j];
           dst[cols + j] = src[cols + j];
         }
-        ns[last / 2] = ns[last];
       }
+      ns += len;
       len = (len + 1) / 2;
       first_level = false;
     }
-    const double total = ns[0];
-    if (c_begin == 0) n_b = total;  // one writer; read after the parallel region
+    const double total = n_b;
     if (a.combined != nullptr) {
       for (int64_t j = c_begin; j < c_end; ++j) {
         a.combined[2 + j] = mean_b[j];
@@ -1130,10 +1198,6 @@ void merge(const MergeArgs& a) {
       var[j * vs] = new_var < 0.0 ? 0.0 : new_var;  // NaN stays NaN, as torch.clamp(min=0)
     }
   });
-  if (cols == 0) {
-    // No column range ran: the count still comes from the tree of counts.
-    for (int64_t p = 0; p < k; ++p) n_b += parts[p * stride];
-  }
   if (a.combined != nullptr) {
     a.combined[0] = n_b;
     a.combined[1] = dropped_b;

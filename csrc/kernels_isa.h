@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 
+#include <exception>  // std::exception_ptr, for exceptions out of kernels.h's parallel regions
 #include <type_traits>
 
 #include "common.h"

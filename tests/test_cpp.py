@@ -1334,6 +1334,82 @@ def test_torch_compile_fullgraph():
         assert_same(a, b)
 
 
+# ------------------------------------------------------------------------------------------------ out of memory
+# Each kernel allocates per-thread scratch of a few doubles per feature. Here a batch is so wide (2 x 2^23
+# features) that, under an address-space limit set just above what the process holds, that scratch cannot be had
+# on every thread: the kernel must raise MemoryError on the calling thread (an exception leaving an OpenMP region
+# ends the process), before anything is written in place. A fresh process each, as the scratch, once grown, stays.
+_OUT_OF_MEMORY = """
+import resource, sys, torch
+from protonorm import _C
+from protonorm.backends.cpp_backend import _DTYPE_CODES
+torch.set_num_threads(2)
+kind = sys.argv[1]
+MB = 1 << 20
+rows, cols = 2, 1 << 23
+f32, f64 = _DTYPE_CODES[torch.float32], _DTYPE_CODES[torch.float64]
+warm, warm_parts = torch.randn(rows, 40000), torch.empty(rows, 80002, dtype=torch.float64)
+# starts the OpenMP workers (and their heaps) before the limit
+_C.moments(warm.data_ptr(), rows, 40000, 40000, f32, 0, 0, warm_parts.data_ptr(), rows, 1, 2)
+x = torch.randn(rows, cols)
+terminated = torch.tensor([False, True])
+discounted = torch.full((rows, cols), 0.5)
+parts = torch.empty(rows, 2 + 2 * cols, dtype=torch.float64)
+out = torch.zeros(rows, cols)
+mean32, std32 = torch.zeros(cols), torch.ones(cols)
+stats = [torch.zeros(cols, dtype=torch.float64), torch.ones(cols, dtype=torch.float64),
+         torch.tensor([5], dtype=torch.int64), torch.tensor([0], dtype=torch.int64)]
+before = [discounted.clone()] + [t.clone() for t in stats]
+
+def call():
+    if kind == "moments":
+        _C.moments(x.data_ptr(), rows, cols, cols, f32, 0, 0, parts.data_ptr(), rows, 1, 2)
+    elif kind == "normalize_moments":
+        _C.normalize_moments(x.data_ptr(), rows, cols, cols, f32, out.data_ptr(), cols, mean32.data_ptr(),
+                             std32.data_ptr(), True, 5.0, parts.data_ptr(), rows, 1, 2)
+    elif kind == "reward_moments":
+        _C.reward_moments(x.data_ptr(), rows, cols, cols, f32, terminated.data_ptr(), 1, _DTYPE_CODES[torch.bool],
+                          discounted.data_ptr(), cols, f32, 0.9, parts.data_ptr(), rows, 1, 2)
+    else:
+        _C.reward_record(x.data_ptr(), rows, cols, cols, f32, terminated.data_ptr(), 1, _DTYPE_CODES[torch.bool],
+                         discounted.data_ptr(), cols, f32, 0.9, rows, 1, stats[0].data_ptr(), 1,
+                         stats[1].data_ptr(), 1, stats[2].data_ptr(), stats[3].data_ptr(), False, 0.0, 2)
+
+margin = 250 * MB  # room for one thread's row sums (3 doubles per feature: 192 MB), not for both
+if kind == "reward_record":
+    # The row sums are there already (grown by a first, unlimited call of the kernel alone, which moves the
+    # discounted returns: the baseline is taken after it); the record's own buffers on the calling thread, the
+    # parts (256 MB) and the merge tree (128 MB), then fit only in part: they must be had before the discounted
+    # returns are touched.
+    _C.reward_moments(x.data_ptr(), rows, cols, cols, f32, terminated.data_ptr(), 1, _DTYPE_CODES[torch.bool],
+                      discounted.data_ptr(), cols, f32, 0.9, parts.data_ptr(), rows, 1, 2)
+    before[0] = discounted.clone()
+    margin = 256 * MB + 64 * MB
+used = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+resource.setrlimit(resource.RLIMIT_AS, (used + margin, resource.RLIM_INFINITY))
+try:
+    call()
+except MemoryError:
+    print("MemoryError")
+resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+after = [discounted] + stats
+print("untouched" if all(torch.equal(a, b) for a, b in zip(before, after)) else "changed")
+call()  # with memory to spare the same call runs
+print("then ran")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limits and /proc are Linux's")
+@pytest.mark.skipif(CPP is None or not _C.openmp(), reason="the extension was built without OpenMP")
+@pytest.mark.parametrize("kind", ["moments", "normalize_moments", "reward_moments", "reward_record"])
+def test_out_of_memory_raises_and_writes_nothing(kind):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="2")
+    proc = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY, kind], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    assert proc.stdout.split() == ["MemoryError", "untouched", "then", "ran"], proc.stdout + proc.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ fallback
 _MISSING = """
 import sys
