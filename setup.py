@@ -37,10 +37,12 @@ def extensions():
     if not sources or os.environ.get("PROTONORM_NO_EXTENSION") == "1":
         return []
     try:
-        from pybind11.setup_helpers import Pybind11Extension
+        from pybind11.setup_helpers import ParallelCompile, Pybind11Extension
     except ImportError:
         sys.stderr.write("protonorm: pybind11 missing, the C++ extension is skipped.\n")
         return []
+    # The sources compile side by side, one per core (PROTONORM_BUILD_JOBS=N sets how many).
+    ParallelCompile("PROTONORM_BUILD_JOBS").install()
     openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
     return [
         Pybind11Extension(
