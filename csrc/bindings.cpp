@@ -23,11 +23,18 @@ namespace py = pybind11;
 
 namespace protonorm {
 
+// A buffer only grows, so that a call frees nothing (see docs/ARCHITECTURE.md). A build for the sanitizers
+// (tests/test_sanitizers.py) defines PROTONORM_EXACT_SCRATCH instead, so that every buffer ends where the call's
+// request ends and an overrun reaches memory the address sanitizer watches.
 template <class T>
 static T* scratch(Scratch slot, size_t n) {
   static thread_local std::vector<T> buffers[static_cast<int>(Scratch::kCount)];
   std::vector<T>& buffer = buffers[static_cast<int>(slot)];
+#ifdef PROTONORM_EXACT_SCRATCH
+  if (buffer.size() != n) std::vector<T>(n).swap(buffer);
+#else
   if (buffer.size() < n) buffer.resize(n);
+#endif
   return buffer.data();
 }
 

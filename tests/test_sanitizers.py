@@ -1,0 +1,90 @@
+"""The C++ kernels' tests again, on a build with AddressSanitizer and UndefinedBehaviorSanitizer.
+
+A copy of the sources is built with both sanitizers and with PROTONORM_EXACT_SCRATCH (every per-thread scratch
+buffer sized to the call's request, so that an overrun leaves the buffer), then tests/test_cpp.py runs against it
+in a child process with the sanitizer runtimes preloaded (the interpreter itself is not instrumented). Any report
+fails the child, and so this test. About 1.5 minutes on two cores, most of it the build.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protonorm.backends import load
+
+ROOT = Path(__file__).resolve().parent.parent
+SOURCES = ("csrc", "protonorm", "kernels", "tests", "setup.py", "setup.cfg", "pyproject.toml", "MANIFEST.in",
+           "README.md")
+
+
+def _runtime(name: str) -> str | None:
+    """The path of gcc's sanitizer runtime `name` (libasan.so, libubsan.so), or None."""
+    try:
+        found = subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True,
+                               timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found if os.path.isabs(found) and os.path.exists(found) else None
+
+
+RUNTIMES = [_runtime("libasan.so"), _runtime("libubsan.so")]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(load("cpp")[0] is None, reason="the C++ extension is not built here")
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.machine() == "x86_64"),
+                    reason="the sanitizer build is set up for gcc on x86-64 Linux")
+@pytest.mark.skipif(None in RUNTIMES, reason="gcc's libasan/libubsan are not installed")
+def test_cpp_tests_pass_under_address_and_undefined_behavior_sanitizers(tmp_path):
+    copy = tmp_path / "src"
+    copy.mkdir()
+    ignore = shutil.ignore_patterns("*.so", "__pycache__", "build", "*.egg-info", ".pytest_cache")
+    for name in SOURCES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, copy / name, ignore=ignore, symlinks=False)
+        elif source.exists():
+            shutil.copy2(source, copy / name)
+    # Where an installed package has the Triton kernels (package_dir); a checkout may hold a link there instead.
+    inside = copy / "protonorm" / "kernels"
+    if inside.is_symlink() or inside.is_file():
+        inside.unlink()
+    elif inside.is_dir():
+        shutil.rmtree(inside)
+    shutil.copytree(copy / "kernels", inside)
+
+    flags = "-fsanitize=address,undefined -fno-omit-frame-pointer -DPROTONORM_EXACT_SCRATCH"
+    env = dict(os.environ, CPPFLAGS=flags, LDFLAGS="-fsanitize=address,undefined")
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=copy,
+                           env=env, capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    built = list((copy / "protonorm").glob("_C*.so"))
+    assert built, build.stdout[-3000:]
+    symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
+    assert "__asan_" in symbols, "the extension was built without the address sanitizer"
+
+    # Reports go to files: pytest in the child holds its stderr while a test runs, and the sanitizer ends the
+    # process before pytest could show it.
+    logs = tmp_path / "reports"
+    logs.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(copy), LD_PRELOAD=" ".join(RUNTIMES),
+               ASAN_OPTIONS=f"detect_leaks=0:exitcode=86:log_path={logs / 'asan'}",
+               UBSAN_OPTIONS=f"halt_on_error=1:print_stacktrace=1:exitcode=87:log_path={logs / 'ubsan'}")
+    env.pop("PROTONORM_BACKEND", None)
+    probe = subprocess.run([sys.executable, "-c", "import protonorm._C as c; print(c.__file__)"], cwd=copy, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert probe.stdout.strip() == str(built[0]), probe.stdout + probe.stderr[-3000:]
+    # The out-of-memory tests set an address-space limit, which the sanitizer's shadow memory does not fit in.
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_cpp.py",
+                          "-k", "not out_of_memory"], cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
+    reports = "".join(path.read_text(errors="replace")[:6000] for path in sorted(logs.iterdir()))
+    message = reports + run.stdout[-3000:] + run.stderr[-3000:]
+    assert not reports and run.returncode == 0, message
+    summary = run.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, message
