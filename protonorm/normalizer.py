@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import threading
 import warnings
 import weakref
 from typing import Optional, Tuple
@@ -49,6 +50,9 @@ def _onnx_export_flag():
 
 
 _in_onnx_export = None
+# The first calls of several threads must not import torch.onnx at once: its submodules import one another, and a
+# thread reaching one while another thread is still initializing it gets a partly initialized module (ImportError).
+_onnx_flag_lock = threading.Lock()
 
 
 def _is_exporting(compiling: bool) -> bool:
@@ -59,7 +63,9 @@ def _is_exporting(compiling: bool) -> bool:
     if _is_tracing():
         return True
     if _in_onnx_export is None:
-        _in_onnx_export = _onnx_export_flag()
+        with _onnx_flag_lock:
+            if _in_onnx_export is None:
+                _in_onnx_export = _onnx_export_flag()
     return _in_onnx_export()
 
 

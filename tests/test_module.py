@@ -898,6 +898,51 @@ def test_onnx_export_of_normalize(tmp_path):
     torch.testing.assert_close(torch.from_numpy(got), actor(obs), rtol=1e-6, atol=1e-6)
 
 
+def test_first_calls_from_two_threads_look_up_the_export_flag_once(monkeypatch):
+    """The first normalize finds the ONNX export flag by importing torch.onnx's modules. Two threads doing that at
+    once can get a partly initialized module (ImportError), so one thread looks it up while the other waits. Here
+    the first thread stays in the look-up until the second has started its call, or for half a second: the second
+    must not enter the look-up meanwhile (a barrier that both would reach)."""
+    import threading
+
+    from protonorm import normalizer
+
+    real = normalizer._onnx_export_flag
+    inside, meet = threading.Event(), threading.Barrier(2, timeout=0.5)
+    entered = []
+
+    def slow_lookup():
+        entered.append(threading.get_ident())
+        inside.set()
+        try:
+            meet.wait()
+        except threading.BrokenBarrierError:  # the other thread is held back from the look-up: as it should be
+            pass
+        return real()
+
+    monkeypatch.setattr(normalizer, "_in_onnx_export", None)
+    monkeypatch.setattr(normalizer, "_onnx_export_flag", slow_lookup)
+    x = torch.randn(6, 4)
+    results, errors = [None, None], []
+
+    def work(i):
+        if i == 1:
+            inside.wait(timeout=5)
+        try:
+            results[i] = make((4,)).normalize(x)
+        except Exception as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not errors
+    assert len(entered) == 1
+    assert_same(results[0], results[1])
+
+
 # The Triton ops are compiled in tests/test_triton.py (aot_eager): inductor over interpreted kernels is too slow here.
 @pytest.mark.parametrize("backend_name", [b for b in CPU_BACKENDS if b != "triton"])
 def test_compile_fullgraph_normalize_and_record(backend_name):
