@@ -943,6 +943,50 @@ def test_first_calls_from_two_threads_look_up_the_export_flag_once(monkeypatch):
     assert_same(results[0], results[1])
 
 
+@pytest.mark.parametrize("backend_name", [b for b in CPU_BACKENDS if b != "triton"])
+def test_threads_with_their_own_normalizers_get_the_single_threaded_results(backend_name):
+    """Three threads, each with its own normalizers (Welford and EMA observations, rewards), get bit for bit what
+    the same calls give one after another on one thread: no per-thread or per-module cache (float32 statistics,
+    parts layouts, scratch, recycled outputs) hands one thread's data to another. Two threads share a batch shape,
+    the third has its own; the batches are large enough for the kernels' helper threads and for recycled outputs."""
+    import threading
+
+    shapes = [(256, 256), (256, 256), (300, 17)]
+
+    def run(i, results, start=None):
+        g = torch.Generator().manual_seed(i)
+        rows, cols = shapes[i]
+        observations = [make((cols,), backend_name, clamp_value=5.0), make((cols,), backend_name, ema_decay=0.99)]
+        rewards = RewardRunningMeanStd(None, (1,), 0.99, device="cpu", backend=backend_name)
+        if start is not None:
+            start.wait(timeout=10)
+        for _ in range(5):
+            x = torch.randn(rows, cols, generator=g) * (i + 1) + i
+            for m in observations:
+                results.append(m.train().normalize(x).clone())  # the output itself goes back to be recycled
+                m.record_moments(x)
+                results.append(m.eval().normalize(x).clone())
+            rewards.record_reward(torch.randn(rows, generator=g), torch.rand(rows, generator=g) < 0.1)
+            results.append(rewards.normalize(x[:, 0]).clone())
+        for m in observations + [rewards]:
+            results += [m.mean, m.var, m.count]
+
+    expected = [[] for _ in shapes]
+    for i in range(len(shapes)):
+        run(i, expected[i])
+    got = [[] for _ in shapes]
+    start = threading.Barrier(len(shapes))
+    threads = [threading.Thread(target=run, args=(i, got[i], start)) for i in range(len(shapes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    for want, have in zip(expected, got):
+        assert len(have) == len(want)
+        for a, b in zip(want, have):
+            assert_same(a, b)
+
+
 # The Triton ops are compiled in tests/test_triton.py (aot_eager): inductor over interpreted kernels is too slow here.
 @pytest.mark.parametrize("backend_name", [b for b in CPU_BACKENDS if b != "triton"])
 def test_compile_fullgraph_normalize_and_record(backend_name):
