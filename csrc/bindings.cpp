@@ -129,18 +129,44 @@ Matrix matrix(uintptr_t data, int64_t rows, int64_t cols, int64_t row_stride, in
   return Matrix{ptr<void>(data), rows, cols, row_stride, dtype};
 }
 
+constexpr int64_t kDoubleBytes = sizeof(double);
+
+int64_t dtype_bytes(int dtype) {
+  switch (dtype) {
+    case kFloat64:
+    case kInt64: return 8;
+    case kFloat32:
+    case kInt32: return 4;
+    case kFloat16:
+    case kBFloat16:
+    case kInt16: return 2;
+    default: return 1;
+  }
+}
+
 // Refuses a tensor with elements but no memory: torch's ZeroTensor (torch._efficientzerotensor, and what some
-// autograd formulas return) has a null data pointer, which the kernels would read or write.
-void require_data(uintptr_t data, int64_t elements, const char* name) {
-  if (data == 0 && elements > 0)
+// autograd formulas return) has a null data pointer, which the kernels would read or write. Refuses as well one
+// that starts between two of its `element_bytes`-byte elements (a view of a byte buffer at an odd offset): the
+// kernels access elements through pointers of their type, which would then be misaligned (undefined behaviour,
+// and a fault for the aligned non-temporal stores).
+void require_data(uintptr_t data, int64_t elements, const char* name, int64_t element_bytes) {
+  if (elements <= 0) return;
+  if (data == 0)
     throw std::invalid_argument(std::string(name) +
                                 ": expected a tensor with memory, got a null data pointer (a ZeroTensor? clone() it)");
+  if (data % static_cast<uintptr_t>(element_bytes) != 0) {
+    char address[32];
+    std::snprintf(address, sizeof address, "%#llx", static_cast<unsigned long long>(data));
+    throw std::invalid_argument(std::string(name) + ": expected a tensor aligned to its " +
+                                std::to_string(element_bytes) + "-byte elements, got one at address " + address +
+                                " (a view of a byte buffer at an offset? clone() it)");
+  }
 }
 
 void moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t mask,
              int64_t mask_stride, uintptr_t parts, int64_t num_parts, int64_t rows_per_part, int threads) {
-  require_data(x, rows * cols, "x");
-  require_data(parts, num_parts, "parts");
+  require_data(x, rows * cols, "x", dtype_bytes(x_dtype));
+  require_data(parts, num_parts, "parts", kDoubleBytes);
   MomentsArgs a{matrix(x, rows, cols, x_stride, x_dtype), ptr<const uint8_t>(mask), mask_stride,
                 PartsOut{ptr<double>(parts), num_parts, rows_per_part}, threads_for(threads, rows * cols)};
   kernels().moments(a);
@@ -167,8 +193,8 @@ using TorchSqrt = void (*)(int n, const float* in, float* out, long long mode); 
 int float32_stats(uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride, int64_t cols,
                   double epsilon, uintptr_t mean32, uintptr_t std32, uintptr_t radicand, bool primed,
                   uintptr_t torch_sqrt, int64_t torch_sqrt_mode) {
-  require_data(mean, cols, "mean");
-  require_data(var, cols, "var");
+  require_data(mean, cols, "mean", kDoubleBytes);
+  require_data(var, cols, "var", kDoubleBytes);
   const double* m = ptr<const double>(mean);
   const double* v = ptr<const double>(var);
   float* m32 = ptr<float>(mean32);
@@ -246,12 +272,12 @@ bool stream_output(int64_t rows, int64_t cols, int x_dtype, int out_dtype) {
 void normalize(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t out,
                int64_t out_stride, uintptr_t mean32, uintptr_t std32, bool has_clamp, double clamp_value,
                bool un_norm, bool center, int threads) {
-  require_data(x, rows * cols, "x");
-  require_data(out, rows * cols, "out");
+  const int out_dtype = x_dtype == kFloat64 ? kFloat64 : kFloat32;
+  require_data(x, rows * cols, "x", dtype_bytes(x_dtype));
+  require_data(out, rows * cols, "out", dtype_bytes(out_dtype));
   double bound = clamp_value;
   if (un_norm && x_dtype == kFloat16) bound = round_to_half(static_cast<float>(clamp_value));
   if (un_norm && x_dtype == kBFloat16) bound = round_to_bfloat16(static_cast<float>(clamp_value));
-  const int out_dtype = x_dtype == kFloat64 ? kFloat64 : kFloat32;
   NormalizeArgs a{matrix(x, rows, cols, x_stride, x_dtype), matrix(out, rows, cols, out_stride, out_dtype),
                   NormalizeParams{ptr<const float>(mean32), ptr<const float>(std32), center, un_norm, has_clamp, bound},
                   threads_for(threads, rows * cols), stream_output(rows, cols, x_dtype, out_dtype)};
@@ -275,10 +301,10 @@ int64_t normalize_block_bytes() {
 void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride, int x_dtype, uintptr_t out,
                        int64_t out_stride, uintptr_t mean32, uintptr_t std32, bool has_clamp, double clamp_value,
                        uintptr_t parts, int64_t num_parts, int64_t rows_per_part, int threads) {
-  require_data(x, rows * cols, "x");
-  require_data(out, rows * cols, "out");
-  require_data(parts, num_parts, "parts");
   const int out_dtype = x_dtype == kFloat64 ? kFloat64 : kFloat32;
+  require_data(x, rows * cols, "x", dtype_bytes(x_dtype));
+  require_data(out, rows * cols, "out", dtype_bytes(out_dtype));
+  require_data(parts, num_parts, "parts", kDoubleBytes);
   NormalizeMomentsArgs a{matrix(x, rows, cols, x_stride, x_dtype), matrix(out, rows, cols, out_stride, out_dtype),
                          NormalizeParams{ptr<const float>(mean32), ptr<const float>(std32), true, false, has_clamp,
                                          clamp_value},
@@ -288,10 +314,10 @@ void normalize_moments(uintptr_t x, int64_t rows, int64_t cols, int64_t x_stride
 }
 
 void require_stats(uintptr_t mean, uintptr_t var, int64_t cols, uintptr_t count, uintptr_t dropped) {
-  require_data(mean, cols, "mean");
-  require_data(var, cols, "var");
-  require_data(count, 1, "count");
-  require_data(dropped, 1, "dropped");
+  require_data(mean, cols, "mean", kDoubleBytes);
+  require_data(var, cols, "var", kDoubleBytes);
+  require_data(count, 1, "count", sizeof(int64_t));
+  require_data(dropped, 1, "dropped", sizeof(int64_t));
 }
 
 // The merge tree's scratch and node counts (MergeArgs::scratch and ::counts), in this thread's buffer.
@@ -309,7 +335,7 @@ MergeScratch merge_scratch(int64_t num_parts, int64_t cols) {
 
 // terminated (any dtype, strided) -> one byte per row, 1 = restart, in this thread's scratch.
 const uint8_t* reset_flags(uintptr_t data, int64_t rows, int64_t stride, int dtype) {
-  require_data(data, rows, "terminated");
+  require_data(data, rows, "terminated", dtype_bytes(dtype));
   uint8_t* reset = scratch_bytes(Scratch::kResetFlags, rows > 0 ? rows : 1);
   auto fill = [&](auto* p, auto nonzero) {
     uint8_t* __restrict out = reset;
@@ -341,9 +367,9 @@ void reward_moments(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward
                     uintptr_t terminated, int64_t terminated_stride, int terminated_dtype, uintptr_t discounted,
                     int64_t discounted_stride, int discounted_dtype, double gamma, uintptr_t parts,
                     int64_t num_parts, int64_t rows_per_part, int threads) {
-  require_data(reward, rows * cols, "reward");
-  require_data(discounted, rows * cols, "discounted");
-  require_data(parts, num_parts, "parts");
+  require_data(reward, rows * cols, "reward", dtype_bytes(reward_dtype));
+  require_data(discounted, rows * cols, "discounted", dtype_bytes(discounted_dtype));
+  require_data(parts, num_parts, "parts", kDoubleBytes);
   const uint8_t* reset = reset_flags(terminated, rows, terminated_stride, terminated_dtype);
   RewardArgs a{matrix(reward, rows, cols, reward_stride, reward_dtype), reset,
                matrix(discounted, rows, cols, discounted_stride, discounted_dtype), gamma,
@@ -358,8 +384,8 @@ void reward_record(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_
                    int64_t discounted_stride, int discounted_dtype, double gamma, int64_t num_parts,
                    int64_t rows_per_part, uintptr_t mean, int64_t mean_stride, uintptr_t var, int64_t var_stride,
                    uintptr_t count, uintptr_t dropped, bool has_ema, double ema_decay, int threads) {
-  require_data(reward, rows * cols, "reward");
-  require_data(discounted, rows * cols, "discounted");
+  require_data(reward, rows * cols, "reward", dtype_bytes(reward_dtype));
+  require_data(discounted, rows * cols, "discounted", dtype_bytes(discounted_dtype));
   require_stats(mean, var, cols, count, dropped);
   const int64_t width = 2 + 2 * cols;
   // Every buffer is allocated before the discounted returns are updated in place, so that running out of memory
@@ -380,7 +406,7 @@ void reward_record(uintptr_t reward, int64_t rows, int64_t cols, int64_t reward_
 void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t mean,
            int64_t mean_stride, uintptr_t var, int64_t var_stride, uintptr_t count, uintptr_t dropped,
            bool has_ema, double ema_decay, int threads) {
-  require_data(parts, num_parts, "parts");
+  require_data(parts, num_parts, "parts", kDoubleBytes);
   require_stats(mean, var, cols, count, dropped);
   const MergeScratch buffers = merge_scratch(num_parts, cols);
   MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, buffers.tree, buffers.counts, nullptr,
@@ -390,7 +416,7 @@ void merge(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_strid
 }
 
 void combine(uintptr_t parts, int64_t num_parts, int64_t cols, int64_t parts_stride, uintptr_t out, int threads) {
-  require_data(parts, num_parts, "parts");
+  require_data(parts, num_parts, "parts", kDoubleBytes);
   const MergeScratch buffers = merge_scratch(num_parts, cols);
   MergeArgs a{ptr<const double>(parts), num_parts, cols, parts_stride, buffers.tree, buffers.counts,
               ptr<double>(out), nullptr, 0, nullptr, 0, nullptr, nullptr, false, 0.0,

@@ -766,7 +766,7 @@ inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, co
     // a row shares with the next is left to plain stores, so no line gets both kinds.
     const uintptr_t address = reinterpret_cast<uintptr_t>(y);
     const int64_t head = static_cast<int64_t>((64 - (address & 63)) & 63) / 4;
-    if (address % 4 == 0 && head + 16 <= cols) {  // a float32 view of a byte buffer can start anywhere
+    if (address % 4 == 0 && head + 16 <= cols) {  // the bindings refuse misaligned outputs; a guard all the same
 #ifdef PROTONORM_KERNELS_AVX512
       for (; j < head; j += 8) masked(j, head - j < 8 ? head - j : 8);
 #else

@@ -279,23 +279,6 @@ def test_streamed_outputs_are_the_same_bits(isa, stream_everything, dtype, b, d)
         assert_same(parts, plain)
 
 
-def test_streamed_output_that_is_not_float_aligned(stream_everything):
-    """A float32 output that starts at an odd byte address (a view of a byte buffer) cannot take aligned
-    non-temporal stores: it is written with plain ones, with the same bits."""
-    x = data(5, 100, torch.float32)
-    mean, var = stats(100)
-    raw = bytearray(5 * 100 * 4 + 1)
-    out = torch.frombuffer(raw, dtype=torch.float32, offset=1, count=500).view(5, 100)
-    assert out.data_ptr() % 4 == 1
-    want = torch.empty(5, 100)
-    TORCH.normalize(x, mean, var, 1e-5, 2.0, False, True, want)
-    CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, out)
-    assert_same(out, want)
-    out.fill_(0.0)
-    CPP.normalize_moments(x, mean, var, 1e-5, 2.0, out, {})
-    assert_same(out, want)
-
-
 def test_stream_threshold_is_the_last_level_cache():
     """By default outputs stream once input plus output exceed the last-level cache; the setter restores it."""
     default = _C.stream_threshold()
@@ -1219,6 +1202,66 @@ def test_no_host_sync_on_hot_path():
 
 
 # ------------------------------------------------------------------------------------------------ bad input
+def _misaligned(t, by=1):
+    """A copy of ``t`` that starts ``by`` bytes past an element boundary (a view of a byte buffer at an offset)."""
+    raw = bytearray(t.numel() * t.element_size() + by)
+    view = torch.frombuffer(raw, dtype=t.dtype, offset=by, count=t.numel()).view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % t.element_size() == by % t.element_size() != 0
+    return view
+
+
+def test_tensors_not_aligned_to_their_elements_are_refused(stream_everything):
+    """The kernels read and write elements through pointers of their type: a tensor that starts between two of its
+    elements (a view of a byte buffer at an odd offset) would be accessed misaligned, which is undefined behaviour
+    (UBSan reports it; aligned non-temporal stores there crashed). Each op refuses it, whichever argument it is,
+    before anything is written."""
+    x, reward = data(8, 40, torch.float32), data(8, 40, torch.float32, seed=1)
+    mean, var = stats(40)
+    terminated = torch.arange(8) % 3 == 0
+    state = [mean.clone(), var.clone(), torch.tensor(3), torch.tensor(0)]
+    parts = CPP.moments(x, None, {}).clone()
+    out, discounted = torch.full((8, 40), 7.0), torch.ones(8, 40)
+    kept = [t.clone() for t in state + [out, discounted]]
+    expected = "expected a tensor aligned to its {}-byte elements"
+    cases = [
+        ("x", 4, lambda: CPP.moments(_misaligned(x), None, {})),
+        ("x", 2, lambda: CPP.moments(_misaligned(x.half()), None, {})),
+        ("parts", 8, lambda: CPP.moments(x, None, {"cpp_parts": (8, 40, _misaligned(parts, 4))})),
+        ("x", 8, lambda: CPP.normalize(_misaligned(x.double(), 4), mean, var, 1e-5, 2.0, False, True,
+                                        out.double())),
+        ("out", 4, lambda: CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, _misaligned(out))),
+        ("out", 4, lambda: CPP.normalize_moments(x, mean, var, 1e-5, 2.0, _misaligned(out), {})),
+        ("mean", 8, lambda: CPP.normalize(x, _misaligned(mean, 2), var, 1e-5, 2.0, False, True, out)),
+        ("var", 8, lambda: CPP.merge(parts, *state[:1], _misaligned(state[1], 4), *state[2:], None)),
+        ("count", 8, lambda: CPP.merge(parts, *state[:2], _misaligned(state[2], 4), state[3], None)),
+        ("parts", 8, lambda: CPP.merge(_misaligned(parts, 4), *state, None)),
+        ("parts", 8, lambda: CPP.combine(_misaligned(parts, 4))),
+        ("reward", 4, lambda: CPP.reward_moments(_misaligned(reward), terminated, discounted, 0.9, {})),
+        ("discounted", 4, lambda: CPP.reward_moments(reward, terminated, _misaligned(discounted), 0.9, {})),
+        ("terminated", 8, lambda: CPP.reward_record(reward, _misaligned(terminated.long(), 4), discounted, 0.9,
+                                                     *state, None, {})),
+        ("dropped", 8, lambda: CPP.reward_record(reward, terminated, discounted, 0.9, *state[:3],
+                                                  _misaligned(state[3], 1), None, {})),
+    ]
+    for name, size, call in cases:
+        with pytest.raises(ValueError, match=f"^{name}: {expected.format(size)}"):
+            call()
+        for a, e in zip(state + [out, discounted], kept):
+            assert_same(a, e)
+    # Through the module as well (its direct calls), which then keeps its statistics.
+    module = protonorm.RunningMeanStd(shape=(40,), device="cpu", backend="cpp")
+    module.record_moments(x)
+    module.normalize(x)
+    before = [module.mean.clone(), module.var.clone(), module.count.clone()]
+    with pytest.raises(ValueError, match=f"^x: {expected.format(4)}"):
+        module.normalize(_misaligned(x))
+    for a, e in zip((module.mean, module.var, module.count), before):
+        assert_same(a, e)
+    module.record_moments(x)
+    assert int(module.count) == int(before[2]) + 8
+
+
 def test_tensors_without_memory_are_refused():
     """torch's ZeroTensor passes every shape, dtype and stride check but has a null data pointer: the kernels must
     refuse it, whichever argument it is, rather than read or write address 0 (which crashed the process)."""
