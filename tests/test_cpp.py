@@ -159,8 +159,9 @@ def test_instruction_sets_with_fma_give_the_same_moments():
 
 def test_ops_refuse_what_they_would_write_wrongly():
     """Statistics or outputs whose elements share memory (threads would race, later writes would win), lazily
-    negated outputs (the kernels write memory, not values) and a fused output sharing the batch's memory (its
-    moments are read after the output is written) raise, saying what was expected."""
+    negated outputs (the kernels write memory, not values), a fused output sharing the batch's memory (its
+    moments are read after the output is written) and a plain output over part of the batch, other than the batch
+    itself (rows still to be read would be written first) raise, saying what was expected."""
     x = data(8, 4, torch.float32)
     mean, var = stats(4)
     shared_mean = torch.zeros(1, dtype=torch.float64).expand(4)
@@ -176,6 +177,12 @@ def test_ops_refuse_what_they_would_write_wrongly():
         CPP.reward_moments(x, torch.zeros(8, dtype=torch.bool), torch.empty(8, 8)[:, ::2], 0.9, {})
     with pytest.raises(ValueError, match="shares no memory with x"):
         CPP.normalize_moments(x, mean, var, 1e-5, 2.0, x, {})
+    rows = data(10, 4, torch.float32).reshape(-1)
+    for shifted in (rows[4:36].view(8, 4), rows.as_strided((8, 4), (4, 1), 1), rows.as_strided((8, 4), (5, 1))):
+        before = rows.clone()  # a row on, an element on, or the same start with rows further apart
+        with pytest.raises(ValueError, match="out: expected x itself or memory apart from x's"):
+            CPP.normalize(rows[:32].view(8, 4), mean, var, 1e-5, 2.0, False, True, shifted)
+        assert_same(rows, before)
     before = x.clone()
     CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, x)  # a plain normalize may write over its input
     want = torch.empty_like(before)
