@@ -119,11 +119,19 @@ def _check_float_rows(name: str, x: Tensor) -> None:
     raise TypeError(f"{name}: expected float32, float64, float16 or bfloat16, got {x.dtype}")
 
 
+def _is_aligned(t: Tensor) -> bool:
+    """Whether ``t`` starts on a boundary of its elements, as the kernels, which access whole elements, need (a view
+    of a byte buffer at an odd offset does not; the bindings refuse such a tensor)."""
+    return t.data_ptr() % t.element_size() == 0
+
+
 def _unit_columns(x: Tensor) -> Tensor:
     """``x`` as the kernels read it: its values in memory (a lazily negated view resolved, since the kernels read
-    raw memory) and contiguous columns; a copy only when needed."""
+    raw memory), aligned to its elements and with contiguous columns; a copy only when needed."""
     if x.is_neg():
         x = x.resolve_neg()
+    if not _is_aligned(x):
+        return x.clone(memory_format=torch.contiguous_format)
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
@@ -463,8 +471,9 @@ def _is_flags(terminated: Tensor, rows: int) -> bool:
     return t.is_cpu and t.dtype in _DTYPE_CODES and t.dim() == 1 and t.shape[0] == rows
 
 
-def _check_reward_inputs(reward: Tensor, terminated: Tensor, discounted: Tensor) -> Tensor:
-    """``reward`` with unit column stride, once it and the other two are known to fit the reward kernel."""
+def _check_reward_inputs(reward: Tensor, terminated: Tensor, discounted: Tensor) -> Tuple[Tensor, Tensor]:
+    """``reward`` with unit column stride and ``terminated``, both aligned to their elements, once they and
+    ``discounted`` are known to fit the reward kernel."""
     _check_float_rows("reward", reward)
     reward = _unit_columns(reward)
     rows, cols = reward.shape
@@ -478,14 +487,14 @@ def _check_reward_inputs(reward: Tensor, terminated: Tensor, discounted: Tensor)
             f"terminated: expected a real or bool tensor of shape ({rows},), got {terminated.dtype} "
             f"{tuple(terminated.shape)}"
         )
-    return reward
+    return reward, terminated if _is_aligned(terminated) else terminated.clone()
 
 
 @_define("cpp_reward_moments", "(Tensor reward, Tensor terminated, Tensor(a!) discounted, float gamma, "
          "Tensor(b!) parts) -> ()")
 def _reward_moments_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float,
                            parts: Tensor) -> None:
-    reward = _check_reward_inputs(reward, terminated, discounted)
+    reward, terminated = _check_reward_inputs(reward, terminated, discounted)
     rows, cols = reward.shape
     num_parts, rows_per_part = _parts_out(parts, rows, cols)
     _C.reward_moments(reward.data_ptr(), rows, cols, reward.stride(0), _DTYPE_CODES[reward.dtype],
@@ -498,7 +507,7 @@ def _reward_moments_kernel(reward: Tensor, terminated: Tensor, discounted: Tenso
          "Tensor(b!) mean, Tensor(c!) var, Tensor(d!) count, Tensor(e!) dropped, float? ema_decay) -> ()")
 def _reward_record_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float, mean: Tensor,
                           var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]) -> None:
-    reward = _check_reward_inputs(reward, terminated, discounted)
+    reward, terminated = _check_reward_inputs(reward, terminated, discounted)
     rows, cols = reward.shape
     _check_stats(mean, var, cols)
     _check_counters(count, dropped)
@@ -552,12 +561,13 @@ def _direct_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clam
 def _is_direct_rows(x: Tensor) -> bool:
     """What the op would copy or pass on to the general way's early return: strided columns, no rows or columns."""
     rows, cols = x.shape
-    return rows > 0 and cols > 0 and (cols == 1 or x.stride(1) == 1) and not x.is_neg()
+    return rows > 0 and cols > 0 and (cols == 1 or x.stride(1) == 1) and not x.is_neg() and _is_aligned(x)
 
 
 def _direct_merge(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor,
                   ema_decay: Optional[float]) -> bool:
-    if not (eager_plain(parts, mean, var, count, dropped) and _is_parts(parts) and parts.stride(1) == 1):
+    if not (eager_plain(parts, mean, var, count, dropped) and _is_parts(parts) and parts.stride(1) == 1
+            and _is_aligned(parts)):
         return False
     num_parts, width = parts.shape
     cols = (width - 2) // 2
@@ -586,8 +596,10 @@ def _direct_reward_record(reward: Tensor, terminated: Tensor, discounted: Tensor
         and reward.dtype in _FLOAT_DTYPES
         and (cols == 1 or reward.stride(1) == 1)
         and not reward.is_neg()
+        and _is_aligned(reward)
         and _is_returns(discounted, reward.shape)
         and _is_flags(terminated, rows)
+        and _is_aligned(terminated)
         and _is_stat(mean, cols)
         and _is_stat(var, cols)
         and _is_counter(count)
