@@ -3,7 +3,8 @@
 A copy of the sources is built with both sanitizers and with PROTONORM_EXACT_SCRATCH (every per-thread scratch
 buffer sized to the call's request, so that an overrun leaves the buffer), then tests/test_cpp.py runs against it
 in a child process with the sanitizer runtimes preloaded (the interpreter itself is not instrumented). Any report
-fails the child, and so this test. About 1.5 minutes on two cores, most of it the build.
+fails the child, and so this test. The tests that do not run every instruction set's kernels themselves run
+again with each of the others. About two minutes on two cores.
 """
 from __future__ import annotations
 
@@ -69,22 +70,32 @@ def test_cpp_tests_pass_under_address_and_undefined_behavior_sanitizers(tmp_path
     symbols = subprocess.run(["nm", "-D", str(built[0])], capture_output=True, text=True).stdout
     assert "__asan_" in symbols, "the extension was built without the address sanitizer"
 
-    # Reports go to files: pytest in the child holds its stderr while a test runs, and the sanitizer ends the
-    # process before pytest could show it.
+    # Reports go to files, and the child runs pytest with -s: pytest would otherwise hold its stderr while a test
+    # runs, and the sanitizer ends the process before pytest could show it.
     logs = tmp_path / "reports"
     logs.mkdir()
     env = dict(os.environ, PYTHONPATH=str(copy), LD_PRELOAD=" ".join(RUNTIMES),
                ASAN_OPTIONS=f"detect_leaks=0:exitcode=86:log_path={logs / 'asan'}",
                UBSAN_OPTIONS=f"halt_on_error=1:print_stacktrace=1:exitcode=87:log_path={logs / 'ubsan'}")
     env.pop("PROTONORM_BACKEND", None)
-    probe = subprocess.run([sys.executable, "-c", "import protonorm._C as c; print(c.__file__)"], cwd=copy, env=env,
-                           capture_output=True, text=True, timeout=300)
-    assert probe.stdout.strip() == str(built[0]), probe.stdout + probe.stderr[-3000:]
-    # The out-of-memory tests set an address-space limit, which the sanitizer's shadow memory does not fit in.
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_cpp.py",
-                          "-k", "not out_of_memory"], cwd=copy, env=env, capture_output=True, text=True, timeout=1800)
-    reports = "".join(path.read_text(errors="replace")[:6000] for path in sorted(logs.iterdir()))
-    message = reports + run.stdout[-3000:] + run.stderr[-3000:]
-    assert not reports and run.returncode == 0, message
-    summary = run.stdout.strip().splitlines()[-1]
-    assert " passed" in summary and "failed" not in summary and "error" not in summary, message
+    env.pop("PROTONORM_CPU_ISA", None)
+    probe = subprocess.run([sys.executable, "-c", "import protonorm._C as c; print(c.__file__); print(*c.isas())"],
+                           cwd=copy, env=env, capture_output=True, text=True, timeout=300)
+    lines = probe.stdout.splitlines()
+    assert lines and lines[0] == str(built[0]), probe.stdout + probe.stderr[-3000:]
+    isas = lines[1].split()
+    # The whole file with the kernels this CPU prefers; then, for each other instruction set, the tests that do
+    # not already run every one (those parametrized by the `isa` fixture carry its name in their ids). The
+    # out-of-memory tests set an address-space limit, which the sanitizer's shadow memory does not fit in.
+    runs = [(None, "not out_of_memory")]
+    runs += [(isa, "not out_of_memory and " + " and ".join(f"not {name}" for name in isas)) for isa in isas[:-1]]
+    for isa, selection in runs:
+        run_env = env if isa is None else dict(env, PROTONORM_CPU_ISA=isa)
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider",
+                              "tests/test_cpp.py", "-k", selection], cwd=copy, env=run_env, capture_output=True,
+                             text=True, timeout=1800)
+        reports = "".join(path.read_text(errors="replace")[:6000] for path in sorted(logs.iterdir()))
+        message = f"kernels: {isa or 'default'}\n" + reports + run.stdout[-3000:] + run.stderr[-3000:]
+        assert not reports and run.returncode == 0, message
+        summary = run.stdout.strip().splitlines()[-1]
+        assert " passed" in summary and "failed" not in summary and "error" not in summary, message
