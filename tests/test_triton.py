@@ -638,6 +638,23 @@ def test_fused_output_must_not_share_the_batch_memory():
         TB.normalize_moments(x, mean, var, 1e-5, 2.0, x, {})
 
 
+def test_plain_output_is_the_batch_itself_or_apart_from_it():
+    """A plain normalize may write over its input, but not over part of it: programs running side by side would
+    write rows that others have still to read."""
+    mean, var, _, _ = stats(4)
+    rows = batch(10, 4).reshape(-1)
+    for shifted in (rows[4:36].view(8, 4), rows.as_strided((8, 4), (4, 1), 1), rows.as_strided((8, 4), (5, 1))):
+        before = rows.clone()  # a row on, an element on, or the same start with rows further apart
+        with pytest.raises(ValueError, match="^out: expected x itself or memory apart from x's"):
+            TB.normalize(rows[:32].view(8, 4), mean, var, 1e-5, 2.0, False, True, shifted)
+        assert torch.equal(rows, before)
+    x = batch(8, 4)
+    want = torch.empty_like(x)
+    TB.normalize(x, mean, var, 1e-5, 2.0, False, True, want)
+    TB.normalize(x, mean, var, 1e-5, 2.0, False, True, x)
+    assert torch.equal(x, want)
+
+
 COMPILE_CHECK = textwrap.dedent(
     """
     import torch, triton

@@ -11,7 +11,7 @@ from a workspace stay valid until the next call that is handed the same dict.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -183,6 +183,28 @@ def check_not_sharing(name: str, out: Tensor, x: Tensor) -> None:
         return
     if out.numel() and x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         raise ValueError(f"{name}: expected a tensor that shares no memory with x (the moments are taken of x)")
+
+
+def _byte_span(t: Tensor) -> Tuple[int, int]:
+    """The bytes ``[start, end)`` from ``t``'s first element to the end of its last."""
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def check_in_place_or_apart(name: str, out: Tensor, x: Tensor) -> None:
+    """Raise unless ``out`` is ``x`` itself or lies apart from x's memory: a plain normalize may write over its input
+    (each element is read before it is written), but an output anywhere else within the batch's memory would be
+    written over rows and elements still to be read (torch's own ops refuse such a partial overlap). Not checked
+    inside a trace, which has no memory to compare."""
+    if torch.compiler.is_compiling() or out.numel() == 0 or x.numel() == 0:
+        return
+    if out.data_ptr() == x.data_ptr() and out.dtype == x.dtype and out.stride() == x.stride():
+        return
+    (x_start, x_end), (out_start, out_end) = _byte_span(x), _byte_span(out)
+    if out_end <= x_start or x_end <= out_start:
+        return
+    raise ValueError(f"{name}: expected x itself or memory apart from x's, got a tensor at offset "
+                     f"{out_start - x_start} bytes from x with strides {out.stride()} (x: {x.stride()}); clone() x")
 
 
 def outside_inference_mode(factory):

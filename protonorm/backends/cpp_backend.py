@@ -31,7 +31,8 @@ import torch
 from torch import Tensor
 
 from ..reference import parts_width
-from .base import Backend, check_not_sharing, eager_plain, normalized_dtype, outside_inference_mode
+from .base import (Backend, check_in_place_or_apart, check_not_sharing, eager_plain, normalized_dtype,
+                   outside_inference_mode)
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -398,33 +399,13 @@ def _check_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp
     raise ValueError(f"clamp_value: expected None or a number > 0, got {clamp_value!r}")
 
 
-def _span(t: Tensor) -> Tuple[int, int]:
-    """The bytes ``[start, end)`` from ``t``'s first element to the end of its last."""
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
-
-
-def _check_in_place(out: Tensor, x: Tensor) -> None:
-    """A plain normalize writes over its input when ``out`` is ``x`` itself (each element is read before it is
-    written); ``out`` anywhere else within x's memory would be written over rows and elements still to be read."""
-    if out.numel() == 0 or x.numel() == 0:
-        return
-    if out.data_ptr() == x.data_ptr() and out.dtype == x.dtype and out.stride() == x.stride():
-        return
-    (x_start, x_end), (out_start, out_end) = _span(x), _span(out)
-    if out_end <= x_start or x_end <= out_start:
-        return
-    raise ValueError(f"out: expected x itself or memory apart from x's, got a tensor at offset "
-                     f"{out_start - x_start} bytes from x with strides {out.stride()} (x: {x.stride()}); clone() x")
-
-
 @_define("cpp_normalize", "(Tensor x, Tensor mean, Tensor var, float epsilon, float? clamp_value, bool un_norm, "
          "bool center, Tensor(a!) out) -> ()")
 def _normalize_kernel(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
                       un_norm: bool, center: bool, out: Tensor) -> None:
     _check_normalize(x, mean, var, epsilon, clamp_value, out)
     x = _unit_columns(x)
-    _check_in_place(out, x)
+    check_in_place_or_apart("out", out, x)
     _run_normalize(x, mean, var, epsilon, clamp_value, un_norm, center, out)
 
 

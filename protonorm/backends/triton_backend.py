@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .base import Backend, check_not_sharing, eager_plain, is_negated_view, normalized_dtype, workspace_buffer
+from .base import (Backend, check_in_place_or_apart, check_not_sharing, eager_plain, is_negated_view,
+                   normalized_dtype, workspace_buffer)
 
 try:
     import triton  # noqa: F401
@@ -303,6 +304,7 @@ class TritonBackend(Backend):
         x = _check_rows(x, "normalize")
         _check_stats(mean, var, x.device, x.shape[1])
         _check_out(out, x)
+        check_in_place_or_apart("out", out, x)
         clamp_value = None if clamp_value is None else float(clamp_value)
         op = _normalize_impl if eager_plain(x, mean, var, out) else torch.ops.protonorm.triton_normalize
         op(x, mean, var, float(epsilon), clamp_value, bool(un_norm), bool(center), out)
