@@ -262,8 +262,8 @@ int64_t default_stream_threshold() {
 }
 
 bool stream_output(int64_t rows, int64_t cols, int x_dtype, int out_dtype) {
-  const auto size = [](int dtype) -> int64_t { return dtype == kFloat64 ? 8 : dtype == kFloat32 ? 4 : 2; };
-  const double bytes = static_cast<double>(rows) * static_cast<double>(cols) * (size(x_dtype) + size(out_dtype));
+  const double bytes =
+      static_cast<double>(rows) * static_cast<double>(cols) * (dtype_bytes(x_dtype) + dtype_bytes(out_dtype));
   return bytes >= static_cast<double>(g_stream_threshold);
 }
 
