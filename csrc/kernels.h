@@ -1160,7 +1160,6 @@ void merge(const MergeArgs& a) {
       len = (len + 1) / 2;
       first_level = false;
     }
-    const double total = n_b;
     if (a.combined != nullptr) {
       for (int64_t j = c_begin; j < c_end; ++j) {
         a.combined[2 + j] = mean_b[j];
@@ -1168,14 +1167,14 @@ void merge(const MergeArgs& a) {
       }
       return;
     }
-    if (!(total > 0.0)) return;  // no valid row: the statistics stay bit-for-bit as they were
+    if (!(n_b > 0.0)) return;  // no valid row: the statistics stay bit-for-bit as they were
     double* mean = a.mean;
     double* var = a.var;
     const int64_t ms = a.mean_stride, vs = a.var_stride;
     if (a.ema) {
       const double d = a.ema_decay;
       const double rest = 1.0 - d;
-      const double batch_n = total < 1.0 ? 1.0 : total;
+      const double batch_n = n_b < 1.0 ? 1.0 : n_b;
       for (int64_t j = c_begin; j < c_end; ++j) {
         const double batch_var = m2_b[j] / batch_n;
         mean[j * ms] = d * mean[j * ms] + rest * mean_b[j];
@@ -1184,9 +1183,9 @@ void merge(const MergeArgs& a) {
       return;
     }
     const double n_a = static_cast<double>(n_current);
-    const double n = n_a + total;
-    const double weight_mean = total / safe_count(n);
-    const double weight_m2 = n_a * total / safe_count(n);
+    const double n = n_a + n_b;
+    const double weight_mean = n_b / safe_count(n);
+    const double weight_m2 = n_a * n_b / safe_count(n);
     const double divisor = safe_count(n);
     for (int64_t j = c_begin; j < c_end; ++j) {
       const double m = mean[j * ms];
