@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 import zlib
 from typing import Callable, List, Optional, Tuple
 
@@ -76,6 +77,13 @@ def _torch_group(fabric):
     if _is_lightning_fabric(fabric) and dist.is_initialized() and dist.get_world_size() == fabric.world_size:
         return None
     return _NOT_A_GROUP
+
+
+def is_group_handle(fabric) -> bool:
+    """Whether ``fabric`` is a ``torch.distributed`` process group or the module itself: a handle to the
+    process's communicator, which a copied normalizer shares (neither can be copied)."""
+    dist = _dist()
+    return isinstance(fabric, types.ModuleType) or (dist is not None and isinstance(fabric, dist.ProcessGroup))
 
 
 def world_size(fabric) -> int:

@@ -8,6 +8,7 @@ hyperparameter given as a one-element tensor (read once, when it is set).
 """
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import numbers
@@ -257,6 +258,22 @@ class RunningMeanStd(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)  # nn.Module's: fills in the attributes a pickle from an older torch lacks
         self._reset_transient_state()
+
+    def __deepcopy__(self, memo):
+        # A copy made in this process is the same rank's: it keeps the rows a deferred sync still owes the other
+        # ranks, which a pickle drops (loaded on every rank, it would send them once per rank). A fabric that is a
+        # process-group handle cannot be copied; the copy shares it.
+        from . import distributed
+
+        fabric = self.__dict__.get("fabric")
+        if distributed.is_group_handle(fabric):
+            memo.setdefault(id(fabric), fabric)
+        copied = self.__class__.__new__(self.__class__)
+        memo[id(self)] = copied
+        state = copy.deepcopy({**self.__getstate__(), "_sync_state": self._sync_state}, memo)
+        copied.__setstate__(state)
+        copied._sync_state = state["_sync_state"]
+        return copied
 
     def _apply(self, fn, recurse=True):
         # model.half()/.double()/.to(dtype) on a parent must not round the float64 statistics or the int64

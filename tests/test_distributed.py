@@ -12,6 +12,7 @@ so 1e-12 relative is the bar. Across ranks the bar is bitwise equality.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 import os
 import re
@@ -238,6 +239,24 @@ def _deferred_interruptions(fabric, rank, world):
     return _stats(norm)
 
 
+def _copied_mid_stream(fabric, rank, world):
+    """A model deep-copied (as callers copy models) while its deferred normalizer has records pending since the last
+    sync; the copy records more and syncs. The copy must send the rows recorded before the copy too, and share the
+    fabric (a process group cannot be copied). With ``fabric`` None: one process recording every rank's rows."""
+    ranks = range(world) if fabric is None else [rank]
+    model = nn.ModuleDict({"norm": RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", sync="deferred")})
+    for step in range(2):
+        model["norm"].record_moments(torch.cat([_obs_batch(r, step) for r in ranks]))
+        if step == 0 and fabric is not None:
+            protonorm.sync(model, fabric)
+    copied = copy.deepcopy(model)
+    assert copied["norm"].fabric is fabric
+    copied["norm"].record_moments(torch.cat([_obs_batch(r, 2) for r in ranks]))
+    if fabric is not None:
+        protonorm.sync(copied, fabric)
+    return _stats(copied["norm"])
+
+
 def _per_call_rank(fabric, rank, world):
     """Every backend x reduce method x (Welford, EMA) observation stream, plus the reward stream."""
     out = {}
@@ -286,6 +305,7 @@ def _process_group_worker(rank, world, port, out_dir):
             sizes = (distributed.world_size(fabric), distributed.rank(fabric))
             result[label] = {"stats": stats, "collectives": ops.count, "sizes": sizes}
         result["deferred"] = _deferred_rank(dist.group.WORLD, rank, "torch")
+        result["copied"] = [_copied_mid_stream(fabric, rank, world) for fabric in (dist.group.WORLD, dist)]
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -503,6 +523,10 @@ def test_process_group_fabrics(tmp_path):
     for name, truth_stats in expected[-1].items():
         assert_same_on_every_rank([d["after_sync"][-1][name] for d in deferred])
         assert_matches_truth(deferred[0]["after_sync"][-1][name], truth_stats)
+    truth = _copied_mid_stream(None, 0, world)
+    for copied in zip(*(r["copied"] for r in ranks)):  # a ProcessGroup, then the torch.distributed module
+        assert_same_on_every_rank(copied)
+        assert_matches_truth(copied[0], truth)
 
 
 # --------------------------------------------------------------------------------------------- duck-typed fabric
@@ -532,6 +556,9 @@ class _ThreadFabric:
         w.barrier.wait()
         w.gathers[self.global_rank] += 1
         return gathered if w.as_list else torch.stack(gathered)
+
+    def __deepcopy__(self, memo):  # a handle to the world, shared by copies like a process group
+        return self
 
     def broadcast(self, obj, src=0):  # part of upstream's duck type; protonorm never calls it
         raise AssertionError("broadcast must not be used")
@@ -605,6 +632,12 @@ def test_duck_typed_fabric_deferred():
         for name, truth_stats in truth.items():
             assert_same_on_every_rank([r["after_sync"][round_index][name] for r in results])
             assert_matches_truth(results[0]["after_sync"][round_index][name], truth_stats)
+
+
+def test_deep_copy_keeps_the_rows_a_deferred_sync_owes():
+    results = _run_threads(_ThreadWorld(2), lambda fabric, rank: _copied_mid_stream(fabric, rank, 2))
+    assert_same_on_every_rank(results)
+    assert_matches_truth(results[0], _copied_mid_stream(None, 0, 2))
 
 
 @pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
