@@ -172,7 +172,8 @@ def fold_parts(module, parts: Tensor, backend, check: Optional[Callable[[Tensor]
 
     ``check`` (None or a callable raising on dropped non-finite rows) sees the parts that will be merged: every
     rank's in per-call mode, so all ranks raise together; this rank's in deferred mode, where nothing waits on
-    a collective. Called by the normalizers when their ``fabric`` spans more than one rank.
+    a collective. Called by the normalizers when their ``fabric`` spans more than one rank, and for every deferred
+    record whatever the fabric (it may be assigned later).
     """
     if module.sync == "deferred":
         _record_deferred(module, parts, backend, check)
@@ -335,8 +336,8 @@ def sync(module_tree, fabric=None) -> None:
         name = untracked[0]
         fabric_held = dict(entries)[name].fabric
         raise ValueError(
-            f"sync: normalizer {name or '<root>'!r} has sync='deferred' but fabric={fabric_held!r}, so its "
-            "records were merged locally and not tracked; give it the distributed fabric before recording"
+            f"sync: normalizer {name or '<root>'!r} has sync='deferred' but fabric={fabric_held!r}, which does not "
+            "span the ranks; give it the distributed fabric (the rows it recorded so far wait for its next sync)"
         )
     if not live:
         return

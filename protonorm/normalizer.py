@@ -377,10 +377,12 @@ class RunningMeanStd(nn.Module):
     def _fold(self, parts: Tensor, backend: Backend, layout: Optional[_Layout] = None) -> None:
         """Merge recorded moments into the statistics (all ranks' when distributed)."""
         check = self._raise_if_nonfinite if self.nonfinite == "raise" else None
-        if self.fabric is not None:
+        if self.fabric is not None or self.sync == "deferred":
             from . import distributed
 
-            if distributed.world_size(self.fabric) > 1:
+            # Deferred records are tracked whatever the fabric: callers assign the distributed one after
+            # construction, and rows recorded before are owed to the other ranks at the next sync all the same.
+            if self.sync == "deferred" or distributed.world_size(self.fabric) > 1:
                 distributed.fold_parts(self, parts, backend, check)
                 return
         if check is not None:
@@ -399,9 +401,9 @@ class RunningMeanStd(nn.Module):
                 self._fold(parts, self._backend_for(x))
 
     def _merges_alone(self) -> bool:
-        """Whether recorded moments go straight into this process's statistics and nowhere else (no other ranks,
-        no check of the parts), so that a backend may fuse computing them with the merge."""
-        if self.nonfinite != "drop":
+        """Whether recorded moments go straight into this process's statistics and nowhere else (no other ranks, now
+        or at a deferred sync, no check of the parts), so that a backend may fuse computing them with the merge."""
+        if self.nonfinite != "drop" or self.sync == "deferred":
             return False
         if self.fabric is None:
             return True
@@ -539,7 +541,7 @@ class RunningMeanStd(nn.Module):
         """
         # ProtoMotions' second call: the moments of this very batch are stashed by normalize, and with the
         # statistics this process's alone the backend may merge them directly (Backend.try_merge).
-        if mask is None and self.fabric is None and self.nonfinite == "drop":
+        if mask is None and self.fabric is None and self.nonfinite == "drop" and self.sync == "per_call":
             parts, backend = self._stashed_moments(arr)
             layout = self._layout_cache
             if (
@@ -631,6 +633,7 @@ class RewardRunningMeanStd(RunningMeanStd):
             and previous is not None
             and self.fabric is None
             and self.nonfinite == "drop"
+            and self.sync == "per_call"
             and layout.choice == self.backend
             and layout.backend.direct
             and layout.current(self._buffers)

@@ -640,6 +640,39 @@ def test_deep_copy_keeps_the_rows_a_deferred_sync_owes():
     assert_matches_truth(results[0], _copied_mid_stream(None, 0, 2))
 
 
+# (Triton's CPU interpreter is not thread-safe; the record paths this checks are chosen before any backend runs.)
+@pytest.mark.parametrize("backend", [name for name in _cpu_backends() if name != "triton"])
+@pytest.mark.parametrize("before", ["none", "world_of_one"])
+def test_deferred_rows_recorded_before_the_fabric_is_assigned_are_synced(before, backend):
+    """Callers assign ``fabric`` after construction. Rows a deferred normalizer recorded while its fabric was None
+    (or a world of one) enter the next sync like any other: were they merged untracked, each rank would keep its
+    own as the shared base and the ranks would differ after the sync. Covers normalize-then-record and rewards."""
+
+    def run(fabric, rank, world=2):
+        ranks = range(world) if fabric is None else [rank]
+        local = None if before == "none" else _FakeWorld()
+        kind = "per_call" if fabric is None else "deferred"
+        obs = RunningMeanStd(local, shape=(D_OBS,), device="cpu", backend=backend, sync=kind)
+        reward = RewardRunningMeanStd(local, (1,), 0.99, device="cpu", backend=backend, sync=kind)
+        for step in range(3):
+            if step == 2:
+                obs.fabric = reward.fabric = fabric
+            batch = torch.cat([_obs_batch(r, step) for r in ranks])
+            obs.normalize(batch)
+            obs.record_moments(batch)
+            steps = [_reward_step(r, step) for r in ranks]
+            reward.record_reward(torch.cat([p[0] for p in steps]), torch.cat([p[1] for p in steps]))
+        if fabric is not None:
+            protonorm.sync(nn.ModuleDict({"obs": obs, "reward": reward}), fabric)
+        return _stats(obs), _stats(reward)
+
+    results = _run_threads(_ThreadWorld(2), run)
+    truth = run(None, 0)
+    for index in range(2):
+        assert_same_on_every_rank([r[index] for r in results])
+        assert_matches_truth(results[0][index], truth[index])
+
+
 @pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
 def test_deferred_sync_keeps_dropped_row_counts(ema):
     """A deferred sync's nonfinite_rows is the base's plus every rank's rows dropped since (rank r drops r + 1
