@@ -325,7 +325,7 @@ def sync(module_tree, fabric=None) -> None:
         return
     untracked = [name for name, m in entries if m.fabric is None or world_size(m.fabric) <= 1]
     live = [(name, m) for name, m in entries if m._initialized]
-    device = live[0][1].mean.device if live else torch.device("cpu")
+    device = _sync_device(fabric, entries, live)
     # First every rank's layout signature (fixed size), so that ranks whose trees differ, in size or in which
     # normalizers lack the fabric too, all raise before anything of a size that differs between them is sent.
     size = sum(reference.parts_width(m.num_features) for _, m in live)
@@ -353,6 +353,18 @@ def sync(module_tree, fabric=None) -> None:
         incoming = gathered[:, offset : offset + width].to(module.mean.device).contiguous()
         offset += width
         _apply_incoming(module, state, incoming)
+
+
+def _sync_device(fabric, entries, live) -> torch.device:
+    """Where the sync's tensors travel: the first initialized normalizer's device; with none initialized, the device
+    a lazy one was moved to, else the fabric's (a Lightning Fabric's), else the CPU. NCCL takes no CPU tensor."""
+    if live:
+        return live[0][1].mean.device
+    moved = [m._lazy_device for _, m in entries if m._lazy_device is not None]
+    if moved:
+        return moved[0]
+    device = getattr(fabric, "device", None)
+    return device if isinstance(device, torch.device) else torch.device("cpu")
 
 
 def _outgoing_row(module, state: _DeferredState) -> Tensor:

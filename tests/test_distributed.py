@@ -819,6 +819,39 @@ def test_sync_rejects_untracked_deferred_normalizer(local_on):
         assert all("different trees" in message for message, _, _ in results)
 
 
+class _DeviceProbe(_FakeWorld):
+    """A world of two that records where the sync's first collective was asked to travel, then stops the sync."""
+
+    def __init__(self, device=None):
+        super().__init__(2, 0)
+        if device is not None:
+            self.device = device
+        self.seen = None
+
+    def all_gather(self, tensor):
+        self.seen = tensor.device
+        raise _Stop
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["moved_model", "fabric_device"])
+def test_sync_of_lazy_normalizers_travels_on_their_device(where):
+    """A tree whose deferred normalizers are all still lazy (a sync before the first record) has no buffer to take
+    the device from; the CPU would do for gloo, but NCCL takes no CPU tensor (every rank would fail, or wait
+    forever where another rank's normalizers are initialized). The device the model was moved to, else the
+    fabric's, is used."""
+    probe = _DeviceProbe(torch.device("meta") if where == "fabric_device" else None)
+    tree = nn.ModuleDict({"lazy": RunningMeanStd(probe, device="cpu", sync="deferred")})
+    if where == "moved_model":
+        tree.to("meta")
+    with pytest.raises(_Stop):
+        protonorm.sync(tree)
+    assert probe.seen == torch.device("meta")
+
+
 def test_sync_rejects_non_module():
     with pytest.raises(TypeError, match="nn.Module"):
         protonorm.distributed.sync([1, 2])
