@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--backends",
         help="comma-separated protonorm backends to time, from: auto, torch, cpp, triton (default: auto and every "
-        "other backend available on the device, triton on the CPU only when named; the baseline is always timed)",
+        "other backend available on the device, triton on the CPU only when named; the baseline is always timed). "
+        "auto runs what the modules' backend=\"auto\" runs: the backend PROTONORM_BACKEND names, where it is set",
     )
     bench.add_argument(
         "--iters",
@@ -129,6 +130,8 @@ def _bench(args) -> int:
     from .benchmark import cases as case_defs
     from .benchmark import report, suite, workload
 
+    if requested is None or "auto" in requested:
+        _check_auto(device, case_defs.auto_backend)
     names, skipped = case_defs.backend_names(device, requested)
     for name in names:
         if name != "auto":
@@ -225,6 +228,20 @@ def _parse_backends(text: Optional[str], device) -> Optional[List[str]]:
         # Triton reaches CPU tensors only through its interpreter, which must be chosen before it is imported.
         os.environ.setdefault("TRITON_INTERPRET", "1")
     return list(dict.fromkeys(names))
+
+
+def _check_auto(device, auto_backend) -> None:
+    """Raise UsageError unless the auto contender can run: it runs what ``PROTONORM_BACKEND`` names, as the modules
+    built with ``backend="auto"`` do."""
+    from .backends import ENV_VAR
+
+    try:
+        auto_backend(device)
+    except (ValueError, RuntimeError) as exc:
+        message = str(exc)
+        if ENV_VAR not in message:
+            message = f"{ENV_VAR}={os.environ.get(ENV_VAR)!r}, which backend=\"auto\" follows: {message}"
+        raise UsageError(message) from None
 
 
 def _parse_cases(text: str, known) -> List[str]:

@@ -139,6 +139,36 @@ def test_workload_ppo_reports_epoch_time_per_backend(tmp_path):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_auto_contender_runs_and_names_what_the_environment_picks(tmp_path, monkeypatch):
+    # PROTONORM_BACKEND replaces "auto" in the modules, so the auto row runs that backend: its label, its JSON
+    # record and the other rows (the backend auto would otherwise pick is then timed on its own) must say so.
+    monkeypatch.setenv("PROTONORM_BACKEND", "torch")
+    cpu = torch.device("cpu")
+    contender = cases.protonorm_contender("auto", cpu)
+    assert contender.resolved == "torch" and contender.label == "auto (torch)"
+    assert backends.resolve(contender.obs(3, None).backend, cpu).name == "torch"
+    path = tmp_path / "env.json"
+    assert main(TINY + ["--cases", "record_ema", "--shapes", "5x2", "--json", str(path)]) == 0
+    records = json.loads(path.read_text())
+    assert [r["resolved"] for r in records if r["backend"] == "auto"] == ["torch"]
+    usable = {n for n, reason in backends.available(cpu).items() if reason is None and n != "triton"}
+    assert {r["backend"] for r in records} == {"auto", "baseline"} | (usable - {"torch"})
+
+
+@pytest.mark.parametrize("value, message", [
+    ("bogus", "environment variable PROTONORM_BACKEND must be one of"),
+    ("triton", "PROTONORM_BACKEND='triton', which backend=\"auto\" follows: backend 'triton' is not available"),
+])
+def test_unusable_environment_backend_is_a_clean_error(capsys, monkeypatch, value, message):
+    monkeypatch.setenv("PROTONORM_BACKEND", value)
+    monkeypatch.setitem(backends._loaded, "triton", (None, "ImportError: no triton here"))  # as where it is missing
+    assert main(TINY + ["--cases", "reward"]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("protonorm bench: error: ") and message in lines[0], captured.err
+    assert captured.out == ""
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -89,8 +89,14 @@ def protonorm_contender(name: str, device: torch.device) -> Contender:
     def reward():
         return RewardRunningMeanStd(None, (1,), GAMMA, EPSILON, CLAMP, device, backend=name)
 
-    resolved = backends.resolve("auto", device).name if name == "auto" else None
+    resolved = auto_backend(device) if name == "auto" else None
     return Contender(name, obs, reward, resolved)
+
+
+def auto_backend(device: torch.device) -> str:
+    """The backend that protonorm's modules built with ``backend="auto"`` run on ``device``: the one the environment
+    variable ``PROTONORM_BACKEND`` names where it is set (ValueError or RuntimeError where that cannot run)."""
+    return backends.resolve(backends.check_choice(None), device).name
 
 
 def baseline_contender(device: torch.device) -> Contender:
@@ -169,7 +175,7 @@ def backend_names(device: torch.device, requested: Optional[Sequence[str]] = Non
     skipped = {name: reason for name, reason in usable.items() if reason is not None}
     if requested is not None:
         return [name for name in requested if name not in (BASELINE, COMPILE)], skipped
-    chosen = backends.resolve("auto", device).name
+    chosen = auto_backend(device)
     names = ["auto"]
     for name, reason in usable.items():
         if reason is None and name != chosen:
