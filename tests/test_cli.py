@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import types
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -220,6 +221,20 @@ def test_unavailable_backend_is_a_clean_error(capsys, monkeypatch):
     assert main(TINY + ["--backends", "cpp", "--shapes", "3x2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["protonorm bench: error: backend 'cpp' is not available on cpu: ImportError: extension not built"]
+
+
+def test_unavailable_backend_with_a_multi_line_import_error_is_one_line(capsys, monkeypatch):
+    # A broken optional dependency may raise with a message of several lines (triton's often do).
+    def broken(name):
+        raise RuntimeError("triton is broken:\n  libcuda.so: cannot open shared object file\n\n")
+
+    monkeypatch.setattr(backends, "importlib", types.SimpleNamespace(import_module=broken))
+    monkeypatch.setattr(backends, "_loaded", {k: v for k, v in backends._loaded.items() if k != "triton"})
+    reason = "RuntimeError: triton is broken: libcuda.so: cannot open shared object file"
+    assert backends.load("triton") == (None, reason)
+    assert main(TINY + ["--backends", "triton", "--shapes", "3x2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"protonorm bench: error: backend 'triton' is not available on cpu: {reason}"]
 
 
 def test_help_in_process(capsys):

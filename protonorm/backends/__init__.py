@@ -30,7 +30,8 @@ def load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
         except Exception as exc:  # an optional dependency missing or broken
             _loaded[name] = (None, f"{type(exc).__name__}: {exc}")
         if _loaded[name][1] is not None:
-            _loaded[name] = (None, _loaded[name][1])
+            # Import errors can span lines (a broken triton's often do); the reason goes into one-line messages.
+            _loaded[name] = (None, " ".join(line.strip() for line in _loaded[name][1].splitlines() if line.strip()))
     return _loaded[name]
 
 
