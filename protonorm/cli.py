@@ -45,6 +45,7 @@ def _names(text: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .benchmark.cases import CASE_HELP, DEFAULT_CASES, DEFAULT_ENVS, DEFAULT_SHAPES
+    from .benchmark.workload import PPOWorkload
 
     from . import __version__
 
@@ -65,13 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     bench.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the observation and reward batches")
+    # --shapes, --cases and --obs-dims default to None so that one given where it does not apply is refused.
     bench.add_argument(
         "--shapes",
-        default=",".join(f"{r}x{d}" for r, d in DEFAULT_SHAPES),
-        help="observation batches, comma-separated ROWSxFEATURES",
+        help="observation batches, comma-separated ROWSxFEATURES (default: "
+        + ",".join(f"{r}x{d}" for r, d in DEFAULT_SHAPES) + ")",
     )
     bench.add_argument("--envs", type=_positive_int, default=DEFAULT_ENVS, help="environments of the reward case and of --workload")
-    bench.add_argument("--cases", default=",".join(DEFAULT_CASES), help=f"comma-separated, from: {', '.join(CASE_HELP)}")
+    bench.add_argument(
+        "--cases", help=f"comma-separated, from: {', '.join(CASE_HELP)} (default: {','.join(DEFAULT_CASES)})"
+    )
     bench.add_argument(
         "--backends",
         help="comma-separated protonorm backends to time, from: auto, torch, cpp, triton (default: auto and every "
@@ -87,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", action="store_true", help="also time torch.compile of the reference math")
     bench.add_argument("--workload", choices=("ppo",), help="time a synthetic ProtoMotions PPO epoch instead of single calls")
     bench.add_argument(
-        "--obs-dims", type=_obs_dims, default="342,1024,342", help="--workload: feature sizes of the actor, critic and third observation"
+        "--obs-dims",
+        type=_obs_dims,
+        help="--workload: feature sizes of the actor, critic and third observation (default: "
+        + ",".join(map(str, PPOWorkload.obs_dims)) + ")",
     )
     bench.add_argument("--json", metavar="PATH", help="write the per-case records as JSON")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG of speedup and percent of copy bandwidth against size")
@@ -116,6 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _bench(args) -> int:
     import torch
 
+    _check_applicable(args)
     device = _parse_device(args.device)
     dtype = getattr(torch, args.dtype)
     requested = _parse_backends(args.backends, device)
@@ -142,7 +150,8 @@ def _bench(args) -> int:
     header = _header(device, dtype, contenders, skipped)
 
     if args.workload:
-        spec = workload.PPOWorkload(envs=args.envs, obs_dims=args.obs_dims, dtype=dtype, device=device)
+        obs_dims = args.obs_dims or workload.PPOWorkload.obs_dims
+        spec = workload.PPOWorkload(envs=args.envs, obs_dims=obs_dims, dtype=dtype, device=device)
         repetitions = args.iters or workload.default_repetitions(device)
         with _progress(not args.no_progress, repetitions) as advance:
             records = workload.run_workload(spec, contenders, repetitions, advance)
@@ -153,11 +162,14 @@ def _bench(args) -> int:
             ["ms / epoch: normalizer time per epoch; launches, syncs: per epoch; speedup: against the baseline."],
         )
     else:
-        try:
-            shapes = case_defs.parse_shapes(args.shapes)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-        case_names = _parse_cases(args.cases, case_defs.CASE_KINDS)
+        shapes, case_names = list(case_defs.DEFAULT_SHAPES), list(case_defs.DEFAULT_CASES)
+        if args.shapes is not None:
+            try:
+                shapes = case_defs.parse_shapes(args.shapes)
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        if args.cases is not None:
+            case_names = _parse_cases(args.cases, case_defs.CASE_KINDS)
         cases = case_defs.build_cases(case_names, shapes, args.envs, dtype, device)
         with _case_progress(not args.no_progress and len(cases) > 1) as progress:
             records = suite.run_suite(cases, contenders, args.iters, suite.default_budget_s(device), progress)
@@ -174,6 +186,17 @@ def _bench(args) -> int:
     if args.plot:
         report.write_plot(args.plot, records, header.splitlines()[0])
     return 0
+
+
+def _check_applicable(args) -> None:
+    """Raise UsageError for an option that the chosen mode would silently ignore."""
+    if args.workload:
+        given = [flag for flag, value in (("--shapes", args.shapes), ("--cases", args.cases)) if value is not None]
+        if given:
+            raise UsageError(f"{' and '.join(given)}: not used by --workload, whose epoch is sized by --envs and "
+                             "--obs-dims")
+    elif args.obs_dims is not None:
+        raise UsageError("--obs-dims: used only by --workload; single calls are sized by --shapes and --envs")
 
 
 def _check_output_path(flag: str, path: str) -> None:

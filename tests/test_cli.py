@@ -183,6 +183,12 @@ def test_unusable_environment_backend_is_a_clean_error(capsys, monkeypatch, valu
         (["--dtype", "int8"], "invalid choice"),
         (["--obs-dims", "3,4"], "three positive"),
         (["--frobnicate"], "unrecognized arguments"),
+        # Options the chosen mode would ignore (small sizes, so that a run that ignored them would end soon).
+        (["--workload", "ppo", "--envs", "4", "--obs-dims", "2,2,2", "--iters", "1", "--shapes", "4x3"],
+         "--shapes: not used by --workload"),
+        (["--workload", "ppo", "--envs", "4", "--obs-dims", "2,2,2", "--iters", "1", "--cases", "reward",
+          "--shapes", "4x3"], "--shapes and --cases: not used by --workload"),
+        (["--obs-dims", "3,4,5", "--cases", "reward", "--envs", "4", "--iters", "1"], "--obs-dims: used only by --workload"),
     ],
 )
 def test_bad_input_is_one_clean_line_and_exit_2(capsys, extra, message):
