@@ -2,8 +2,6 @@
 
     from protonorm import RunningMeanStd, RewardRunningMeanStd, combine_moments
 """
-import sys as _sys
-
 from . import backends
 from .normalizer import (
     RewardRunningMeanStd,
@@ -32,10 +30,4 @@ def sync(module, fabric=None):
     return _sync(module, fabric)
 
 
-def _announce_missing_extension():
-    _, reason = backends.load("cpp")
-    if reason is not None:
-        _sys.stderr.write(f"protonorm: C++ CPU extension unavailable ({reason}); CPU tensors use the torch path.\n")
-
-
-_announce_missing_extension()
+backends.announce_fallback("cpp")

@@ -845,6 +845,20 @@ def test_triton_on_cpu_requires_the_interpreter(monkeypatch):
         make((2,), "triton").record_moments(torch.ones(2, 2))
 
 
+def test_auto_without_triton_on_cuda_says_so_once(monkeypatch, capsys):
+    # As on a CUDA machine whose triton is missing or broken: auto runs CUDA tensors on the torch backend.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(backends._loaded, "triton", (None, "ModuleNotFoundError: No module named 'triton'"))
+    monkeypatch.setattr(backends, "_announced", set(), raising=False)
+    for device in ("cuda", "cuda:0", "cpu"):
+        backends.preload("auto", device)
+    backends.preload("triton", "cuda")  # an explicit choice raises at the call instead
+    notices = [line for line in capsys.readouterr().err.splitlines() if "Triton" in line]
+    assert notices == [
+        "protonorm: Triton unavailable (ModuleNotFoundError: No module named 'triton'); CUDA tensors use the torch path."
+    ]
+
+
 # ------------------------------------------------------------------------------------------------ host syncs
 def test_hot_calls_make_no_host_sync(backend_name):
     m = make((5,), backend_name, clamp_value=5.0, ema_decay=None).train()

@@ -3,11 +3,13 @@
 ``auto`` follows the device of each call's tensor: ``triton`` for CUDA tensors when Triton imports, ``cpp``
 for CPU tensors when the compiled extension ``protonorm._C`` loaded, ``torch`` otherwise. An explicit name
 must be able to run on the tensor's device, or the call raises. ``PROTONORM_BACKEND`` replaces ``auto``.
+Where ``auto`` has to run the torch backend instead of a compiled one, it says so once, in one line on stderr.
 """
 from __future__ import annotations
 
 import importlib
 import os
+import sys
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -19,6 +21,10 @@ CHOICES = ("auto",) + NAMES
 ENV_VAR = "PROTONORM_BACKEND"
 
 _loaded: Dict[str, Tuple[Optional[Backend], Optional[str]]] = {}
+
+# The compiled backends ``auto`` prefers, and what to call them in the notice when it has to do without one.
+_FALLBACK_NOTICE = {"cpp": ("C++ CPU extension", "CPU"), "triton": ("Triton", "CUDA")}
+_announced = set()
 
 
 def load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
@@ -33,6 +39,16 @@ def load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
             # Import errors can span lines (a broken triton's often do); the reason goes into one-line messages.
             _loaded[name] = (None, " ".join(line.strip() for line in _loaded[name][1].splitlines() if line.strip()))
     return _loaded[name]
+
+
+def announce_fallback(name: str) -> None:
+    """Say once per process, in one line on stderr, that ``auto`` runs the torch backend where the compiled backend
+    ``name`` would run, if ``name`` cannot be loaded."""
+    backend, reason = load(name)
+    if backend is None and name not in _announced:
+        _announced.add(name)
+        what, where = _FALLBACK_NOTICE[name]
+        sys.stderr.write(f"protonorm: {what} unavailable ({reason}); {where} tensors use the torch path.\n")
 
 
 def check_choice(choice: Optional[str]) -> str:
@@ -68,7 +84,10 @@ def preload(choice: str, device) -> None:
     if device.type == "cuda" and not torch.cuda.is_available():
         device = torch.device("cpu")  # where the module's buffers will be (normalizer._resolve_default_device)
     load("torch")
-    load(_preferred(device) if choice == "auto" else choice)
+    name = _preferred(device) if choice == "auto" else choice
+    if choice == "auto" and name in _FALLBACK_NOTICE:
+        announce_fallback(name)  # the C++ one is announced at import; Triton's only where CUDA tensors are used
+    load(name)
 
 
 def resolve(choice: str, device: torch.device) -> Backend:
