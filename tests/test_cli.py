@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 import types
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from protonorm import backends
-from protonorm.benchmark import cases, report, timing
+from protonorm.benchmark import cases, report, suite, timing
 from protonorm.benchmark.baseline import BaselineRewardRunningMeanStd, BaselineRunningMeanStd
 from protonorm.benchmark.cases import parse_shapes
 from protonorm.cli import main
@@ -344,6 +345,16 @@ def test_host_sync_probe_counts_reads_per_call():
     t = torch.ones(3)
     assert timing.count_host_syncs(lambda: t.sum().item(), torch.device("cpu"), calls=4) == 1.0
     assert timing.count_host_syncs(lambda: t.sum(), torch.device("cpu"), calls=4) == 0.0
+
+
+def test_repetitions_fit_the_budget_on_a_machine_that_is_never_quiet(monkeypatch):
+    # There every wait for quiet after a baseline block lasts its full limit (1 s): sized as one 10 ms window, a
+    # case's repetitions could take up to 200 such waits against its share of the run's 20 s.
+    monkeypatch.setattr(timing, "wait_until_quiet", lambda: time.sleep(0.05))
+    cpu = torch.device("cpu")
+    case = cases.Case("record_ema", 4, 3, torch.float32, cpu)
+    records = suite.run_case(case, cases.build_contenders(cpu, ["torch"], False), None, budget_s=0.5)
+    assert all(r["repetitions"] <= 0.5 / 0.05 for r in records), records[0]["repetitions"]
 
 
 def test_interleaved_rotates_and_times_every_contender():

@@ -47,8 +47,13 @@ def run_case(
         inner[name], per_call[name] = timing.calibrate_inner(fn, device)
     if repetitions is None:
         per_repetition = sum(inner[n] * per_call[n] for n in fns)
-        if device.type != "cuda":  # and at least one 10 ms window of quiet after each memory-returning block
-            per_repetition += 0.01 * sum(1 for n in fns if n in MEMORY_RETURNING)
+        settling = sum(1 for n in fns if n in MEMORY_RETURNING)
+        if device.type != "cuda" and settling:
+            # and the wait for quiet after each memory-returning block: one 10 ms window on an idle machine, up to
+            # its full limit on one that other work keeps busy, so it is measured here rather than assumed.
+            started = time.perf_counter()
+            timing.wait_until_quiet()
+            per_repetition += settling * (time.perf_counter() - started)
         repetitions = int(min(MAX_REPETITIONS, max(MIN_REPETITIONS, budget_s // max(per_repetition, 1e-9))))
     samples = timing.interleaved(fns, inner, repetitions, device, on_repetition, settle_after=MEMORY_RETURNING)
 
