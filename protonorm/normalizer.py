@@ -277,10 +277,12 @@ class RunningMeanStd(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # model.half()/.double()/.to(dtype) on a parent must not round the float64 statistics or the int64
-        # count: every buffer keeps its dtype and follows only the device change.
+        # count: every buffer keeps its dtype and follows only the device change. Nor may
+        # .to(memory_format=...) restride 4-D/5-D statistics: the backends work on their flat views.
         def keep_dtype(t):
             out = fn(t)
-            return out if out.dtype == t.dtype else t.to(device=out.device)
+            out = out if out.dtype == t.dtype else t.to(device=out.device)
+            return out.contiguous()
 
         if not self._initialized:
             # A lazy module has no buffers yet; remember where the model was moved, so a checkpoint loaded

@@ -287,6 +287,27 @@ def test_parent_dtype_casts_keep_float64_statistics():
     assert_stats_equal(stats(model.norm), before)
 
 
+@pytest.mark.parametrize("shape,memory_format", [((2, 3, 2, 2), torch.channels_last),
+                                                ((2, 2, 3, 1, 2), torch.channels_last_3d)])
+def test_parent_memory_format_change_keeps_statistics_usable(backend_name, shape, memory_format):
+    """``model.to(memory_format=...)`` restrides every 4-D (5-D) buffer; statistics of such a feature shape must
+    stay contiguous and give the results of a module that was never restrided (upstream's elementwise math does)."""
+    g = torch.Generator().manual_seed(4)
+    batches = [torch.randn(5, *shape, generator=g) * 2 + 1 for _ in range(2)]
+    plain = make(shape, backend_name).train()
+    model = nn.Module()
+    model.norm = make(shape, backend_name).train()
+    model.norm.record_moments(batches[0])
+    plain.record_moments(batches[0])
+    model.to(memory_format=memory_format)
+    assert model.norm.mean.is_contiguous() and model.norm.var.is_contiguous()
+    for m in (model.norm, plain):
+        m.normalize(batches[1])
+        m.record_moments(batches[1])
+    assert_stats_equal(stats(model.norm), stats(plain))
+    assert torch.equal(model.norm.eval().normalize(batches[0]), plain.eval().normalize(batches[0]))
+
+
 def test_deepcopy_and_pickle_are_independent(backend_name):
     m = make((4,), backend_name).train()
     x = torch.randn(8, 4)
