@@ -463,6 +463,7 @@ class RunningMeanStd(nn.Module):
             if out is not None:
                 return out
         if not self._initialized:
+            _check_normalizable(arr, un_norm, self.clamp_value)  # a refused first batch leaves the module lazy
             self._lazy_init(arr)
         return self._normalize(arr, un_norm, center=True)
 
@@ -501,8 +502,7 @@ class RunningMeanStd(nn.Module):
         return None
 
     def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
-        if not arr.is_floating_point() and (arr.dtype == torch.bool or arr.is_complex()):
-            raise TypeError(f"normalize: expected a real-valued tensor (floating point or integer), got {arr.dtype}")
+        _check_normalizable(arr, un_norm, self.clamp_value)
         compiling = _is_compiling()
         if (arr.requires_grad and torch.is_grad_enabled()) or _is_exporting(compiling):
             # Traced / exported graphs (ProtoMotions exports its actor to ONNX) get the plain reference math, and
@@ -513,7 +513,6 @@ class RunningMeanStd(nn.Module):
         layout = self._layout()
         x = self._elementwise_rows(arr, "normalize", layout)
         dtype = normalized_dtype(arr.dtype)
-        _check_clamp_fits(self.clamp_value, arr.dtype if un_norm else dtype)
         if compiling:
             out = torch.empty_like(arr, dtype=dtype, memory_format=torch.contiguous_format)
         else:
@@ -560,12 +559,12 @@ class RunningMeanStd(nn.Module):
     @_without_grad
     def _record_moments(self, arr: Tensor, mask: Optional[Tensor]) -> None:
         _check_floating("record_moments", arr)
+        if mask is not None and arr.dim() > 0:  # before a lazy module takes its shape from arr (0-d raises below)
+            mask = _check_mask(mask, arr)
         if not self._initialized:
             self._lazy_init(arr)
         layout = self._layout()
         x = self._rows(arr, "record_moments", layout)
-        if mask is not None:
-            mask = _check_mask(mask, x)
         if x.shape[0] == 0:
             self._fold_empty(x)
             return
@@ -651,14 +650,12 @@ class RewardRunningMeanStd(RunningMeanStd):
     @_without_grad
     def _record_reward(self, reward: Tensor, terminated: Tensor) -> None:
         _check_floating("record_reward", reward)
-        if not self._initialized:
-            self._lazy_init(reward)
-        layout = self._layout()
-        rows = self._rows(reward, "record_reward", layout)
-        num_rows = rows.shape[0]
+        # The flags are checked before a lazy module takes its shape from reward: one row per first-dim entry
+        # (a 0-d reward raises below).
+        num_rows = reward.shape[0] if reward.dim() > 0 else 1
         if not isinstance(terminated, Tensor):
             terminated = torch.as_tensor(terminated, device=reward.device)
-        elif terminated.device != layout.device:  # reward is on the statistics' device (checked above)
+        elif terminated.device != reward.device:
             raise ValueError(f"record_reward: expected terminated on {reward.device} like reward, got {terminated.device}")
         if terminated.is_complex():
             raise TypeError(f"record_reward: expected terminated as bool, integer or floating-point flags, got {terminated.dtype}")
@@ -668,6 +665,10 @@ class RewardRunningMeanStd(RunningMeanStd):
                 f"record_reward: expected terminated with one entry per environment ({num_rows}), "
                 f"got shape {tuple(terminated.shape)}"
             )
+        if not self._initialized:
+            self._lazy_init(reward)
+        layout = self._layout()
+        rows = self._rows(reward, "record_reward", layout)
         if num_rows == 0:
             self._fold_empty(rows)
             return
@@ -712,6 +713,7 @@ class RewardRunningMeanStd(RunningMeanStd):
     def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:
         """``clamp(arr / sqrt(var + epsilon))``; ``un_norm=True`` clamps ``arr`` then multiplies back."""
         if not self._initialized:
+            _check_normalizable(arr, un_norm, self.clamp_value)
             self._lazy_init(arr)
         return self._normalize(arr, un_norm, center=False)
 
@@ -886,6 +888,16 @@ def _check_clamp_fits(clamp_value, dtype: torch.dtype) -> None:
             f"clamp_value: {clamp_value!r} cannot be converted to {str(dtype).replace('torch.', '')} without "
             f"overflow (the dtype it clamps, as torch.clamp requires)"
         )
+
+
+def _check_normalizable(arr: Tensor, un_norm: bool, clamp_value) -> None:
+    """What ``normalize`` refuses whatever the statistics: bool and complex tensors, and a ``clamp_value`` beyond
+    the range of the dtype it clamps (integer input is normalized as float32)."""
+    if not arr.is_floating_point():
+        if arr.dtype == torch.bool or arr.is_complex():
+            raise TypeError(f"normalize: expected a real-valued tensor (floating point or integer), got {arr.dtype}")
+        un_norm = False  # the float32 it becomes is what both ways clamp
+    _check_clamp_fits(clamp_value, arr.dtype if un_norm else normalized_dtype(arr.dtype))
 
 
 def _checked_number(name: str, expected: str, in_range, value, optional: bool = False):

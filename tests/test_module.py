@@ -781,6 +781,44 @@ def test_integer_first_batches_leave_a_lazy_module_uninitialized():
     assert r.discounted_reward is None
 
 
+def _refused_first_calls():
+    bool_rows, complex_rows = torch.ones(4, 3, dtype=torch.bool), torch.ones(4, 3, dtype=torch.complex64)
+    return [
+        ("bool normalize", {}, lambda m: m.train().normalize(bool_rows), TypeError, "bool"),
+        ("bool eval normalize", {}, lambda m: m.eval().normalize(bool_rows), TypeError, "bool"),
+        ("complex un_norm", {}, lambda m: m.normalize(complex_rows, un_norm=True), TypeError, "complex"),
+        ("clamp beyond float32", {"clamp_value": 1e39}, lambda m: m.normalize(torch.ones(4, 3)), RuntimeError, "float32"),
+        ("clamp beyond float16 un_norm", {"clamp_value": 1e5},
+         lambda m: m.normalize(torch.ones(4, 3, dtype=torch.float16), un_norm=True), RuntimeError, "float16"),
+        ("mask length", {}, lambda m: m.record_moments(torch.ones(4, 3), mask=torch.ones(3, dtype=torch.bool)),
+         ValueError, r"\[4\]"),
+        ("mask dtype", {}, lambda m: m.record_moments(torch.ones(4, 3), mask=torch.ones(4)), TypeError, "bool"),
+        ("terminated length", {"gamma": 0.9}, lambda m: m.record_reward(torch.ones(4, 3), torch.zeros(3)),
+         ValueError, "one entry per environment"),
+        ("complex terminated", {"gamma": 0.9},
+         lambda m: m.record_reward(torch.ones(4, 3), torch.zeros(4, dtype=torch.complex64)), TypeError, "complex64"),
+        ("bool reward normalize", {"gamma": 0.9}, lambda m: m.normalize(bool_rows), TypeError, "bool"),
+    ]
+
+
+@pytest.mark.parametrize("what,kwargs,call,error,pattern", _refused_first_calls(),
+                         ids=[c[0] for c in _refused_first_calls()])
+def test_a_refused_first_call_leaves_a_lazy_module_lazy(backend_name, what, kwargs, call, error, pattern):
+    """A lazy module takes its shape from its first batch only if the call goes through: after a refused one it
+    has no statistics (none in its state_dict) and a batch of another shape still initializes it."""
+    cls = RewardRunningMeanStd if "gamma" in kwargs else RunningMeanStd
+    m = cls(None, shape=None, device="cpu", backend=backend_name, **kwargs)
+    with pytest.raises(error, match=pattern):
+        call(m)
+    assert not m._initialized and m.shape is None and list(m.state_dict()) == []
+    if cls is RewardRunningMeanStd:
+        assert m.discounted_reward is None
+        m.record_reward(torch.ones(4, 5), torch.zeros(4))
+    else:
+        m.record_moments(torch.ones(4, 5))
+    assert m.mean.shape == (5,) and int(m.count) == 5
+
+
 @pytest.mark.parametrize(
     "kwargs,pattern",
     [
