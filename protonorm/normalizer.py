@@ -740,8 +740,8 @@ def combine_moments(means, vars, counts):
 
     ``counts`` may be Python numbers, tensors, or one tensor. Integer counts give an exact int64 total; fractional
     ones (float counts, as weights) weigh the groups as they are and give the total truncated to int64, as upstream
-    does. The merge runs in float64, the results take the dtypes upstream's arithmetic would give them, and no value
-    is read on the host.
+    does. The merge runs in float64, the results take the dtypes and broadcast shapes upstream's arithmetic would
+    give them (one group comes back as it is), and no value is read on the host.
     """
     if len(means) == 0 or len(means) != len(vars) or len(means) != len(counts):
         raise ValueError(
@@ -753,26 +753,27 @@ def combine_moments(means, vars, counts):
     device = first.device
     means = [torch.as_tensor(m, device=device) for m in means]
     vars = [torch.as_tensor(v, device=device) for v in vars]
-    if len(means) == 1:  # upstream returns the one group's tensors as they are
-        mean_dtype, var_dtype = means[0].dtype, vars[0].dtype
-    else:  # upstream's arithmetic promotes the groups' dtypes (its float32 counts are 0-d, so they do not count)
-        mean_dtype = functools.reduce(torch.promote_types, [m.dtype for m in means])
-        var_dtype = functools.reduce(torch.promote_types, [v.dtype for v in vars], mean_dtype)
-    mean = torch.stack([m.to(torch.float64) for m in means])
-    var = torch.stack([v.to(torch.float64) for v in vars])
     n, total = _group_counts(counts, device)
-    feature_shape = mean.shape[1:]
-    k = mean.shape[0]
-    mean2, var2 = mean.reshape(k, -1), var.reshape(k, -1)
+    if len(means) == 1:  # upstream returns the one group's moments as they are (the variance clamped at 0)
+        return means[0], vars[0].clamp(min=0.0), total
+    # Upstream's arithmetic promotes the groups' dtypes (its float32 counts are 0-d, so they do not count) and
+    # broadcasts their shapes: the mean's over the means, the variance's over means and variances.
+    mean_dtype = functools.reduce(torch.promote_types, [m.dtype for m in means])
+    var_dtype = functools.reduce(torch.promote_types, [v.dtype for v in vars], mean_dtype)
+    mean_shape = torch.broadcast_shapes(*(m.shape for m in means))
+    feature_shape = torch.broadcast_shapes(mean_shape, *(v.shape for v in vars))
+    k = len(means)
+    mean2 = torch.stack([m.to(torch.float64).expand(feature_shape) for m in means]).reshape(k, -1)
+    var2 = torch.stack([v.to(torch.float64).expand(feature_shape) for v in vars]).reshape(k, -1)
     parts = torch.cat([n[:, None], torch.zeros_like(n)[:, None], mean2, var2 * n[:, None]], dim=1)
     combined_n, _, combined_mean, combined_m2 = reference.split_parts(reference.combine_parts(parts))
     safe_n = torch.where(combined_n > 0, combined_n, torch.ones_like(combined_n))
     combined_var = (combined_m2[0] / safe_n).clamp(min=0.0)
-    return (
-        combined_mean[0].reshape(feature_shape).to(mean_dtype),
-        combined_var.reshape(feature_shape).to(var_dtype),
-        total,
-    )
+    combined_mean = combined_mean[0].reshape(feature_shape)
+    if mean_shape != feature_shape:  # variances broadcast wider than the means: the mean repeats along those dims
+        lead = len(feature_shape) - len(mean_shape)
+        combined_mean = combined_mean[(0,) * lead + tuple(slice(None, 1) if s == 1 else slice(None) for s in mean_shape)]
+    return combined_mean.to(mean_dtype), combined_var.reshape(feature_shape).to(var_dtype), total
 
 
 def _group_counts(counts, device):

@@ -196,6 +196,32 @@ def test_combine_moments_dtypes_and_counts_match_upstream(upstream, dtypes, coun
     assert int(ours[2]) == int(theirs[2])
 
 
+@pytest.mark.parametrize(
+    "mean_shapes,var_shapes,counts",
+    [
+        (((3,), ()), ((3,), ()), [2, 5]),  # a scalar group beside a vector one
+        (((1, 3), (2, 1), (3,)), ((3,), (2, 3), (1,)), [3, 4, 5]),
+        (((3,), (3,)), ((2, 3), (3,)), [3, 4]),  # variances broadcast wider than the means: the mean does not
+        (((2, 1),), ((2, 3),), [7]),  # one group: returned as it is, whatever its count
+        (((3,),), ((3,),), [0]),
+        (((3,),), ((3,),), [2.5]),
+    ],
+)
+def test_combine_moments_broadcasts_and_returns_one_group_as_upstream(upstream, mean_shapes, var_shapes, counts):
+    g = torch.Generator().manual_seed(11)
+    means = [torch.randn(s, generator=g, dtype=torch.float64) * 2 + 1 for s in mean_shapes]
+    vars_ = [torch.rand(s, generator=g, dtype=torch.float64) + 0.5 for s in var_shapes]
+    ours = protonorm.combine_moments(means, vars_, counts)
+    theirs = upstream.combine_moments(means, vars_, counts)
+    for a, b in zip(ours, theirs):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    if len(means) == 1:  # no arithmetic on either side
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-6, atol=1e-6)  # upstream weighs in float32
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-6, atol=1e-6)
+    assert int(ours[2]) == int(theirs[2])
+
+
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
 def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
     up = upstream.RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
