@@ -779,6 +779,10 @@ def combine_moments(means, vars, counts):
 def _group_counts(counts, device):
     """``(n, total)``: the groups' counts as float64 weights, and their total as an int64 scalar (exact for
     integer counts, truncated for fractional ones)."""
+    shapes = [counts.shape[1:]] if isinstance(counts, Tensor) else [c.shape for c in counts if isinstance(c, Tensor)]
+    wide = [tuple(shape) for shape in shapes if math.prod(shape) != 1]
+    if wide:  # (upstream's arithmetic would weigh each feature apart; the parts hold one count per group)
+        raise ValueError(f"combine_moments: expected one count per group, got per-group counts of shape {wide[0]}")
     if isinstance(counts, Tensor):
         raw = counts.to(device=device).reshape(-1)
     else:

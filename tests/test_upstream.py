@@ -222,6 +222,16 @@ def test_combine_moments_broadcasts_and_returns_one_group_as_upstream(upstream, 
     assert int(ours[2]) == int(theirs[2])
 
 
+@pytest.mark.parametrize("counts", [torch.tensor([[1, 2, 3], [4, 5, 6]]), [torch.tensor([1, 2, 3]), 4]],
+                         ids=["tensor", "list"])
+def test_combine_moments_refuses_per_feature_counts_clearly(counts):
+    means, vars_ = [torch.zeros(3), torch.ones(3)], [torch.ones(3)] * 2
+    with pytest.raises(ValueError, match=r"one count per group, got per-group counts of shape \(3,\)"):
+        protonorm.combine_moments(means, vars_, counts)
+    mean, _, count = protonorm.combine_moments(means, vars_, torch.tensor([[1], [3]]))  # one per group, as [K, 1]
+    assert torch.equal(mean, torch.full((3,), 0.75)) and int(count) == 4
+
+
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
 def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
     up = upstream.RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
