@@ -849,8 +849,8 @@ def _state_dict_problems(state_dict, prefix: str, shape) -> list:
             problems.append(
                 f"size mismatch for {prefix}{key}: expected shape {tuple(want)}, got {tuple(entry.shape)} in the checkpoint"
             )
-        elif entry.is_complex() or entry.dtype == torch.bool or (key != "count" and not entry.is_floating_point()):
-            problems.append(f"{prefix}{key}: expected a real {'number' if key == 'count' else 'floating-point'} tensor, got {entry.dtype}")
+        elif entry.is_complex() or entry.dtype == torch.bool:  # (integer statistics load as their values, as upstream's)
+            problems.append(f"{prefix}{key}: expected a real-valued tensor (floating point or integer), got {entry.dtype}")
     return problems
 
 

@@ -129,6 +129,22 @@ def test_upstream_helper_materializes_on_the_device_the_model_was_moved_to():
     assert model.actor_norm.mean.device.type == "meta" and model.actor_norm.count.device.type == "meta"
 
 
+@pytest.mark.parametrize("assign", [False, True])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_integer_statistics_load_as_upstream_takes_them(upstream, lazy, assign):
+    """A hand-written checkpoint may hold integer mean/var; torch's copy (so upstream's module) takes their values."""
+    state = {"mean": torch.tensor([0, -2, 5]), "var": torch.tensor([1, 3, 0]), "count": torch.tensor(4)}
+    up = upstream.RunningMeanStd(None, (3,), device="cpu")
+    up.load_state_dict(state)
+    m = RunningMeanStd(None, None if lazy else (3,), device="cpu")
+    m.load_state_dict(state, assign=assign)
+    for name in ("mean", "var", "count"):
+        assert getattr(m, name).dtype == getattr(up, name).dtype and torch.equal(getattr(m, name), getattr(up, name))
+    with pytest.raises(RuntimeError, match=r"mean: expected a real-valued tensor .* got torch.complex64"):
+        m.load_state_dict(dict(state, mean=torch.zeros(3, dtype=torch.complex64)))
+    assert torch.equal(m.mean, up.mean)
+
+
 def test_mismatched_checkpoint_is_rejected_before_anything_is_copied():
     m = RunningMeanStd(None, (3,), device="cpu")
     m.record_moments(torch.randn(5, 3))
