@@ -260,3 +260,23 @@ def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
     torch.testing.assert_close(ours.normalize(x), up.normalize(x), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.normalize(x, un_norm=True), up.normalize(x, un_norm=True), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(ours.maybe_clamp(x), up.maybe_clamp(x), rtol=0, atol=0)
+
+
+def test_documented_differences_at_zero_counts_and_per_element_flags(upstream):
+    """README's differences: two empty groups merge into an empty one (upstream: 0/0), an EMA update of 0 rows is a
+    no-op (upstream applies it), and a multi-feature reward takes one flag per environment, not per element."""
+    means, vars_ = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0]), torch.tensor([5.0, 6.0])], [torch.ones(2)] * 3
+    ours, theirs = protonorm.combine_moments(means, vars_, [0, 0, 4]), upstream.combine_moments(means, vars_, [0, 0, 4])
+    assert torch.equal(ours[0], means[2]) and torch.equal(ours[1], vars_[2]) and int(ours[2]) == 4
+    assert theirs[0].isnan().all() and int(theirs[2]) == 4
+    m = RunningMeanStd(None, (2,), device="cpu", ema_decay=0.9)
+    up = upstream.RunningMeanStd(None, (2,), device="cpu", ema_decay=0.9)
+    for norm in (m, up):
+        norm.update_from_moments(torch.ones(2, dtype=torch.float64), torch.full((2,), 3.0, dtype=torch.float64), 0)
+    assert torch.equal(m.mean, torch.zeros(2, dtype=torch.float64)) and not torch.equal(up.mean, m.mean)
+    r = RewardRunningMeanStd(None, (2,), 0.9, device="cpu")
+    with pytest.raises(ValueError, match=r"one entry per environment \(4\), got shape \(4, 2\)"):
+        r.record_reward(torch.ones(4, 2), torch.zeros(4, 2))
+    upstream.RewardRunningMeanStd(None, (2,), 0.9, device="cpu").record_reward(torch.ones(4, 2), torch.zeros(4, 2))
+    r.record_reward(torch.ones(4, 2), torch.zeros(4, 1))
+    assert r.discounted_reward is not None and int(r.count) == 5
