@@ -107,12 +107,14 @@ class _Layout:
     """What every hot call needs of the statistics buffers, derived once per set of buffer tensors: reaching a
     buffer through ``nn.Module.__getattr__`` costs about 1 us, and so does each flat view."""
 
-    __slots__ = ("mean", "var", "count", "dropped", "shape", "num_features", "flat_mean", "flat_var", "device",
-                 "choice", "backend")
+    __slots__ = ("mean", "var", "count", "dropped", "shape", "trailing", "num_features", "flat_mean", "flat_var",
+                 "device", "choice", "backend")
 
     def __init__(self, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor):
         self.mean, self.var, self.count, self.dropped = mean, var, count, dropped
         self.shape = tuple(self.mean.shape)
+        # The dims a normalized input must end with: the shape without its leading 1s, which broadcast.
+        self.trailing = self.shape[next((i for i, s in enumerate(self.shape) if s != 1), len(self.shape)):]
         self.num_features = math.prod(self.shape)
         self.flat_mean, self.flat_var = self.mean.view(-1), self.var.view(-1)
         self.device = self.mean.device
@@ -366,15 +368,15 @@ class RunningMeanStd(nn.Module):
         return _as_rows(arr, d)
 
     def _elementwise_rows(self, arr: Tensor, what: str, layout: _Layout) -> Tensor:
-        """``arr`` as ``[N, D]`` for normalize, which broadcasts like upstream: trailing dims must be the shape."""
-        shape = layout.shape
-        d = layout.num_features
-        if d != 1 and arr.shape[arr.dim() - len(shape):] != shape:
+        """``arr`` as ``[N, D]`` for normalize, which broadcasts like upstream: trailing dims must be the shape (its
+        leading 1s may be left out)."""
+        trailing = layout.trailing
+        if arr.shape[arr.dim() - len(trailing):] != trailing:
             raise ValueError(
-                f"{what}: expected a tensor whose trailing dimensions are {shape}, got {tuple(arr.shape)}"
+                f"{what}: expected a tensor whose trailing dimensions are {layout.shape}, got {tuple(arr.shape)}"
             )
         _check_device(what, arr, layout)
-        return _as_rows(arr, d)
+        return _as_rows(arr, layout.num_features)
 
     def _fold(self, parts: Tensor, backend: Backend, layout: Optional[_Layout] = None) -> None:
         """Merge recorded moments into the statistics (all ranks' when distributed)."""
@@ -513,10 +515,13 @@ class RunningMeanStd(nn.Module):
         layout = self._layout()
         x = self._elementwise_rows(arr, "normalize", layout)
         dtype = normalized_dtype(arr.dtype)
+        shape = arr.shape
+        if arr.dim() < len(layout.shape):  # upstream's result takes the statistics' leading 1s too
+            shape = (1,) * (len(layout.shape) - arr.dim()) + tuple(shape)
         if compiling:
-            out = torch.empty_like(arr, dtype=dtype, memory_format=torch.contiguous_format)
+            out = arr.new_empty(shape, dtype=dtype)
         else:
-            out = self._outputs.empty(arr.shape, dtype, arr.device)
+            out = self._outputs.empty(shape, dtype, arr.device)
         if arr.numel() == 0:
             return out
         backend = self._resolved_backend(layout)

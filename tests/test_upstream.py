@@ -248,6 +248,30 @@ def test_combine_moments_refuses_per_feature_counts_clearly(counts):
     assert torch.equal(mean, torch.full((3,), 0.75)) and int(count) == 4
 
 
+@pytest.mark.parametrize("reward", [False, True], ids=["obs", "reward"])
+@pytest.mark.parametrize("stats_shape,input_shape", [((1,), ()), ((1, 1), (7,)), ((1, 1), ()), ((1, 3), (3,)),
+                                                     ((1, 3), (2, 1, 3)), ((1,), (4, 7))])
+def test_normalize_of_fewer_dims_than_the_statistics_broadcasts_as_upstream(upstream, backend_name, reward,
+                                                                            stats_shape, input_shape):
+    """Upstream's arithmetic gives the result the statistics' leading 1s (a scalar reward normalized by (1,)
+    statistics comes back as [1]), in either direction."""
+    if reward:
+        ours = RewardRunningMeanStd(None, stats_shape, 0.9, clamp_value=1.5, device="cpu", backend=backend_name)
+        up = upstream.RewardRunningMeanStd(None, stats_shape, 0.9, clamp_value=1.5, device="cpu")
+    else:
+        ours = RunningMeanStd(None, stats_shape, clamp_value=1.5, device="cpu", backend=backend_name)
+        up = upstream.RunningMeanStd(None, stats_shape, clamp_value=1.5, device="cpu")
+    for m in (ours, up):
+        m.mean.copy_(torch.linspace(-1, 1, m.mean.numel(), dtype=torch.float64).reshape(stats_shape))
+        m.var.fill_(0.5)
+    x = torch.randn(input_shape, generator=torch.Generator().manual_seed(1)) * 2
+    for un_norm in (False, True):
+        expected = up.normalize(x, un_norm)
+        got = ours.normalize(x, un_norm)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
 def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
     up = upstream.RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
