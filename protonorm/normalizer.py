@@ -29,7 +29,10 @@ SYNC_MODES = ("per_call", "deferred")
 
 
 def _resolve_default_device(device):
-    """Upstream defaults to ``cuda:0``; on a machine without CUDA fall back to the CPU instead of failing."""
+    """Upstream defaults to ``cuda:0``; on a machine without CUDA fall back to the CPU instead of failing. None is
+    torch's default device, as upstream's ``torch.zeros(..., device=None)`` takes it."""
+    if device is None:
+        return torch.get_default_device()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"protonorm: device {device!r} requested but CUDA is not available; using the CPU", stacklevel=3)
@@ -177,7 +180,7 @@ class RunningMeanStd(nn.Module):
         self.shape = shape
         self.device = device
         self.backend = backends.check_choice(backend)
-        backends.preload(self.backend, device)
+        backends.preload(self.backend, torch.get_default_device() if device is None else device)
         self.nonfinite = nonfinite
         self.sync = sync
         self._initialized = False

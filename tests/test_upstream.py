@@ -1,4 +1,5 @@
 """Parity with upstream's module: checkpoints load both ways, and the same calls give the same results."""
+import contextlib
 import io
 
 import pytest
@@ -143,6 +144,23 @@ def test_integer_statistics_load_as_upstream_takes_them(upstream, lazy, assign):
     with pytest.raises(RuntimeError, match=r"mean: expected a real-valued tensor .* got torch.complex64"):
         m.load_state_dict(dict(state, mean=torch.zeros(3, dtype=torch.complex64)))
     assert torch.equal(m.mean, up.mean)
+
+
+@pytest.mark.parametrize("default", [None, "meta"])
+def test_device_none_is_torch_s_default_device_as_upstream(upstream, default):
+    """``device=None`` puts the buffers where ``torch.zeros(..., device=None)`` does (the meta device stands in for
+    a default device set with ``torch.set_default_device``)."""
+    with torch.device(default) if default else contextlib.nullcontext():
+        up = upstream.RunningMeanStd(None, (3,), device=None)
+        ours = [RunningMeanStd(None, (3,), device=None), RewardRunningMeanStd(None, (1,), 0.9, device=None)]
+        lazy = RunningMeanStd(None, None, device=None)
+    for m in ours:
+        assert m.device is None and m.mean.device == up.mean.device and m.count.device == up.count.device
+    if default is None:
+        lazy.record_moments(torch.ones(4, 3))
+        ours[0].record_moments(torch.ones(4, 3))
+        ours[1].record_reward(torch.ones(4), torch.zeros(4))
+        assert int(lazy.count) == int(ours[0].count) == int(ours[1].count) == 5
 
 
 def test_mismatched_checkpoint_is_rejected_before_anything_is_copied():
