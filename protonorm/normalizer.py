@@ -25,6 +25,7 @@ from .backends.base import Backend, normalized_dtype, outside_inference_mode
 from .output_cache import OutputCache
 
 NONFINITE_POLICIES = ("drop", "raise")
+_RETURNS_DTYPES = (torch.float32, torch.float64)  # what the discounted returns are kept in, updated in place
 SYNC_MODES = ("per_call", "deferred")
 
 
@@ -686,6 +687,12 @@ class RewardRunningMeanStd(RunningMeanStd):
                 f"record_reward: expected reward of shape {tuple(previous.shape)} like the previous steps, "
                 f"got {tuple(reward.shape)}"
             )
+        if previous is not None and previous.dtype not in _RETURNS_DTYPES and not previous.is_complex():
+            # Returns assigned in a dtype that cannot hold them (integer, bool, half precision): go on in a copy of
+            # the dtype upstream's arithmetic gives the next step, instead of rounding every step into them.
+            assigned = previous
+            previous = self.discounted_reward = outside_inference_mode(
+                lambda: assigned.to(dtype=normalized_dtype(assigned.dtype), memory_format=torch.contiguous_format))
         backend = self._resolved_backend(layout)
         if previous is None:
             dtype = normalized_dtype(reward.dtype)

@@ -81,6 +81,27 @@ def test_reward_checkpoint_loads_both_ways_and_evolves_alike(upstream, ema, back
     assert torch.equal(back.var, ours.var) and torch.equal(back.count, ours.count)
 
 
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.bfloat16, torch.float16, torch.float64])
+def test_discounted_returns_assigned_in_any_dtype_evolve_as_upstream(upstream, backend_name, dtype):
+    """A caller may assign ``discounted_reward`` (a plain attribute upstream), e.g. ``torch.zeros_like(dones)``:
+    returns that a dtype cannot hold (an integer one truncated them) continue in float32, as upstream's do."""
+    ours = RewardRunningMeanStd(None, (1,), 0.9, device="cpu", backend=backend_name)
+    up = upstream.RewardRunningMeanStd(None, (1,), 0.9, device="cpu")
+    g = torch.Generator().manual_seed(3)
+    for step in range(4):
+        if step == 1:
+            start = (torch.arange(6) % 2).to(dtype)
+            ours.discounted_reward, up.discounted_reward = start.clone(), start.clone()
+        reward, done = torch.randn(6, generator=g), torch.rand(6, generator=g) < 0.3
+        ours.record_reward(reward, done)
+        up.record_reward(reward, done)
+    assert ours.discounted_reward.dtype == up.discounted_reward.dtype
+    # Upstream rounds the first `returns * gamma` to the half-precision dtype once (relative 2**-8 for bfloat16).
+    tolerance = 1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6
+    torch.testing.assert_close(ours.discounted_reward, up.discounted_reward, rtol=tolerance, atol=tolerance)
+    _assert_stats_close(ours, up, rtol=tolerance)
+
+
 class _Agent(nn.Module):
     def __init__(self, norm_cls):
         super().__init__()
