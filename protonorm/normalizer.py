@@ -18,6 +18,7 @@ import weakref
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor, nn
 
 from . import backends, reference
@@ -80,6 +81,14 @@ def _is_compiling() -> bool:
 
 # torch.jit.is_tracing() minus its is_scripting() check: these methods are never scripted.
 _is_tracing = torch._C._is_tracing
+_peek_functorch_transform = torch._C._functorch.peek_interpreter_stack
+
+
+def _is_transformed() -> bool:
+    """Whether forward-mode AD (a ``torch.autograd.forward_ad`` dual level) or a ``torch.func`` transform (vmap, jvp,
+    grad) is active: a dual tensor's tangent or a vmapped batch dimension means nothing to the kernels, which would
+    drop the tangent or fail on a tensor without memory. (Not asked while compiling.)"""
+    return _forward_ad._current_level >= 0 or _peek_functorch_transform() is not None
 
 
 def _set_plain(module: nn.Module, name: str, value) -> None:
@@ -476,7 +485,8 @@ class RunningMeanStd(nn.Module):
     def _direct_normalize(self, arr: Tensor) -> Optional[Tensor]:
         """The centered ``normalize`` of a ``[B, D]`` batch offered to the backend's direct call (see
         ``Backend.try_normalize_moments``), or None for the general way: first calls, other shapes, inputs that
-        need gradients, traces and exports, and whatever the backend declines."""
+        need gradients (forward-mode and torch.func transforms too), traces and exports, and whatever the backend
+        declines."""
         layout = self._layout_cache
         if (
             layout is None
@@ -491,6 +501,7 @@ class RunningMeanStd(nn.Module):
             or not layout.current(self._buffers)
             or _is_compiling()
             or _is_exporting(False)
+            or _is_transformed()
             or (self.clamp_value is not None and self.clamp_value > _FLOAT32_MAX)  # checked the general way
         ):
             return None
@@ -510,9 +521,10 @@ class RunningMeanStd(nn.Module):
     def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
         _check_normalizable(arr, un_norm, self.clamp_value)
         compiling = _is_compiling()
-        if (arr.requires_grad and torch.is_grad_enabled()) or _is_exporting(compiling):
+        if (arr.requires_grad and torch.is_grad_enabled()) or _is_exporting(compiling) or (
+                not compiling and _is_transformed()):
             # Traced / exported graphs (ProtoMotions exports its actor to ONNX) get the plain reference math, and
-            # so does an input that needs gradients: the fast kernels define no backward.
+            # so does an input that needs gradients, forward-mode ones included: the fast kernels define none.
             return reference.normalize(arr, self.mean, self.var, self.epsilon, self.clamp_value, un_norm, center)
         if not arr.is_floating_point():
             arr = arr.float()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import protonorm
-from protonorm import RewardRunningMeanStd, RunningMeanStd, backends
+from protonorm import RewardRunningMeanStd, RunningMeanStd, backends, reference
 from protonorm.diagnostics import HostSyncCounter
 
 from conftest import CPU_BACKENDS, assert_same, expected_normalize
@@ -1143,6 +1143,36 @@ def test_normalize_keeps_gradients_flowing(backend_name):
     x = torch.randn(4, 3, requires_grad=True)
     m.normalize(x).sum().backward()
     torch.testing.assert_close(x.grad, (1 / torch.sqrt(m.var.float() + m.epsilon)).expand(4, 3))
+
+
+@pytest.mark.parametrize("un_norm", [False, True])
+def test_forward_mode_gradients_and_vmap_see_the_reference_math(backend_name, un_norm):
+    """A dual tensor of torch.autograd.forward_ad, and the inputs of torch.func.jvp and vmap, carry a tangent or a
+    batch dimension that the kernels know nothing of (they would drop the tangent, or fail on a tensor without
+    memory): normalize gives them the reference math, whose plain torch ops these transforms handle, as upstream's."""
+    import torch.autograd.forward_ad as fwAD
+
+    m = make((3,), backend_name, clamp_value=10.0)
+    m.record_moments(torch.randn(20, 3, generator=torch.Generator().manual_seed(0)) * 2 + 1)
+    before = stats(m)
+    g = torch.Generator().manual_seed(1)
+    x, t, batches = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g), torch.randn(2, 4, 3, generator=g)
+    scale = torch.sqrt(m.var.float() + m.epsilon)
+    want_tangent = t * scale if un_norm else t / scale
+    for training in (True, False):
+        m.train(training)
+        want = reference.normalize(x, m.mean, m.var, m.epsilon, m.clamp_value, un_norm)
+        with fwAD.dual_level():
+            primal, tangent = fwAD.unpack_dual(m.normalize(fwAD.make_dual(x, t), un_norm))
+        assert_same(primal, want)
+        torch.testing.assert_close(tangent, want_tangent)
+        primal, tangent = torch.func.jvp(lambda a: m.normalize(a, un_norm), (x,), (t,))
+        assert_same(primal, want)
+        torch.testing.assert_close(tangent, want_tangent)
+        batched = torch.func.vmap(lambda a: m.normalize(a, un_norm))(batches)
+        for got, b in zip(batched, batches):
+            assert_same(got, reference.normalize(b, m.mean, m.var, m.epsilon, m.clamp_value, un_norm))
+    assert_stats_equal(stats(m), before)
 
 
 @pytest.mark.parametrize("train_in_inference", [False, True])
