@@ -246,10 +246,13 @@ class RunningMeanStd(nn.Module):
 
     def _layout(self) -> _Layout:
         layout = self._layout_cache
-        if layout is None or not layout.current(self._buffers):
+        if layout is None or not layout.current(self._buffers) or _is_compiling():
             # Through the attributes: a module without buffers (lazy, never fed) raises AttributeError as before.
+            # A trace takes the buffers themselves (torch.export(strict=True) lifts tensors reached through a plain
+            # attribute, such as cached views, as constants apart from the module's state) and must not leave views
+            # of its tensors behind.
             layout = _Layout(self.mean, self.var, self.count, self.nonfinite_rows)
-            if not _is_compiling():  # a traced graph must not leave views of its tensors behind
+            if not _is_compiling():
                 self._layout_cache = layout
         return layout
 

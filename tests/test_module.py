@@ -939,9 +939,9 @@ def test_hot_calls_make_no_host_sync(backend_name):
 
 # ------------------------------------------------------------------------------------------------ tracing and export
 class _Actor(nn.Module):
-    def __init__(self):
+    def __init__(self, backend="torch"):
         super().__init__()
-        self.norm = make((4,), clamp_value=5.0)
+        self.norm = make((4,), backend, clamp_value=5.0)
         self.norm.record_moments(torch.randn(32, 4) * 3 + 1)
         self.linear = nn.Linear(4, 2)
 
@@ -969,6 +969,20 @@ def test_onnx_export_of_normalize(tmp_path):
     obs = torch.randn(6, 4) * 20  # beyond the clamp
     (got,) = ReferenceEvaluator(model).run(None, {"obs": obs.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), actor(obs), rtol=1e-6, atol=1e-6)
+
+
+def test_strict_export_takes_the_statistics_as_buffers(backend_name):
+    """torch.export(strict=True) lifts a tensor reached through a plain attribute as a constant. Once an eager call has
+    cached the statistics' flat views, the exported program must still read the buffers themselves: the exported
+    module then holds them in its state_dict, as it does when exported before any call."""
+    actor = _Actor(backend_name).eval()
+    obs = torch.randn(6, 4) * 3
+    want = actor(obs)  # caches the views
+    program = torch.export.export(actor, (obs,), strict=True)
+    lifted = {spec.target: spec.kind.name for spec in program.graph_signature.input_specs if spec.target}
+    assert lifted.get("norm.mean") == lifted.get("norm.var") == "BUFFER", lifted
+    assert "CONSTANT_TENSOR" not in lifted.values(), lifted
+    torch.testing.assert_close(program.module()(obs), want, rtol=0, atol=0)
 
 
 def test_first_calls_from_two_threads_look_up_the_export_flag_once(monkeypatch):
