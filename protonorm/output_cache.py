@@ -12,7 +12,8 @@ storage; a Python storage object (``out.untyped_storage()``) is one object per s
 so a caller keeping it raises that object's Python reference count instead. A caller that keeps its outputs simply
 gets fresh ones. An output sent to another process (``torch.multiprocessing`` moves its storage into shared
 memory, which the other process maps) may be read there after every tensor of this process is gone: a storage
-found shared is dropped from the cache, never handed out again.
+found shared is dropped from the cache, never handed out again, and so is one a caller resized (its memory then is
+no longer the size the cache hands it out for).
 
 On Linux the storages of 4 MB or more are advised for transparent huge pages before anything touches them
 (``madvise(MADV_HUGEPAGE)`` on the 2 MB-aligned part; it takes effect where transparent huge pages are ``madvise``
@@ -95,12 +96,13 @@ class _Slot:
     """One cached storage and its template, with the storage's reference counts at the time nothing but the cache
     held it."""
 
-    __slots__ = ("storage", "cdata", "nbytes", "template", "template_key", "idle_uses", "idle_refs")
+    __slots__ = ("storage", "cdata", "address", "nbytes", "template", "template_key", "idle_uses", "idle_refs")
 
     def __init__(self, nbytes: int, shape: Tuple[int, ...], dtype: torch.dtype):
         self.storage = torch.UntypedStorage(nbytes)
+        self.address = self.storage.data_ptr()
         if nbytes >= MIN_HUGE_PAGE_BYTES:
-            advise_huge_pages(self.storage.data_ptr(), nbytes)  # before the first write faults the pages in
+            advise_huge_pages(self.address, nbytes)  # before the first write faults the pages in
         self.cdata = self.storage._cdata
         self.nbytes = nbytes
         self.template = self._over_storage(shape, dtype)
@@ -119,9 +121,11 @@ class _Slot:
     def idle(self) -> bool:
         return _storage_use_count(self.cdata) == self.idle_uses and sys.getrefcount(self.storage) == self.idle_refs
 
-    def shared(self) -> bool:
-        """Whether the storage was moved into shared memory, where another process may still read it."""
-        return self.storage.is_shared()
+    def replaced(self) -> bool:
+        """Whether the storage no longer holds the memory allocated here: moved into shared memory, where another
+        process may still read it, or resized by a caller (``untyped_storage().resize_(0)`` frees it)."""
+        storage = self.storage
+        return storage.data_ptr() != self.address or storage.nbytes() != self.nbytes or storage.is_shared()
 
     def tensor(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         """A new tensor of ``shape`` and ``dtype`` on the storage."""
@@ -162,7 +166,7 @@ class OutputCache:
             slots = self._slots
             for i, slot in enumerate(slots):
                 if slot.nbytes == nbytes and slot.idle():
-                    if slot.shared():
+                    if slot.replaced():
                         del slots[i]
                         break
                     # Most recently used last, so that the other size's storage is the one evicted below.

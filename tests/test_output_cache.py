@@ -253,7 +253,23 @@ def test_an_output_moved_to_shared_memory_is_never_handed_out_again():
     newer = [norm.normalize(batch(i)) for i in range(1, 4)]
     # (Addresses prove nothing here: the memory the storage had before it was shared is free for anyone.)
     assert not any(n.untyped_storage().is_shared() for n in newer)
-    assert not any(slot.shared() for slot in norm._outputs._slots)
+    assert not any(slot.replaced() for slot in norm._outputs._slots)
+
+
+@pytest.mark.parametrize("new_size", ["freed", "half"])
+def test_an_output_whose_storage_was_shrunk_is_never_handed_out_again(new_size):
+    """A caller may shrink its output's storage (torch's activation offloading frees memory with
+    ``untyped_storage().resize_(0)``): the cache's storage is that same storage, and it must not be handed out again
+    for outputs it no longer holds (the kernels would write past its end)."""
+    norm = make()
+    out = norm.normalize(batch(0))
+    out.untyped_storage().resize_(0 if new_size == "freed" else out.untyped_storage().nbytes() // 2)
+    del out
+    again = norm._outputs.empty((B, D), torch.float32, torch.device("cpu"))
+    assert again.untyped_storage().nbytes() >= B * D * 4
+    del again
+    x = batch(1)
+    torch.testing.assert_close(norm.normalize(x), expected(norm, x), rtol=0, atol=0)
 
 
 def _read_after_the_sender_moved_on(queue, results, go):
