@@ -9,11 +9,12 @@ only, and it does for them what the caching allocator does: hand out again memor
 cache alone held the storage. Every tensor that can reach the memory (the output, any view of it, an autograd
 graph that saved it, the tensor behind a ``numpy()`` array or a DLPack capsule) holds a C++ reference to the
 storage; a Python storage object (``out.untyped_storage()``) is one object per storage, which the cache holds too,
-so a caller keeping it raises that object's Python reference count instead. A caller that keeps its outputs simply
-gets fresh ones. An output sent to another process (``torch.multiprocessing`` moves its storage into shared
-memory, which the other process maps) may be read there after every tensor of this process is gone: a storage
-found shared is dropped from the cache, never handed out again, and so is one a caller resized (its memory then is
-no longer the size the cache hands it out for).
+so a caller keeping it raises that object's Python reference count instead, and a weak reference to it (alive as
+long as the cache holds the storage) keeps the storage too. A caller that keeps its outputs simply gets fresh ones.
+An output sent to another process (``torch.multiprocessing`` moves its storage into shared memory, which the other
+process maps) may be read there after every tensor of this process is gone: a storage found shared is dropped from
+the cache, never handed out again, and so is one a caller resized (its memory then is no longer the size the cache
+hands it out for).
 
 On Linux the storages of 4 MB or more are advised for transparent huge pages before anything touches them
 (``madvise(MADV_HUGEPAGE)`` on the 2 MB-aligned part; it takes effect where transparent huge pages are ``madvise``
@@ -34,6 +35,7 @@ import os
 import platform
 import sys
 import threading
+import weakref
 from typing import List, Tuple
 
 import torch
@@ -119,7 +121,9 @@ class _Slot:
         return outside_inference_mode(lambda: self._on_storage(shape, dtype))
 
     def idle(self) -> bool:
-        return _storage_use_count(self.cdata) == self.idle_uses and sys.getrefcount(self.storage) == self.idle_refs
+        # A weak reference to the storage object counts too: while the cache holds the storage it stays alive.
+        return (_storage_use_count(self.cdata) == self.idle_uses and sys.getrefcount(self.storage) == self.idle_refs
+                and not weakref.getweakrefcount(self.storage))
 
     def replaced(self) -> bool:
         """Whether the storage no longer holds the memory allocated here: moved into shared memory, where another

@@ -6,6 +6,7 @@ import copy
 import os
 import pickle
 import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -128,7 +129,7 @@ def test_a_live_output_is_never_handed_out_again():
         torch.testing.assert_close(o, expected(norm, batch(i)), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("holder", ["view", "numpy", "storage", "autograd", "clone_of_view_base"])
+@pytest.mark.parametrize("holder", ["view", "numpy", "storage", "storage_weakref", "autograd", "clone_of_view_base"])
 def test_anything_reaching_the_memory_keeps_it(holder):
     norm = make()
     x0 = batch(0)
@@ -142,6 +143,8 @@ def test_anything_reaching_the_memory_keeps_it(holder):
         kept = out.numpy()
     elif holder == "storage":
         kept = out.untyped_storage()
+    elif holder == "storage_weakref":  # alive while the cache holds the storage: it reaches the memory through it
+        kept = weakref.ref(out.untyped_storage())
     elif holder == "autograd":
         kept = (out @ weight).sum()  # the matmul saves `out` for the weight's gradient
     else:
@@ -156,6 +159,8 @@ def test_anything_reaching_the_memory_keeps_it(holder):
         assert torch.equal(kept, snapshot[:, :5])
     elif holder == "numpy":
         assert np.array_equal(kept, snapshot.numpy())
+    elif holder == "storage_weakref" and kept() is not None:
+        assert torch.equal(torch.empty(0).set_(kept()).view(torch.float32).view(B, D), snapshot)
 
 
 def test_two_batch_sizes_alternate_without_fresh_allocations():
