@@ -118,7 +118,11 @@ class _Slot:
 
     def _over_storage(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         # A normal tensor even under inference mode: outputs made from it outside inference mode must be usable.
-        return outside_inference_mode(lambda: self._on_storage(shape, dtype))
+        # Made past any torch function or dispatch mode, which could keep the storage object (an op log does): a
+        # reference held then would count in the idle counts measured below, and once dropped would let a caller's
+        # storage object pass for the cache's own.
+        with torch._C.DisableTorchFunction(), torch._C._DisableTorchDispatch():
+            return outside_inference_mode(lambda: self._on_storage(shape, dtype))
 
     def idle(self) -> bool:
         # A weak reference to the storage object counts too: while the cache holds the storage it stays alive.

@@ -11,6 +11,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import protonorm
 from protonorm import output_cache, reference
@@ -275,6 +276,33 @@ def test_an_output_whose_storage_was_shrunk_is_never_handed_out_again(new_size):
     del again
     x = batch(1)
     torch.testing.assert_close(norm.normalize(x), expected(norm, x), rtol=0, atol=0)
+
+
+class _RecordingMode(TorchDispatchMode):
+    """A dispatch mode that keeps the arguments of every op it sees (an op log for later inspection)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((func, args))
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_mode_active_when_the_storage_is_made_does_not_skew_its_idle_counts():
+    """A dispatch mode that holds on to the arguments of the first normalize (the storage object among them) must
+    not make the storage's idle reference counts include its reference: once the mode is gone, a caller keeping
+    the storage object in its place would find the memory handed out again."""
+    norm = make()
+    with _RecordingMode() as log:
+        out = norm.normalize(batch(0))
+    snapshot = out.clone()
+    kept = out.untyped_storage()
+    del out, log
+    newer = norm.normalize(batch(1))
+    assert newer.data_ptr() != kept.data_ptr()
+    assert torch.equal(torch.empty(0).set_(kept).view(torch.float32).view(B, D), snapshot)
 
 
 def _read_after_the_sender_moved_on(queue, results, go):
