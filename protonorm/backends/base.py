@@ -185,6 +185,22 @@ def check_not_sharing(name: str, out: Tensor, x: Tensor) -> None:
         raise ValueError(f"{name}: expected a tensor that shares no memory with x (the moments are taken of x)")
 
 
+def elements_apart(t: Tensor) -> bool:
+    """Whether no two elements of ``t`` (``[B, D]`` with unit column stride, or 1-D) share memory: its rows, or the
+    elements of a 1-D tensor, at least a row's length apart. What a kernel writes must be so, or several programs or
+    threads would write one place and the last write would win (a stride-0 ``expand``)."""
+    if t.is_contiguous() or t.dim() == 0 or t.shape[0] <= 1:
+        return True
+    return t.stride(0) >= (max(1, t.shape[1]) if t.dim() == 2 else 1)
+
+
+def check_elements_apart(name: str, t: Tensor) -> None:
+    """Raise unless :func:`elements_apart`, saying what was expected."""
+    if not elements_apart(t):
+        raise ValueError(f"{name}: expected elements that do not share memory, got shape {tuple(t.shape)} "
+                         f"with strides {t.stride()}")
+
+
 def _byte_span(t: Tensor) -> Tuple[int, int]:
     """The bytes ``[start, end)`` from ``t``'s first element to the end of its last."""
     last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))

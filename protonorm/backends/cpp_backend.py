@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from ..reference import parts_width
-from .base import (Backend, check_in_place_or_apart, check_not_sharing, eager_plain, normalized_dtype,
-                   outside_inference_mode)
+from .base import (Backend, check_elements_apart, check_in_place_or_apart, check_not_sharing, eager_plain,
+                   elements_apart, normalized_dtype, outside_inference_mode)
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -137,13 +137,8 @@ def _unit_columns(x: Tensor) -> Tensor:
 
 
 def _is_separate(t: Tensor) -> bool:
-    """What the kernels write holds its values in memory (no lazy negation) and no two of its elements share it
-    (rows, or elements of a 1-D tensor, apart by at least a row's length)."""
-    if t.is_neg():
-        return False
-    if t.is_contiguous() or t.dim() == 0 or t.shape[0] <= 1:
-        return True
-    return t.stride(0) >= (max(1, t.shape[1]) if t.dim() == 2 else 1)
+    """What the kernels write holds its values in memory (no lazy negation) and no two of its elements share it."""
+    return not t.is_neg() and elements_apart(t)
 
 
 def _is_writable_rows(t: Tensor, shape, dtype: torch.dtype) -> bool:
@@ -156,8 +151,7 @@ def _is_writable_rows(t: Tensor, shape, dtype: torch.dtype) -> bool:
 def _check_separate(name: str, t: Tensor) -> None:
     if t.is_neg():
         raise ValueError(f"{name}: expected a tensor holding its values, got a lazily negated view (resolve_neg())")
-    raise ValueError(f"{name}: expected elements that do not share memory, got shape {tuple(t.shape)} "
-                     f"with strides {t.stride()}")
+    check_elements_apart(name, t)
 
 
 def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> None:

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .base import (Backend, check_in_place_or_apart, check_not_sharing, eager_plain, is_negated_view,
-                   normalized_dtype, workspace_buffer)
+from .base import (Backend, check_elements_apart, check_in_place_or_apart, check_not_sharing, eager_plain,
+                   elements_apart, is_negated_view, normalized_dtype, workspace_buffer)
 
 try:
     import triton  # noqa: F401
@@ -221,13 +221,21 @@ def _check_counters(count: Tensor, dropped: Tensor, device: torch.device) -> Non
             raise ValueError(f"{name}: expected a 0-d int64 tensor on {device}, got {t.dtype} {tuple(t.shape)}")
 
 
-def _is_out(out: Tensor, x: Tensor) -> bool:
+def _is_out_layout(out: Tensor, x: Tensor) -> bool:
     return (out.dtype == normalized_dtype(x.dtype) and out.shape == x.shape and out.device == x.device
             and out.stride(-1) == 1 and not is_negated_view(out))
 
 
+def _is_out(out: Tensor, x: Tensor) -> bool:
+    """An output the kernels write as it is: ``x``'s shape, the normalized dtype, unit column stride, and no two
+    elements in one place (programs writing rows that share memory would leave the last write)."""
+    return _is_out_layout(out, x) and elements_apart(out)
+
+
 def _check_out(out: Tensor, x: Tensor) -> None:
     if not _is_out(out, x):
+        if _is_out_layout(out, x):
+            check_elements_apart("out", out)
         want = normalized_dtype(x.dtype)
         raise ValueError(
             f"out: expected a {want} tensor of shape {tuple(x.shape)} on {x.device} with unit column stride "
@@ -244,9 +252,10 @@ def _is_parts(parts: Tensor, num_features: int) -> bool:
 
 
 def _is_returns(discounted: Tensor, reward: Tensor) -> bool:
-    """The discounted returns the reward kernel updates in place, for ``reward``."""
+    """The discounted returns the reward kernel updates in place, for ``reward``: each element in a place of its own."""
     return (discounted.dtype in (torch.float32, torch.float64) and discounted.shape == reward.shape
-            and discounted.device == reward.device and (discounted.shape[1] <= 1 or discounted.stride(1) == 1))
+            and discounted.device == reward.device and (discounted.shape[1] <= 1 or discounted.stride(1) == 1)
+            and elements_apart(discounted))
 
 
 def _parts_buffer(workspace: dict, x: Tensor, single_tile: bool = False) -> Tensor:
@@ -332,7 +341,9 @@ class TritonBackend(Backend):
                 )
             if discounted.device != reward.device:
                 raise ValueError(f"discounted: expected a tensor on {reward.device}, got {discounted.device}")
-            raise ValueError("discounted: expected unit column stride (it is updated in place)")
+            if discounted.shape[1] > 1 and discounted.stride(1) != 1:
+                raise ValueError("discounted: expected unit column stride (it is updated in place)")
+            check_elements_apart("discounted", discounted)
         terminated = terminated.reshape(-1)
         if terminated.shape[0] != reward.shape[0]:
             raise ValueError(f"terminated: expected {reward.shape[0]} entries, got {terminated.shape[0]}")
