@@ -18,7 +18,9 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-OBS_SIZES = [(8192, 342), (16384, 1024), (4096, 4096)]
+# The benchmark sizes, and one whose last row block and last column tile are partial (three tiles of 2048 columns,
+# the last holding one): the masked edges and the multi-tile non-finite pre-pass as a GPU runs them.
+OBS_SIZES = [(8192, 342), (16384, 1024), (4096, 4096), (2049, 4097)]
 REWARD_ENVS = [1024, 8192]
 
 
@@ -53,7 +55,7 @@ def cuda_kernel_launches(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("b,d", OBS_SIZES)
 @pytest.mark.parametrize("ema", [None, 0.999])
 def test_agrees_with_torch_backend_at_benchmark_sizes(triton_backend, b, d, dtype, ema):
@@ -74,13 +76,14 @@ def test_agrees_with_torch_backend_at_benchmark_sizes(triton_backend, b, d, dtyp
         assert torch.equal(m.count, ref.count) and torch.equal(m.nonfinite_rows, ref.nonfinite_rows)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("b,d", OBS_SIZES)
-def test_normalize_is_bit_exact_with_torch(triton_backend, b, d):
-    x = obs(b, d)
+def test_normalize_is_bit_exact_with_torch(triton_backend, b, d, dtype):
+    x = obs(b, d, dtype)
     mean = torch.randn(d, device="cuda", dtype=torch.float64)
     var = torch.rand(d, device="cuda", dtype=torch.float64) + 0.1
     for un_norm, center, clamp in ((False, True, 5.0), (True, True, 5.0), (False, False, None), (True, False, 0.3)):
-        out = torch.empty_like(x)
+        out = torch.empty(x.shape, dtype=torch.promote_types(dtype, torch.float32), device="cuda")
         triton_backend.normalize(x, mean, var, 1e-5, clamp, un_norm, center, out)
         assert torch.equal(out, reference.normalize(x, mean, var, 1e-5, clamp, un_norm, center))
 
@@ -172,7 +175,8 @@ def test_cuda_graph_capture_and_replay_of_normalize_and_record(triton_backend):
 
 
 def test_large_batch_uses_64_bit_offsets(triton_backend):
-    """B * D beyond 2^31 elements: row offsets must be computed in 64 bits."""
+    """B * D beyond 2^31 elements: row offsets must be computed in 64 bits, by every kernel that reads or writes rows
+    (the last row, past 2^31 elements, would be read from or written to a wrapped address)."""
     free, _ = torch.cuda.mem_get_info()
     b, d = (1 << 21) + 3, 1025  # 2.1e9 elements, 8.6 GB in float32
     if free < 3 * b * d * 4:
@@ -183,3 +187,15 @@ def test_large_batch_uses_64_bit_offsets(triton_backend):
     n, dropped, mean, m2 = reference.split_parts(triton_backend.combine(parts))
     assert n.item() == b and dropped.item() == 0
     torch.testing.assert_close(mean[0], torch.full((d,), 1.0 + 2.0 / b, device="cuda", dtype=torch.float64))
+    del parts
+    # mean 0, var 1, epsilon 0: the normalized rows are the rows themselves.
+    zero, one = torch.zeros(d, device="cuda", dtype=torch.float64), torch.ones(d, device="cuda", dtype=torch.float64)
+    out = torch.zeros_like(x)
+    parts = triton_backend.normalize_moments(x, zero, one, 0.0, None, out, {})
+    assert torch.equal(out[0], x[0]) and torch.equal(out[-1], x[-1])
+    n, dropped, mean, _ = reference.split_parts(triton_backend.combine(parts))
+    assert n.item() == b and dropped.item() == 0
+    torch.testing.assert_close(mean[0], torch.full((d,), 1.0 + 2.0 / b, device="cuda", dtype=torch.float64))
+    out.zero_()
+    triton_backend.normalize(x, zero, one, 0.0, None, False, True, out)
+    assert torch.equal(out[0], x[0]) and torch.equal(out[-1], x[-1])
