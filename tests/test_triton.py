@@ -684,6 +684,43 @@ def test_written_tensors_whose_elements_share_memory_are_refused():
     assert not r.discounted_reward.any()
 
 
+def test_inputs_without_memory_are_refused():
+    """torch's ZeroTensor (what some autograd formulas return) passes every shape, dtype and stride check but has a
+    null data pointer, which a compiled kernel would read: an illegal address, after which the CUDA context is lost.
+    A batch, mask, reward or reset flags without memory is refused, saying so, with nothing written; through the
+    module's direct calls as well."""
+    zero = torch._efficientzerotensor
+    x = batch(8, 4)
+    mean, var, _, _ = stats(4)
+    out = torch.zeros(8, 4, device=DEVICE)
+    no_memory = "expected a tensor with memory, got a null data pointer"
+    flags, returns = torch.zeros(8, dtype=torch.bool, device=DEVICE), torch.ones(8, 4, device=DEVICE)
+    for what, call in (
+        ("moments", lambda: TB.moments(zero(8, 4, device=DEVICE), None, {})),
+        ("mask", lambda: TB.moments(x, zero(8, dtype=torch.bool, device=DEVICE), {})),
+        ("normalize", lambda: TB.normalize(zero(8, 4, device=DEVICE), mean, var, 1e-5, None, False, True, out)),
+        ("normalize", lambda: TB.normalize_moments(zero(8, 4, device=DEVICE), mean, var, 1e-5, None, out, {})),
+        ("record_reward", lambda: TB.reward_moments(zero(8, 4, device=DEVICE), flags, returns, 0.9, {})),
+        ("terminated", lambda: TB.reward_moments(x, zero(8, device=DEVICE), returns, 0.9, {})),
+    ):
+        with pytest.raises(ValueError, match=f"^{what}: {no_memory}"):
+            call()
+    assert not out.any() and torch.equal(returns, torch.ones(8, 4, device=DEVICE))
+    m = protonorm.RunningMeanStd(None, (4,), device=DEVICE, backend="triton")
+    r = protonorm.RewardRunningMeanStd(None, (1,), 0.9, device=DEVICE, backend="triton")
+    m.record_moments(x)
+    m.normalize(x)
+    r.record_reward(x[:, 0], flags)
+    before = [t.clone() for t in (m.mean, m.var, m.count, r.mean, r.var, r.count, r.discounted_reward)]
+    for call in (lambda: m.normalize(zero(8, 4, device=DEVICE)), lambda: m.record_moments(zero(8, 4, device=DEVICE)),
+                 lambda: r.record_reward(zero(8, device=DEVICE), flags),
+                 lambda: r.record_reward(x[:, 0], zero(8, device=DEVICE))):
+        with pytest.raises(ValueError, match=no_memory):
+            call()
+    for a, b in zip((m.mean, m.var, m.count, r.mean, r.var, r.count, r.discounted_reward), before):
+        assert torch.equal(a, b)
+
+
 COMPILE_CHECK = textwrap.dedent(
     """
     import torch, triton

@@ -163,11 +163,23 @@ if UNAVAILABLE_REASON is None:
 # ------------------------------------------------------------------------------------------ validation
 # Each condition is a predicate (``_is_*``) that the direct calls use as it is; the checks of the general way run it
 # and, only when it fails, convert the input or raise saying what was expected.
+def _has_memory(t: Tensor) -> bool:
+    """Whether ``t``'s elements have memory: torch's ZeroTensor (``torch._efficientzerotensor``, what some autograd
+    formulas return) has a null data pointer, which Triton hands to a kernel as it is, and reading it is an illegal
+    address, after which the CUDA context is lost. (Not checked inside a trace, whose tensors have no memory yet.)"""
+    return torch.compiler.is_compiling() or type(t) is not Tensor or t.data_ptr() != 0 or t.numel() == 0
+
+
+def _check_memory(name: str, t: Tensor) -> None:
+    if not _has_memory(t):
+        raise ValueError(f"{name}: expected a tensor with memory, got a null data pointer (a ZeroTensor? clone() it)")
+
+
 def _is_kernel_rows(x: Tensor) -> bool:
     """``[B, D]`` rows the kernels read as they are: a dtype they load, unit column stride, values in memory (the
-    kernels read raw memory, so a lazily negated view would be read unnegated)."""
+    kernels read raw memory, so a lazily negated view would be read unnegated, and a ZeroTensor not at all)."""
     return (x.dim() == 2 and x.dtype in KERNEL_DTYPES and (x.shape[1] <= 1 or x.stride(1) == 1)
-            and not is_negated_view(x))
+            and not is_negated_view(x) and _has_memory(x))
 
 
 def _check_rows(x: Tensor, what: str) -> Tensor:
@@ -184,6 +196,7 @@ def _check_rows(x: Tensor, what: str) -> Tensor:
         x = x.resolve_neg()
     if x.shape[1] > 1 and x.stride(1) != 1:
         x = x.contiguous()
+    _check_memory(what, x)
     return x
 
 
@@ -289,6 +302,7 @@ class TritonBackend(Backend):
                 raise ValueError(
                     f"mask: expected a [{x.shape[0]}] tensor on {x.device}, got {tuple(mask.shape)} on {mask.device}"
                 )
+            _check_memory("mask", mask)
         parts = _parts_buffer(workspace, x)
         op = _moments_impl if eager_plain(x, mask, parts) else torch.ops.protonorm.triton_moments
         op(x, mask, parts)
@@ -347,6 +361,7 @@ class TritonBackend(Backend):
         terminated = terminated.reshape(-1)
         if terminated.shape[0] != reward.shape[0]:
             raise ValueError(f"terminated: expected {reward.shape[0]} entries, got {terminated.shape[0]}")
+        _check_memory("terminated", terminated)
         parts = _parts_buffer(workspace, discounted, single_tile=True)
         direct = eager_plain(reward, terminated, discounted, parts)
         op = _reward_moments_impl if direct else torch.ops.protonorm.triton_reward_moments
@@ -389,7 +404,7 @@ class TritonBackend(Backend):
             reward, discounted = reward.unsqueeze(1), discounted.unsqueeze(1)
         if not (_is_kernel_rows(reward) and reward.shape[0] > 0 and _is_returns(discounted, reward)
                 and terminated.dim() == 1 and terminated.shape[0] == reward.shape[0]
-                and terminated.device == reward.device and not terminated.is_complex()):
+                and terminated.device == reward.device and not terminated.is_complex() and _has_memory(terminated)):
             return False
         if not _is_merge_target(mean, var, count, dropped, reward.device, reward.shape[1]):
             return False
