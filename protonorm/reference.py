@@ -50,7 +50,8 @@ def batch_moments(x: Tensor, mask: Optional[Tensor] = None, rows_per_part: Optio
 
     Rows whose ``mask`` entry is False are ignored; rows holding a non-finite value are left out and
     counted in ``dropped``. Accumulation is in float64 whatever the input dtype, with a two-pass
-    variance so large offsets lose nothing.
+    variance of the deviations from the part's first valid row (as the kernels shift theirs), so large
+    offsets lose nothing and a constant column has exactly its value as mean and exactly 0 as m2.
     """
     if rows_per_part is not None and x.shape[0] > rows_per_part:
         return torch.cat([
@@ -69,11 +70,19 @@ def _moments_part(x: Tensor, mask: Optional[Tensor]) -> Tensor:
         considered = mask.reshape(-1).to(torch.bool)
         valid, dropped = finite & considered, (considered & ~finite).sum()
     n = valid.sum().to(torch.float64)
-    xv = torch.where(valid[:, None], xf, 0.0)
-    mean = xv.sum(dim=0) / n.clamp(min=1.0)
-    dev = torch.where(valid[:, None], xv - mean, 0.0)
+    # Deviations from the first valid row (argmax gives the first True; with none, a shift of 0 that nothing
+    # uses; index_select, as indexing with a 0-d tensor would read it on the host). Summing x itself would round
+    # at the offset's scale, and leave a constant column a mean an ulp off its value and an m2 of n squared ulps.
+    if x.shape[0] > 0:
+        first = valid.to(torch.uint8).argmax().reshape(1)
+        shift = torch.where(valid.index_select(0, first), xf.index_select(0, first)[0], 0.0)
+    else:
+        shift = xf.new_zeros(xf.shape[1:])
+    shifted = torch.where(valid[:, None], xf - shift, 0.0)
+    centered = shifted.sum(dim=0) / n.clamp(min=1.0)
+    dev = torch.where(valid[:, None], shifted - centered, 0.0)
     m2 = (dev * dev).sum(dim=0)
-    return pack_parts(n, dropped, mean, m2)
+    return pack_parts(n, dropped, shift + centered, m2)
 
 
 def chan_merge(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor):

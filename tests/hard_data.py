@@ -27,6 +27,41 @@ MEAN_RTOL = 1e-7
 VAR_RTOL = 1e-6
 
 
+# Constant columns whose float64 sum over the rows rounds: a mean taken as sum / n lands an ulp off the value, and the
+# squared deviations from it leave the variance n * ulp^2 instead of 0. A NaN row in one batch is dropped.
+CONSTANT_VALUES = [0.1, 1 / 3, -2.7e-3, 7e5 + 0.1, 1e8 + 0.3]
+CONSTANT_BATCH_SIZES = [3, 70, 1, 5, 33]
+
+
+def assert_constant_columns_exact(moments, merge, dtype, device="cpu", batch_sizes=CONSTANT_BATCH_SIZES):
+    """Record batches of constant columns (``CONSTANT_VALUES`` in ``dtype``) with ``moments(x) -> parts`` and
+    ``merge(parts, mean, var, count, dropped, ema_decay)``. Truth by construction: every part's mean is each column's
+    value and its m2 is 0, exactly; from nothing (count 0) Welford gives that mean and a variance of exactly +0, and
+    EMA from a variance of 0 keeps it 0 (a tiny positive variance would be what normalize divides by where
+    ``epsilon`` is 0 or tiny)."""
+    row = torch.tensor(CONSTANT_VALUES, dtype=torch.float64).to(dtype).to(device)
+    value = row.to(torch.float64)
+    d = row.shape[0]
+    zeros = torch.zeros(d, dtype=torch.float64, device=device)
+    counts = [torch.tensor(c, device=device) for c in (0, 0, 1, 0)]
+    welford = [zeros.clone(), zeros.clone(), *counts[:2]]
+    ema = [value.clone(), zeros.clone(), *counts[2:]]
+    for i, b in enumerate(batch_sizes):
+        x = row.expand(b, d).clone()
+        if i == 1:
+            x[4, 2] = float("nan")
+        parts = moments(x)
+        valid = parts[:, 0] > 0
+        for what, got, want in (("mean", parts[valid, 2 : 2 + d], value), ("m2", parts[:, 2 + d :], zeros)):
+            assert torch.equal(got, want.expand_as(got)), f"parts' {what}: {got} != {want}"
+        merge(parts, *welford, None)
+        merge(parts, *ema, 0.9)
+    assert torch.equal(welford[0], value), f"mean {welford[0]} != {value}"
+    assert torch.equal(welford[1], zeros) and not welford[1].signbit().any(), f"var {welford[1]}"
+    assert int(welford[2]) == sum(batch_sizes) - 1 and int(welford[3]) == 1
+    assert torch.equal(ema[1], zeros), f"EMA var {ema[1]}"
+
+
 def make_stream(name: str, dtype: torch.dtype, seed: int = 0):
     """The batches of stream ``name`` as tensors of ``dtype`` (values rounded to that dtype once)."""
     shape, sizes, fill = STREAMS[name]

@@ -9,8 +9,7 @@ Tolerances, and why:
 * batch moments: n and dropped exact; mean within 1e-12 of the column's scale and m2 within 1e-10 relative. Both
   sides accumulate in float64 but over different splits of the rows (the kernels use shifted sums per part), so
   the last few float64 bits differ; any real defect (a lost row, float32 accumulation) is far larger. A constant
-  column's m2 is exactly 0 from the shifted sums and n squared roundings of the mean from the reference's two
-  passes: m2 may also differ by n * (1e-15 * mean)^2.
+  column has exactly its value as mean and 0 as m2 on both sides (both take deviations from the first valid row).
 * hard data (offsets up to 1e6, tiny spread, constant columns): the project-wide bounds of ``hard_data``; the
   hard streams of every dtype run through the module in test_module.py, for every backend.
 """
@@ -33,7 +32,8 @@ from protonorm.backends.base import normalized_dtype
 from protonorm.diagnostics import HostSyncCounter
 
 from conftest import assert_same
-from hard_data import MEAN_RTOL, VAR_RTOL, assert_close_rel, truth
+from hard_data import (CONSTANT_BATCH_SIZES, MEAN_RTOL, VAR_RTOL, assert_close_rel, assert_constant_columns_exact,
+                       truth)
 
 CPP, CPP_REASON = load("cpp")
 TORCH = load("torch")[0]
@@ -85,9 +85,7 @@ def assert_parts_close(parts, expected):
     n = max(float(want[0]), 1.0)
     scale = mean_w.abs() + (m2_w / n).sqrt() + 1e-300
     assert ((mean_g - mean_w).abs() <= 1e-12 * scale).all(), (mean_g - mean_w).abs().max()
-    # A constant column (repeated rows): m2 0, or n squared roundings of the mean (the reference's second pass).
-    m2_floor = n * (1e-15 * mean_w.abs()) ** 2 + 1e-300
-    assert ((m2_g - m2_w).abs() <= 1e-10 * m2_w.abs() + m2_floor).all(), ((m2_g - m2_w).abs() / m2_w.abs()).max()
+    assert ((m2_g - m2_w).abs() <= 1e-10 * m2_w.abs()).all(), ((m2_g - m2_w).abs() / m2_w.abs()).max()
 
 
 # ------------------------------------------------------------------------------------------------ moments
@@ -1154,6 +1152,19 @@ def test_large_offset_wide_batch_against_numpy():
     assert_close_rel(m.mean, t_mean, MEAN_RTOL, "mean", floor=1e-12)
     assert_close_rel(m.var, t_var, VAR_RTOL, "var", floor=1e-12)
     assert float(m.var[5]) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("fused", [False, True])
+def test_constant_columns_keep_their_value_and_no_variance(isa, dtype, fused):
+    def moments(x):
+        if not fused:
+            return CPP.moments(x, None, {}).clone()
+        out = torch.empty(x.shape, dtype=normalized_dtype(x.dtype))
+        return CPP.normalize_moments(x, *stats(x.shape[1]), 1e-5, None, out, {}).clone()
+
+    # The last batch spans several parts (their merge must keep it exact too).
+    assert_constant_columns_exact(moments, CPP.merge, dtype, batch_sizes=[*CONSTANT_BATCH_SIZES, 13109])
 
 
 def test_three_d_features_through_module():

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from protonorm import combine_moments, reference
 
 from hard_data import (MEAN_RTOL, STREAM_CASES, STREAM_EMA_DECAY, STREAM_MODES, VAR_RTOL, assert_close_rel,
+                       assert_constant_columns_exact,
                        make_stream, stream_truth, truth)
 
 
@@ -269,3 +270,10 @@ def test_combine_moments_accepts_tensor_counts_and_keeps_counts_exact():
     assert int(count) == big + 1
     with pytest.raises(ValueError, match="equal length"):
         combine_moments([torch.zeros(2)], [], [1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("rows_per_part", [None, 1, 2, 32])
+def test_constant_columns_keep_their_value_and_no_variance(dtype, rows_per_part):
+    assert_constant_columns_exact(lambda x: reference.batch_moments(x, None, rows_per_part),
+                                  reference.merge_into_running, dtype)

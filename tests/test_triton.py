@@ -30,6 +30,7 @@ from protonorm.backends import torch_backend
 from protonorm.diagnostics import HostSyncCounter
 
 from conftest import assert_same, expected_normalize
+from hard_data import assert_constant_columns_exact
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -130,6 +131,14 @@ def test_nonfinite_rows_are_left_out_of_every_column_and_counted(request, tiles)
         assert_parts_close(parts, expected)
         assert TB.combine(parts)[0, reference.DROPPED_COL].item() == (4 if m is None else 3)
         assert torch.isfinite(parts).all()
+
+
+@pytest.mark.parametrize("tiles", ["large", "small"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_constant_columns_keep_their_value_and_no_variance(request, tiles, dtype):
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    assert_constant_columns_exact(lambda x: TB.moments(x, None, {}).clone(), TB.merge, dtype, DEVICE)
 
 
 def test_mask_rows_are_ignored():
