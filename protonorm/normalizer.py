@@ -447,7 +447,8 @@ class RunningMeanStd(nn.Module):
         mean = self.mean
         batch_mean = torch.as_tensor(batch_mean, dtype=torch.float64, device=mean.device)
         batch_var = torch.as_tensor(batch_var, dtype=torch.float64, device=mean.device)
-        n = torch.as_tensor(batch_count, device=mean.device).to(torch.float64)
+        exact = torch.as_tensor(batch_count, device=mean.device)
+        n = exact.to(torch.float64)
         for name, value in (("batch_mean", batch_mean), ("batch_var", batch_var)):
             if value.shape != mean.shape and value.numel() != 1:
                 raise ValueError(f"update_from_moments: expected {name} of shape {tuple(mean.shape)}, got {tuple(value.shape)}")
@@ -456,7 +457,13 @@ class RunningMeanStd(nn.Module):
         batch_m2 = batch_var.expand(mean.shape).reshape(d) * n
         parts = reference.pack_parts(n, torch.zeros((), device=mean.device), batch_mean, batch_m2)
         flat_mean, flat_var, count, dropped = self._flat_stats()
-        merge = backends.resolve("torch", mean.device).merge
+        backend_merge = backends.resolve("torch", mean.device).merge
+
+        def merge(parts, mean, var, count, dropped, ema_decay):
+            backend_merge(parts, mean, var, count, dropped, ema_decay)
+            if ema_decay is None:  # the parts hold the count in float64, which rounds counts past 2^53
+                count.add_((exact.to(torch.int64) - n.to(torch.int64)).reshape(()))
+
         merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
         from . import distributed
 

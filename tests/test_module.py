@@ -98,6 +98,33 @@ def test_count_and_weights_are_exact_past_float32_precision(backend_name):
         assert float(m.var[j]) == pytest.approx(float(var), rel=1e-12, abs=0)
 
 
+@pytest.mark.parametrize("sync", ["per_call", "deferred"])
+def test_update_from_moments_adds_counts_past_float64_precision_exactly(backend_name, sync):
+    """Counts given to update_from_moments beyond 2^53, where float64 stops holding every integer, as a Python int and
+    as an int64 tensor: the count grows by exactly them (deferred: in the synced base too, seen after a sync). The
+    weights may round (by 1e-16); the statistics are checked against exact rationals within 1e-15."""
+    from fractions import Fraction
+
+    m = make((2,), backend_name, sync=sync)
+    x = torch.tensor([[1.0, -2.0], [3.0, 0.5], [2.0, 4.0]], dtype=torch.float64)
+    m.record_moments(x)  # the deferred module takes its synced base here
+    counts = [1 + 2**53, torch.tensor(3 + 2**60)]
+    for c in counts:
+        m.update_from_moments(torch.tensor([2.0, -1.0], dtype=torch.float64), torch.tensor([3.0, 0.25]), c)
+    protonorm.sync(m)
+    total = 1 + 3 + sum(int(c) for c in counts)
+    assert int(m.count) == total
+    for j, (batch_mean, batch_var) in enumerate([(2, 3), (-1, Fraction(1, 4))]):
+        rows = [Fraction(r[j]) for r in x.tolist()]
+        n, mean, m2 = 1 + len(rows), sum(rows) / 4, 1 + sum(r * r for r in rows) - sum(rows) ** 2 / 4
+        for c in counts:
+            c = int(c)
+            delta = batch_mean - mean
+            mean, m2, n = mean + delta * c / (n + c), m2 + batch_var * c + delta**2 * n * c / (n + c), n + c
+        assert float(m.mean[j]) == pytest.approx(float(mean), rel=1e-15, abs=0)
+        assert float(m.var[j]) == pytest.approx(float(m2 / n), rel=1e-15, abs=0)
+
+
 @pytest.mark.parametrize("ema", [None, 0.99])
 def test_backends_agree_with_reference(backend_name, ema):
     g = torch.Generator().manual_seed(0)
