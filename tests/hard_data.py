@@ -1,6 +1,8 @@
 """Hard input streams and their numpy float64 ground truth, shared by the accuracy tests of every backend."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -60,6 +62,78 @@ def assert_constant_columns_exact(moments, merge, dtype, device="cpu", batch_siz
     assert torch.equal(welford[1], zeros) and not welford[1].signbit().any(), f"var {welford[1]}"
     assert int(welford[2]) == sum(batch_sizes) - 1 and int(welford[3]) == 1
     assert torch.equal(ema[1], zeros), f"EMA var {ema[1]}"
+
+
+# Long streams of small records: (offset, spread, input dtype). Each record rounds the float64 running mean by up to
+# half an ulp of the offset, and that rounding enters the next merge's variance term: the variance's relative error is
+# up to about ulp(offset) / spread whatever the stream's length (measured 0.1-0.7 of it, single rows worst), 1.2e-7 at
+# 1e6 +- 1e-3 and 1.5e-5 at 1e8 +- 1e-3 (float64 data); the mean's stays below 1e-13 (README.md).
+LONG_STREAMS = [(1e6, 1e-3, torch.float64), (1e8, 1e-3, torch.float64), (1e4, 1e-2, torch.float32)]
+
+
+def long_stream_var_rtol(offset: float, spread: float) -> float:
+    return max(math.ulp(offset) / spread, 1e-12)
+
+
+def assert_long_stream_accurate(moments, merge, offset, spread, dtype, records, device="cpu", seed=0):
+    """Record ``records`` batches of 1-4 rows (single rows first, the worst case) at ``offset`` +- ``spread`` from
+    nothing (count 0) with ``moments(x) -> parts`` and ``merge``. Truth: numpy float64 two-pass over all the rows at
+    once (of the data as rounded to ``dtype``): its mean is off by a few ulps at most (pairwise sums), which moves its
+    variance by the square of that, 1e-9 of the bound or less. The mean is held to ``MEAN_RTOL``, the variance to
+    ``long_stream_var_rtol``, the count exactly."""
+    g = np.random.default_rng(seed)
+    sizes = np.where(np.arange(records) < records // 2, 1, g.integers(1, 5, records))
+    d = 3
+    x = torch.from_numpy(offset + spread * g.standard_normal((int(sizes.sum()), d))).to(dtype).to(device)
+    mean, var = (torch.zeros(d, dtype=torch.float64, device=device) for _ in range(2))
+    count, dropped = torch.tensor(0, device=device), torch.tensor(0, device=device)
+    start = 0
+    for size in sizes.tolist():
+        merge(moments(x[start : start + size]), mean, var, count, dropped, None)
+        start += size
+    t_mean, t_var, t_count = truth([x.cpu()], with_prior=False)
+    assert int(count) == t_count
+    assert_close_rel(mean, t_mean, MEAN_RTOL, "mean")
+    assert_close_rel(var, t_var, long_stream_var_rtol(offset, spread), "var")
+
+
+# Batches at the edges of their dtype: name -> (rows, dtype). Float16 sums overflow past 65504, float32 squares past
+# 1.8e19 and its sums past 3.4e38, subnormals lose bits when squared, -0.0 must act as 0. Repeated to 15 rows and 10
+# columns, so that the kernels' vector loops and their tails both see them.
+EXTREME_BATCHES = {
+    "fp16_near_max": ([[65504.0, -65504.0], [65504.0, 65504.0], [-65504.0, 60000.0]], torch.float16),
+    "bf16_near_max": ([[3e38, -3e38], [1e38, 2e38], [-3.3e38, 1e30]], torch.bfloat16),
+    "fp32_near_max": ([[3.4e38, -3.4e38], [3.4e38, 3.3e38], [-3.4e38, 1e38]], torch.float32),
+    "fp32_subnormal": ([[1e-45, -1e-44], [3e-42, 1e-40], [0.0, 1e-39]], torch.float32),
+    "fp16_subnormal": ([[6e-8, -6e-8], [3e-6, 1e-5], [0.0, 5e-5]], torch.float16),
+    "fp64_subnormal": ([[5e-324, -5e-324], [1e-310, 2e-308], [0.0, 1e-320]], torch.float64),
+    "negative_zero": ([[-0.0, -0.0], [-0.0, 0.0], [-0.0, 1.0]], torch.float32),
+}
+
+
+def extreme_batch(name: str, device="cpu") -> torch.Tensor:
+    rows, dtype = EXTREME_BATCHES[name]
+    return torch.tensor(rows, dtype=torch.float64).to(dtype).repeat(5, 5).to(device)
+
+
+def assert_moments_exact(part: torch.Tensor, x: torch.Tensor):
+    """One combined part of ``x`` against its exact moments (``fractions.Fraction``, then rounded once): within 1e-14
+    relative (float64 sums of a few terms), plus 2 ulps of the smallest float64 subnormal, as a subnormal mean or
+    the square of one cannot hold more (the m2 of float64 subnormals underflows to 0)."""
+    from fractions import Fraction
+
+    rows = x.to(torch.float64).cpu().tolist()
+    part = part.reshape(-1).to(torch.float64).cpu()
+    d = x.shape[1]
+    assert float(part[0]) == len(rows) and float(part[1]) == 0.0
+    for j in range(d):
+        column = [Fraction(r[j]) for r in rows]
+        mean = sum(column) / len(column)
+        m2 = sum((v - mean) ** 2 for v in column)
+        for what, got, want in (("mean", part[2 + j], mean), ("m2", part[2 + d + j], m2)):
+            err = abs(Fraction(float(got)) - want) if math.isfinite(float(got)) else math.inf
+            bound = Fraction(1e-14) * abs(want) + 2 * Fraction(5e-324)
+            assert err <= bound, f"{what}[{j}]: {float(got)!r} != {float(want)!r}"
 
 
 def make_stream(name: str, dtype: torch.dtype, seed: int = 0):

@@ -32,8 +32,9 @@ from protonorm.backends.base import normalized_dtype
 from protonorm.diagnostics import HostSyncCounter
 
 from conftest import assert_same
-from hard_data import (CONSTANT_BATCH_SIZES, MEAN_RTOL, VAR_RTOL, assert_close_rel, assert_constant_columns_exact,
-                       truth)
+from hard_data import (CONSTANT_BATCH_SIZES, EXTREME_BATCHES, LONG_STREAMS, MEAN_RTOL, VAR_RTOL, assert_close_rel,
+                       assert_constant_columns_exact, assert_long_stream_accurate, assert_moments_exact,
+                       extreme_batch, truth)
 
 CPP, CPP_REASON = load("cpp")
 TORCH = load("torch")[0]
@@ -1165,6 +1166,20 @@ def test_constant_columns_keep_their_value_and_no_variance(isa, dtype, fused):
 
     # The last batch spans several parts (their merge must keep it exact too).
     assert_constant_columns_exact(moments, CPP.merge, dtype, batch_sizes=[*CONSTANT_BATCH_SIZES, 13109])
+
+
+@pytest.mark.parametrize("name", EXTREME_BATCHES)
+def test_moments_at_the_edges_of_each_dtype(isa, name):
+    x = extreme_batch(name)
+    assert_moments_exact(CPP.combine(CPP.moments(x, None, {})), x)
+    assert_moments_exact(CPP.combine(CPP.moments(x[:, :1].contiguous(), None, {})), x[:, :1])  # the one-column path
+
+
+@pytest.mark.parametrize("offset,spread,dtype", LONG_STREAMS)
+def test_long_stream_of_small_records(offset, spread, dtype):
+    """100,000 records of 1-4 rows, as a long training run makes them (the bounds in hard_data)."""
+    workspace = {}
+    assert_long_stream_accurate(lambda x: CPP.moments(x, None, workspace), CPP.merge, offset, spread, dtype, 100_000)
 
 
 def test_three_d_features_through_module():

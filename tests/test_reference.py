@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 
 from protonorm import combine_moments, reference
 
-from hard_data import (MEAN_RTOL, STREAM_CASES, STREAM_EMA_DECAY, STREAM_MODES, VAR_RTOL, assert_close_rel,
-                       assert_constant_columns_exact,
-                       make_stream, stream_truth, truth)
+from hard_data import (EXTREME_BATCHES, LONG_STREAMS, MEAN_RTOL, STREAM_CASES, STREAM_EMA_DECAY, STREAM_MODES, VAR_RTOL,
+                       assert_close_rel, assert_constant_columns_exact, assert_long_stream_accurate,
+                       assert_moments_exact, extreme_batch, make_stream, stream_truth, truth)
 
 
 def _running(batches, d, with_prior=True, ema=None):
@@ -277,3 +277,15 @@ def test_combine_moments_accepts_tensor_counts_and_keeps_counts_exact():
 def test_constant_columns_keep_their_value_and_no_variance(dtype, rows_per_part):
     assert_constant_columns_exact(lambda x: reference.batch_moments(x, None, rows_per_part),
                                   reference.merge_into_running, dtype)
+
+
+@pytest.mark.parametrize("offset,spread,dtype", LONG_STREAMS)
+def test_long_stream_of_small_records(offset, spread, dtype):
+    assert_long_stream_accurate(reference.batch_moments, reference.merge_into_running, offset, spread, dtype, 3000)
+
+
+@pytest.mark.parametrize("name", EXTREME_BATCHES)
+@pytest.mark.parametrize("rows_per_part", [None, 4])
+def test_moments_at_the_edges_of_each_dtype(name, rows_per_part):
+    x = extreme_batch(name)
+    assert_moments_exact(reference.combine_parts(reference.batch_moments(x, None, rows_per_part)), x)

@@ -30,7 +30,8 @@ from protonorm.backends import torch_backend
 from protonorm.diagnostics import HostSyncCounter
 
 from conftest import assert_same, expected_normalize
-from hard_data import assert_constant_columns_exact
+from hard_data import (EXTREME_BATCHES, LONG_STREAMS, assert_constant_columns_exact, assert_long_stream_accurate,
+                       assert_moments_exact, extreme_batch)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -139,6 +140,22 @@ def test_constant_columns_keep_their_value_and_no_variance(request, tiles, dtype
     if tiles == "small":
         request.getfixturevalue("small_tiles")
     assert_constant_columns_exact(lambda x: TB.moments(x, None, {}).clone(), TB.merge, dtype, DEVICE)
+
+
+@pytest.mark.parametrize("tiles", ["large", "small"])
+@pytest.mark.parametrize("name", EXTREME_BATCHES)
+def test_moments_at_the_edges_of_each_dtype(request, tiles, name):
+    if tiles == "small":
+        request.getfixturevalue("small_tiles")
+    x = extreme_batch(name, DEVICE)
+    assert_moments_exact(TB.combine(TB.moments(x, None, {})), x)
+
+
+@pytest.mark.parametrize("offset,spread,dtype", LONG_STREAMS[1:2])
+def test_long_stream_of_small_records(offset, spread, dtype):
+    """A short stream under the interpreter (the bounds in hard_data do not depend on its length)."""
+    records = 40 if DEVICE == "cpu" else 20_000
+    assert_long_stream_accurate(lambda x: TB.moments(x, None, {}), TB.merge, offset, spread, dtype, records, DEVICE)
 
 
 def test_mask_rows_are_ignored():
