@@ -8,7 +8,9 @@ Tolerances, and why:
 * the discounted return of the reward op: bit-exact (same dtype rules as the reference).
 * batch moments: n and dropped exact; mean within 1e-12 of the column's scale and m2 within 1e-10 relative. Both
   sides accumulate in float64 but over different splits of the rows (the kernels use shifted sums per part), so
-  the last few float64 bits differ; any real defect (a lost row, float32 accumulation) is far larger. A constant
+  the last few float64 bits differ; any real defect (a lost row, float32 accumulation) is far larger. Where a part's
+  first row (the shift of its one-pass sums) is an outlier that dominates the variance, the sums cancel by about
+  the part's row count: m2 is then within 2^-54 * rows_per_part^2 relative (hard_data.one_pass_outlier_rtol). A constant
   column has exactly its value as mean and 0 as m2 on both sides (both take deviations from the first valid row).
 * hard data (offsets up to 1e6, tiny spread, constant columns): the project-wide bounds of ``hard_data``; the
   hard streams of every dtype run through the module in test_module.py, for every backend.
@@ -32,9 +34,9 @@ from protonorm.backends.base import normalized_dtype
 from protonorm.diagnostics import HostSyncCounter
 
 from conftest import assert_same
-from hard_data import (CONSTANT_BATCH_SIZES, EXTREME_BATCHES, LONG_STREAMS, MEAN_RTOL, VAR_RTOL, assert_close_rel,
-                       assert_constant_columns_exact, assert_long_stream_accurate, assert_moments_exact,
-                       extreme_batch, truth)
+from hard_data import (CONSTANT_BATCH_SIZES, EXTREME_BATCHES, LONG_STREAMS, MEAN_RTOL, OUTLIER_FIRST_BATCHES, VAR_RTOL,
+                       assert_close_rel, assert_constant_columns_exact, assert_long_stream_accurate,
+                       assert_moments_exact, extreme_batch, one_pass_outlier_rtol, outlier_first_batch, truth)
 
 CPP, CPP_REASON = load("cpp")
 TORCH = load("torch")[0]
@@ -1173,6 +1175,15 @@ def test_moments_at_the_edges_of_each_dtype(isa, name):
     x = extreme_batch(name)
     assert_moments_exact(CPP.combine(CPP.moments(x, None, {})), x)
     assert_moments_exact(CPP.combine(CPP.moments(x[:, :1].contiguous(), None, {})), x[:, :1])  # the one-column path
+
+
+@pytest.mark.parametrize("name", OUTLIER_FIRST_BATCHES)
+def test_moments_of_a_batch_whose_first_row_is_an_outlier(name):
+    x = outlier_first_batch(name)
+    parts = CPP.moments(x, None, {})
+    num_parts, rows_per_part = parts_layout(*x.shape)
+    assert num_parts > 1
+    assert_moments_exact(CPP.combine(parts), x, one_pass_outlier_rtol(rows_per_part))
 
 
 @pytest.mark.parametrize("offset,spread,dtype", LONG_STREAMS)

@@ -7,9 +7,10 @@ from hypothesis import strategies as st
 
 from protonorm import combine_moments, reference
 
-from hard_data import (EXTREME_BATCHES, LONG_STREAMS, MEAN_RTOL, STREAM_CASES, STREAM_EMA_DECAY, STREAM_MODES, VAR_RTOL,
-                       assert_close_rel, assert_constant_columns_exact, assert_long_stream_accurate,
-                       assert_moments_exact, extreme_batch, make_stream, stream_truth, truth)
+from hard_data import (EXTREME_BATCHES, LONG_STREAMS, MEAN_RTOL, OUTLIER_FIRST_BATCHES, STREAM_CASES,
+                       STREAM_EMA_DECAY, STREAM_MODES, TWO_PASS_OUTLIER_RTOL, VAR_RTOL, assert_close_rel,
+                       assert_constant_columns_exact, assert_long_stream_accurate, assert_moments_exact,
+                       extreme_batch, make_stream, outlier_first_batch, stream_truth, truth)
 
 
 def _running(batches, d, with_prior=True, ema=None):
@@ -289,3 +290,11 @@ def test_long_stream_of_small_records(offset, spread, dtype):
 def test_moments_at_the_edges_of_each_dtype(name, rows_per_part):
     x = extreme_batch(name)
     assert_moments_exact(reference.combine_parts(reference.batch_moments(x, None, rows_per_part)), x)
+
+
+@pytest.mark.parametrize("name", OUTLIER_FIRST_BATCHES)
+@pytest.mark.parametrize("rows_per_part", [None, 4096])
+def test_moments_of_a_batch_whose_first_row_is_an_outlier(name, rows_per_part):
+    x = outlier_first_batch(name)
+    assert_moments_exact(reference.combine_parts(reference.batch_moments(x, None, rows_per_part)), x,
+                         TWO_PASS_OUTLIER_RTOL)

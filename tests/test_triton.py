@@ -30,8 +30,9 @@ from protonorm.backends import torch_backend
 from protonorm.diagnostics import HostSyncCounter
 
 from conftest import assert_same, expected_normalize
-from hard_data import (EXTREME_BATCHES, LONG_STREAMS, assert_constant_columns_exact, assert_long_stream_accurate,
-                       assert_moments_exact, extreme_batch)
+from hard_data import (EXTREME_BATCHES, LONG_STREAMS, OUTLIER_FIRST_BATCHES, TWO_PASS_OUTLIER_RTOL,
+                       assert_constant_columns_exact,
+                       assert_long_stream_accurate, assert_moments_exact, extreme_batch, outlier_first_batch)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -149,6 +150,12 @@ def test_moments_at_the_edges_of_each_dtype(request, tiles, name):
         request.getfixturevalue("small_tiles")
     x = extreme_batch(name, DEVICE)
     assert_moments_exact(TB.combine(TB.moments(x, None, {})), x)
+
+
+@pytest.mark.parametrize("name", OUTLIER_FIRST_BATCHES)
+def test_moments_of_a_batch_whose_first_row_is_an_outlier(small_tiles, name):
+    x = outlier_first_batch(name, rows=301 if DEVICE == "cpu" else None, device=DEVICE)
+    assert_moments_exact(TB.combine(TB.moments(x, None, {})), x, TWO_PASS_OUTLIER_RTOL)
 
 
 @pytest.mark.parametrize("offset,spread,dtype", LONG_STREAMS[1:2])
