@@ -1,7 +1,7 @@
 """CPU benchmark of the C++ backend against the upstream-style eager code, torch.compile of it, and a plain copy.
 
     python bench/bench_cpu.py [--rounds 40] [--threads N] [--no-compile] [--keep-freed-memory]
-                              [--shapes 8192x1024,16384x342] [--envs 4096]
+                              [--shapes 8192x1024,16384x342] [--envs 4096] [--between quiet|evict|none]
 
 What runs (all in one process, contenders interleaved round by round so that a noisy neighbour hits them alike):
 
@@ -24,8 +24,11 @@ What runs (all in one process, contenders interleaved round by round so that a n
   sequence.
 
 For each pair the script reports the median of the per-round time ratios and their 20th-80th percentile spread.
-Each contender starts once the machine is quiet (``wait_until_quiet``): the kernel's page-freeing work after an
-upstream-style call would otherwise run during, and be timed as part of, whichever contender comes next.
+By default each contender starts once the machine is quiet (``wait_until_quiet``): the kernel's page-freeing work
+after an upstream-style call would otherwise run during, and be timed as part of, whichever contender comes next.
+``--between`` picks what comes before each timed call instead: ``evict`` writes 96 MB with torch first (as a
+training step's other work would: the caches emptied, torch's threads awake), ``none`` runs the contenders back to
+back (whatever the previous one left in the caches), ``quiet`` is the default.
 ``--keep-freed-memory`` also makes glibc keep freed memory, which spares the upstream-style code its page faults.
 """
 from __future__ import annotations
@@ -75,8 +78,23 @@ def keep_freed_memory() -> str:
     return "allocator: glibc keeps freed memory (blocks below 32 MB from its never-trimmed heap)"
 
 
-def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: int = 1) -> Dict[str, List[float]]:
+BETWEEN = ("quiet", "evict", "none")
+
+
+def before_each_call(between: str) -> Callable[[], None]:
+    """What runs (untimed) before each timed contender: see ``--between``."""
+    if between == "quiet":
+        return wait_until_quiet
+    if between == "evict":
+        buffer = torch.empty(96 * 2**20 // 4)
+        return lambda: buffer.add_(1.0)
+    return lambda: None
+
+
+def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: int = 1,
+                between: str = "quiet") -> Dict[str, List[float]]:
     """Per-round seconds per call of every contender, run in turn (rotating the order) each round."""
+    prepare = before_each_call(between)
     names = list(contenders)
     for fn in contenders.values():  # warm-up: allocations, compilation, caches
         for _ in range(3):
@@ -86,7 +104,7 @@ def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: i
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
             fn = contenders[name]
-            wait_until_quiet()
+            prepare()
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
@@ -94,7 +112,8 @@ def interleaved(contenders: Dict[str, Callable[[], None]], rounds: int, calls: i
     return times
 
 
-def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, compile_too: bool) -> None:
+def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, compile_too: bool,
+                           between: str) -> None:
     x = torch.randn(batch, features) * 2.0 + 3.0
     norm = protonorm.RunningMeanStd(None, (features,), device="cpu", clamp_value=5.0, ema_decay=ema_decay,
                                     backend="cpp")
@@ -128,7 +147,7 @@ def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, co
     if compile_too:
         compiled, compiled_norm = torch.compile(baseline_step), baseline()
         contenders["compiled"] = lambda: compiled(compiled_norm, x)
-    times = interleaved(contenders, rounds)
+    times = interleaved(contenders, rounds, between=between)
     mode = "Welford" if ema_decay is None else f"EMA {ema_decay}"
     median = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     print(f"normalize+record {batch}x{features} fp32, {mode}: "
@@ -142,14 +161,15 @@ def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, co
     if compile_too:
         # Without the eager contender nothing hands tens of MB back to the kernel between calls, so the compiled
         # code's output and temporaries stay mapped: compiled code at its fastest.
-        alone = interleaved({name: contenders[name] for name in ("protonorm", "compiled", "copy")}, rounds)
+        alone = interleaved({name: contenders[name] for name in ("protonorm", "compiled", "copy")}, rounds,
+                            between=between)
         print(f"    without the eager contender: protonorm {statistics.median(alone['protonorm']) * 1e3:.3f} ms, "
               f"compiled {statistics.median(alone['compiled']) * 1e3:.3f} ms")
         print(f"    compiled / protonorm  {paired_ratio(alone['compiled'], alone['protonorm'])}   (target >= 4x)")
         print(f"    compiled / copy       {paired_ratio(alone['compiled'], alone['copy'])}")
 
 
-def bench_reward(envs: int, rounds: int) -> None:
+def bench_reward(envs: int, rounds: int, between: str) -> None:
     gen = torch.Generator().manual_seed(0)
     rewards = [torch.randn(envs, generator=gen) for _ in range(8)]
     terminated = [torch.rand(envs, generator=gen) < 0.02 for _ in range(8)]
@@ -165,7 +185,7 @@ def bench_reward(envs: int, rounds: int) -> None:
         i = step["i"]
         eager.record_reward(rewards[i], terminated[i])
 
-    times = interleaved({"protonorm": ours, "eager": upstream}, rounds, calls=50)
+    times = interleaved({"protonorm": ours, "eager": upstream}, rounds, calls=50, between=between)
     median = {k: statistics.median(v) * 1e6 for k, v in times.items()}
     print(f"reward record, {envs} envs: " + ", ".join(f"{k} {v:.1f} us" for k, v in median.items()))
     print(f"    eager / protonorm     {paired_ratio(times['eager'], times['protonorm'])}   (target >= 5x)")
@@ -178,15 +198,18 @@ def main() -> None:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="make glibc keep freed memory: no page faults for the baseline's temporaries")
     parser.add_argument("--envs", type=int, default=4096, help="environments of the reward case")
+    parser.add_argument("--between", choices=BETWEEN, default="quiet",
+                        help="before each timed call: wait for a quiet machine (default), empty the caches with a "
+                             "96 MB torch write, or nothing")
     add_common_arguments(parser)
     args = parser.parse_args()
     header, shapes = setup(args)
     allocator = keep_freed_memory() if args.keep_freed_memory else "allocator: default"
-    print(f"{header}; {allocator}")
+    print(f"{header}; {allocator}; before each call: {args.between}")
     for batch, features in shapes:
         for ema in (None, 0.999):
-            bench_normalize_record(batch, features, ema, args.rounds, not args.no_compile)
-    bench_reward(args.envs, args.rounds)
+            bench_normalize_record(batch, features, ema, args.rounds, not args.no_compile, args.between)
+    bench_reward(args.envs, args.rounds, args.between)
 
 
 if __name__ == "__main__":

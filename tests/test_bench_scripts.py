@@ -39,8 +39,11 @@ def test_bench_cpu_prints_every_ratio():
     assert "reward record, 33 envs" in out
 
 
-def test_bench_cpu_without_compile():
-    out = run_script("bench_cpu.py", "--rounds", "2", "--no-compile", "--shapes", "5x3", "--envs", "7")
+@pytest.mark.parametrize("between", ["evict", "none"])
+def test_bench_cpu_without_compile(between):
+    out = run_script("bench_cpu.py", "--rounds", "2", "--no-compile", "--shapes", "5x3", "--envs", "7",
+                     "--between", between)
+    assert f"before each call: {between}" in out
     assert out.count("eager / protonorm") == 3
     assert "compiled" not in out
 
