@@ -784,7 +784,8 @@ def test_normalize_moments_over_several_blocks_per_part(isa, dtype, b, d):
 # ------------------------------------------------------------------------------------------------ reward
 @pytest.mark.parametrize("reward_dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("term_dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32,
-                                        torch.float16, torch.bfloat16, torch.float64], ids=str)
+                                        torch.float16, torch.bfloat16, torch.float64, torch.uint32,
+                                        torch.float8_e4m3fn], ids=str)
 @pytest.mark.parametrize("disc_dtype", [torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("b,d", [(1, 1), (4097, 1), (1023, 3)])
 def test_reward_moments_match_reference(b, d, reward_dtype, term_dtype, disc_dtype):

@@ -796,6 +796,21 @@ def test_reward_bad_terminated_raises_and_leaves_statistics(backend_name):
     assert torch.equal(r.discounted_reward, returns)
 
 
+@pytest.mark.parametrize("flag_dtype", [torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn,
+                                        torch.float8_e5m2], ids=str)
+def test_reward_flags_of_any_real_dtype_restart_where_nonzero(backend_name, flag_dtype):
+    """Flags of a dtype the kernels do not load (unsigned integers wider than a byte, float8) restart the returns
+    where they are nonzero, as the same flags as bool do (upstream's ``1 - terminated.float()`` takes them all)."""
+    got, want = (RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend=backend_name) for _ in range(2))
+    g = torch.Generator().manual_seed(4)
+    for _ in range(3):  # the first step takes no flags; the direct way serves the later ones
+        reward, done = torch.randn(6, generator=g), torch.rand(6, generator=g) < 0.5
+        got.record_reward(reward, done.to(flag_dtype))
+        want.record_reward(reward, done)
+    for a, b in zip(stats(got) + (got.discounted_reward,), stats(want) + (want.discounted_reward,)):
+        assert_same(a, b)
+
+
 def test_integer_first_batches_leave_a_lazy_module_uninitialized():
     m = RunningMeanStd(None, None, device="cpu")
     with pytest.raises(TypeError, match="int64"):

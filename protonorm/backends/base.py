@@ -223,6 +223,17 @@ def check_in_place_or_apart(name: str, out: Tensor, x: Tensor) -> None:
                      f"{out_start - x_start} bytes from x with strides {out.stride()} (x: {x.stride()}); clone() x")
 
 
+# The dtypes of reset flags that the reward kernels load as they are; flags of any other real dtype (unsigned
+# integers wider than a byte, float8) reach them as ``terminated != 0``.
+FLAG_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16, torch.bfloat16,
+               torch.float32, torch.float64)
+
+
+def as_reset_flags(terminated: Tensor) -> Tensor:
+    """Real ``terminated`` flags as the reward kernels load them: as they are, or where they are nonzero."""
+    return terminated if terminated.dtype in FLAG_DTYPES else terminated != 0
+
+
 def outside_inference_mode(factory):
     """``factory()``, run so that the tensor it creates is a normal one even under ``torch.inference_mode()``.
 

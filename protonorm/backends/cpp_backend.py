@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from ..reference import parts_width
-from .base import (Backend, check_elements_apart, check_in_place_or_apart, check_not_sharing, eager_plain,
-                   elements_apart, normalized_dtype, outside_inference_mode)
+from .base import (Backend, as_reset_flags, check_elements_apart, check_in_place_or_apart, check_not_sharing,
+                   eager_plain, elements_apart, normalized_dtype, outside_inference_mode)
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -458,10 +458,12 @@ def _check_reward_inputs(reward: Tensor, terminated: Tensor, discounted: Tensor)
         _check_writable_rows("discounted", discounted, (rows, cols), discounted.dtype)
     if not _is_flags(terminated, rows):
         _check_cpu("terminated", terminated)
-        raise ValueError(
-            f"terminated: expected a real or bool tensor of shape ({rows},), got {terminated.dtype} "
-            f"{tuple(terminated.shape)}"
-        )
+        if terminated.dim() != 1 or terminated.shape[0] != rows or terminated.is_complex():
+            raise ValueError(
+                f"terminated: expected a real or bool tensor of shape ({rows},), got {terminated.dtype} "
+                f"{tuple(terminated.shape)}"
+            )
+        terminated = as_reset_flags(terminated)  # a dtype the kernel does not load
     return reward, terminated if _is_aligned(terminated) else terminated.clone()
 
 

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from .base import (Backend, check_elements_apart, check_in_place_or_apart, check_not_sharing, eager_plain,
-                   elements_apart, is_negated_view, normalized_dtype, workspace_buffer)
+from .base import (FLAG_DTYPES, Backend, as_reset_flags, check_elements_apart, check_in_place_or_apart,
+                   check_not_sharing, eager_plain, elements_apart, is_negated_view, normalized_dtype, workspace_buffer)
 
 try:
     import triton  # noqa: F401
@@ -361,7 +361,10 @@ class TritonBackend(Backend):
         terminated = terminated.reshape(-1)
         if terminated.shape[0] != reward.shape[0]:
             raise ValueError(f"terminated: expected {reward.shape[0]} entries, got {terminated.shape[0]}")
+        if terminated.is_complex():
+            raise TypeError(f"terminated: expected bool, integer or floating-point flags, got {terminated.dtype}")
         _check_memory("terminated", terminated)
+        terminated = as_reset_flags(terminated)
         parts = _parts_buffer(workspace, discounted, single_tile=True)
         direct = eager_plain(reward, terminated, discounted, parts)
         op = _reward_moments_impl if direct else torch.ops.protonorm.triton_reward_moments
@@ -404,7 +407,7 @@ class TritonBackend(Backend):
             reward, discounted = reward.unsqueeze(1), discounted.unsqueeze(1)
         if not (_is_kernel_rows(reward) and reward.shape[0] > 0 and _is_returns(discounted, reward)
                 and terminated.dim() == 1 and terminated.shape[0] == reward.shape[0]
-                and terminated.device == reward.device and not terminated.is_complex() and _has_memory(terminated)):
+                and terminated.device == reward.device and terminated.dtype in FLAG_DTYPES and _has_memory(terminated)):
             return False
         if not _is_merge_target(mean, var, count, dropped, reward.device, reward.shape[1]):
             return False
