@@ -754,6 +754,26 @@ def test_inputs_without_memory_are_refused():
         assert torch.equal(a, b)
 
 
+def test_returns_the_kernel_cannot_update_in_place_are_refused():
+    """Discounted returns as a lazily negated view (whose memory holds the values unnegated, which the kernel would
+    read and overwrite as they are) or a ZeroTensor (no memory to write) are refused, saying so, with nothing
+    written; the direct way declines them."""
+    reward, flags = batch(8, 1), torch.zeros(8, dtype=torch.bool, device=DEVICE)
+    mean, var, count, dropped = stats(1)
+    negated = torch.ones(8, 1, device=DEVICE)._neg_view()
+    for returns, message in ((negated, "^discounted: expected a tensor holding its values, got a lazily negated view"),
+                             (torch._efficientzerotensor(8, 1, device=DEVICE),
+                              "^discounted: expected a tensor with memory, got a null data pointer")):
+        kept = [t.clone() for t in (returns, mean, var, count, dropped)]
+        with pytest.raises(ValueError, match=message):
+            TB.reward_moments(reward, flags, returns, 0.9, {})
+        assert not TB.try_reward_record(reward, flags, returns, 0.9, mean, var, count, dropped, None, {})
+        assert not TB.try_reward_record(reward[:, 0], flags, returns[:, 0], 0.9, mean, var, count, dropped, None, {})
+        for a, b in zip((returns, mean, var, count, dropped), kept):
+            assert torch.equal(a, b)
+    assert torch.equal(negated.resolve_neg(), torch.full((8, 1), -1.0, device=DEVICE))
+
+
 COMPILE_CHECK = textwrap.dedent(
     """
     import torch, triton

@@ -265,10 +265,11 @@ def _is_parts(parts: Tensor, num_features: int) -> bool:
 
 
 def _is_returns(discounted: Tensor, reward: Tensor) -> bool:
-    """The discounted returns the reward kernel updates in place, for ``reward``: each element in a place of its own."""
+    """The discounted returns the reward kernel updates in place, for ``reward``: each element in a place of its own,
+    holding its value (not a lazily negated view, not a ZeroTensor)."""
     return (discounted.dtype in (torch.float32, torch.float64) and discounted.shape == reward.shape
             and discounted.device == reward.device and (discounted.shape[1] <= 1 or discounted.stride(1) == 1)
-            and elements_apart(discounted))
+            and elements_apart(discounted) and not is_negated_view(discounted) and _has_memory(discounted))
 
 
 def _parts_buffer(workspace: dict, x: Tensor, single_tile: bool = False) -> Tensor:
@@ -358,6 +359,10 @@ class TritonBackend(Backend):
             if discounted.shape[1] > 1 and discounted.stride(1) != 1:
                 raise ValueError("discounted: expected unit column stride (it is updated in place)")
             check_elements_apart("discounted", discounted)
+            if is_negated_view(discounted):
+                raise ValueError("discounted: expected a tensor holding its values, got a lazily negated view "
+                                 "(resolve_neg())")
+            _check_memory("discounted", discounted)
         terminated = terminated.reshape(-1)
         if terminated.shape[0] != reward.shape[0]:
             raise ValueError(f"terminated: expected {reward.shape[0]} entries, got {terminated.shape[0]}")
