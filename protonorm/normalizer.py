@@ -723,20 +723,30 @@ class RewardRunningMeanStd(RunningMeanStd):
             parts = backend.moments(_as_rows(self.discounted_reward, rows.shape[1]), None, self._workspace_record)
         else:
             cached = self._discounted_rows
+            write_back = False
             if cached is not None and cached[0] is previous:
                 discounted = cached[1]
             else:
                 discounted = _as_rows(previous, rows.shape[1])
-                if not _is_compiling():
+                # Returns that are no [B, D] rows of values in their own memory (columns apart, which _as_rows
+                # copied; a lazily negated view, which the kernels would read unnegated): a plain copy is advanced,
+                # then written back, so that the assigned tensor holds the returns.
+                write_back = not _is_compiling() and (discounted.is_neg()
+                                                      or discounted.data_ptr() != previous.data_ptr())
+                if write_back:
+                    discounted = discounted.resolve_neg().contiguous()
+                elif not _is_compiling():
                     self._discounted_rows = (previous, discounted)
             flags = terminated if terminated_dim == 1 else terminated.reshape(-1)
-            if self._merges_alone():  # nobody else needs the parts: update and merge in one backend call
+            if self._merges_alone() and not write_back:  # nobody else needs the parts: one backend call
                 backend.reward_record(rows, flags, discounted, float(self.gamma), layout.flat_mean, layout.flat_var,
                                       layout.count, layout.dropped, self.ema_decay, self._workspace_record)
                 return
             # nonfinite="raise" may refuse the step after the returns were advanced in place: keep them to put back.
             kept = previous.clone() if self.nonfinite == "raise" else None
             parts = backend.reward_moments(rows, flags, discounted, float(self.gamma), self._workspace_record)
+            if write_back:  # before the merge: a write refused (an inference tensor) leaves the statistics as they were
+                previous.copy_(discounted.view(previous.shape))
         try:
             self._fold(parts, backend, layout)
         except ValueError:

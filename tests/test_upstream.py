@@ -102,6 +102,29 @@ def test_discounted_returns_assigned_in_any_dtype_evolve_as_upstream(upstream, b
     _assert_stats_close(ours, up, rtol=tolerance)
 
 
+@pytest.mark.parametrize("layout", ["columns_apart", "negated_view"])
+def test_assigned_returns_of_any_layout_are_written_into_as_upstream_evolves_them(upstream, backend_name, layout):
+    """Float32 returns assigned with their columns apart in memory (a transposed tensor) or as a lazily negated view
+    evolve as upstream's, and the assigned tensor holds them after every step (it is written into, as documented),
+    on every backend: the kernels update a copy of such returns, never a stale one."""
+    d = 2 if layout == "columns_apart" else 1
+    ours = RewardRunningMeanStd(None, (d,), 0.9, device="cpu", backend=backend_name)
+    up = upstream.RewardRunningMeanStd(None, (d,), 0.9, device="cpu")
+    g = torch.Generator().manual_seed(5)
+    for step in range(4):
+        if step == 1:
+            start = torch.randn(d, 6, generator=g).t() if d > 1 else torch.randn(6, generator=g)._neg_view()
+            ours.discounted_reward, up.discounted_reward = start, start.clone()
+        reward = torch.randn(6, d, generator=g) if d > 1 else torch.randn(6, generator=g)
+        done = (torch.rand(6, 1, generator=g) < 0.3).reshape(reward.shape[:1] + (1,) * (d > 1))  # upstream's broadcast
+        ours.record_reward(reward, done)
+        up.record_reward(reward, done)
+        torch.testing.assert_close(ours.discounted_reward, up.discounted_reward, rtol=1e-6, atol=1e-6)
+        if step >= 1:
+            assert torch.equal(start, ours.discounted_reward)
+    _assert_stats_close(ours, up, rtol=1e-6)
+
+
 class _Agent(nn.Module):
     def __init__(self, norm_cls):
         super().__init__()
