@@ -309,6 +309,10 @@ class RunningMeanStd(nn.Module):
         self._layout_cache = None
         self._outputs.clear()  # CPU memory kept for outputs is not wanted once the module moves
         result = super()._apply(keep_dtype, recurse)
+        returns = self.__dict__.get("discounted_reward")
+        if isinstance(returns, Tensor):  # a reward normalizer's returns follow the statistics, in their dtype
+            moved = fn(returns)
+            self.discounted_reward = moved if moved.dtype == returns.dtype else returns.to(device=moved.device)
         backends.preload(self.backend, self.mean.device if self._initialized else self._lazy_device)
         return result
 
@@ -319,8 +323,6 @@ class RunningMeanStd(nn.Module):
             super().to(device=device, non_blocking=non_blocking)
             given = kwargs.get("device", args[0] if args else None)
             self.device = given if isinstance(given, (str, torch.device)) else device  # as upstream keeps it
-            if isinstance(getattr(self, "discounted_reward", None), Tensor):
-                self.discounted_reward = self.discounted_reward.to(device)
             # Scratch buffers and the stash belong to the old device; the deferred-sync state (rows recorded since
             # the last sync) must survive the move, and distributed.py moves its tensors on next use.
             self._workspace_record, self._workspace_stash, self._stash = {}, {}, None

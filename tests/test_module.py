@@ -271,6 +271,28 @@ def test_to_returns_self_and_records_device():
     assert m.to(torch.zeros(1)).device == torch.device("cpu")
 
 
+@pytest.mark.parametrize("move", ["module", "parent", "parent_to_empty"])
+def test_discounted_returns_follow_the_statistics_when_a_parent_moves_the_module(move):
+    """The returns move with the statistics whether the module itself or a model holding it is moved (the next step
+    would otherwise meet returns on the old device), and keep their dtype and values."""
+    r = RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend="torch")
+    r.record_reward(torch.tensor([1.0, 2.0]), torch.zeros(2))
+    parent = nn.Sequential(nn.Linear(1, 1), r)
+    {"module": lambda: r.to("meta"), "parent": lambda: parent.to("meta"),
+     "parent_to_empty": lambda: parent.to_empty(device="meta")}[move]()
+    assert r.discounted_reward.device.type == "meta" and r.discounted_reward.dtype == torch.float32
+    r.record_reward(torch.ones(2, device="meta"), torch.zeros(2, device="meta"))
+    assert r.discounted_reward.shape == (2,) and r.count.device.type == "meta"
+
+
+def test_dtype_casts_of_a_parent_keep_the_discounted_returns():
+    r = RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend="torch")
+    r.record_reward(torch.tensor([1.0, 2.0]), torch.zeros(2))
+    returns = r.discounted_reward
+    nn.Sequential(r).half().double().to("cpu")
+    assert r.discounted_reward is returns and torch.equal(returns, torch.tensor([1.0, 2.0]))
+
+
 @pytest.mark.parametrize("lazy", [False, True])
 def test_load_with_assign_keeps_statistics_dtypes(backend_name, lazy):
     """A checkpoint of an upstream model cast with .float() holds float32 mean/var; load_state_dict(assign=True)
