@@ -672,6 +672,7 @@ class RewardRunningMeanStd(RunningMeanStd):
             and layout.backend.direct
             and layout.current(self._buffers)
             and type(reward) is Tensor
+            and type(terminated) is Tensor
             and (reward.dim() == 1 if layout.num_features == 1 else len(layout.shape) == 1 and reward.dim() == 2)
             and layout.backend.try_reward_record(reward, terminated, previous, self.gamma, layout.flat_mean,
                                                  layout.flat_var, layout.count, layout.dropped, self.ema_decay,
@@ -687,7 +688,11 @@ class RewardRunningMeanStd(RunningMeanStd):
         # (a 0-d reward raises below).
         num_rows = reward.shape[0] if reward.dim() > 0 else 1
         if not isinstance(terminated, Tensor):
-            terminated = torch.as_tensor(terminated, device=reward.device)
+            try:
+                terminated = torch.as_tensor(terminated, device=reward.device)
+            except (TypeError, ValueError, RuntimeError, OverflowError):
+                raise TypeError(f"record_reward: expected terminated as a tensor (or sequence) of bool, integer or "
+                                f"floating-point flags, got {terminated!r:.80}") from None
         elif terminated.device != reward.device:
             raise ValueError(f"record_reward: expected terminated on {reward.device} like reward, got {terminated.device}")
         if terminated.is_complex():

@@ -814,6 +814,9 @@ def test_reward_bad_terminated_raises_and_leaves_statistics(backend_name):
         r.record_reward(torch.ones(4, dtype=torch.long), torch.zeros(4))
     with pytest.raises(TypeError, match="complex64"):
         r.record_reward(torch.ones(4), torch.zeros(4, dtype=torch.complex64))
+    for flags in (None, "done", [None] * 4):  # (the direct way declines what is no tensor)
+        with pytest.raises(TypeError, match=r"^record_reward: expected terminated as .*flags, got "):
+            r.record_reward(torch.ones(4), flags)
     assert_stats_equal(stats(r), before)
     assert torch.equal(r.discounted_reward, returns)
 
