@@ -447,9 +447,9 @@ class RunningMeanStd(nn.Module):
     def update_from_moments(self, batch_mean: Tensor, batch_var: Tensor, batch_count) -> None:
         """Fold externally computed moments (population variance) of ``batch_count`` rows into the statistics."""
         mean = self.mean
-        batch_mean = torch.as_tensor(batch_mean, dtype=torch.float64, device=mean.device)
-        batch_var = torch.as_tensor(batch_var, dtype=torch.float64, device=mean.device)
-        exact = torch.as_tensor(batch_count, device=mean.device)
+        batch_mean = _on_device(batch_mean, mean.device, torch.float64)
+        batch_var = _on_device(batch_var, mean.device, torch.float64)
+        exact = _on_device(batch_count, mean.device)
         n = exact.to(torch.float64)
         for name, value in (("batch_mean", batch_mean), ("batch_var", batch_var)):
             if value.shape != mean.shape and value.numel() != 1:
@@ -689,7 +689,7 @@ class RewardRunningMeanStd(RunningMeanStd):
         num_rows = reward.shape[0] if reward.dim() > 0 else 1
         if not isinstance(terminated, Tensor):
             try:
-                terminated = torch.as_tensor(terminated, device=reward.device)
+                terminated = _on_device(terminated, reward.device)
             except (TypeError, ValueError, RuntimeError, OverflowError):
                 raise TypeError(f"record_reward: expected terminated as a tensor (or sequence) of bool, integer or "
                                 f"floating-point flags, got {terminated!r:.80}") from None
@@ -805,8 +805,8 @@ def combine_moments(means, vars, counts):
     # A tensor keeps its device (torch.as_tensor would move it to a default device set with set_default_device).
     first = means[0] if isinstance(means[0], Tensor) else torch.as_tensor(means[0])
     device = first.device
-    means = [torch.as_tensor(m, device=device) for m in means]
-    vars = [torch.as_tensor(v, device=device) for v in vars]
+    means = [_on_device(m, device) for m in means]
+    vars = [_on_device(v, device) for v in vars]
     n, total = _group_counts(counts, device)
     if len(means) == 1:  # upstream returns the one group's moments as they are (the variance clamped at 0)
         return means[0], vars[0].clamp(min=0.0), total
@@ -841,7 +841,7 @@ def _group_counts(counts, device):
         raw = counts.to(device=device).reshape(-1)
     else:
         raw = [c.to(device=device).reshape(()) if isinstance(c, Tensor)
-               else torch.as_tensor(c, device=device, dtype=torch.float64 if isinstance(c, float) else None).reshape(())
+               else _on_device(c, device, torch.float64 if isinstance(c, float) else None).reshape(())
                for c in counts]
         fractional = any(c.is_floating_point() for c in raw)
         raw = torch.stack([c.to(torch.float64 if fractional else torch.int64) for c in raw])
@@ -863,6 +863,15 @@ def _as_shape(shape) -> Tuple[int, ...]:
     if any(s < 0 for s in shape):
         raise ValueError(f"shape: expected non-negative sizes, got {shape}")
     return shape
+
+
+def _on_device(value, device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.as_tensor(value, dtype=dtype, device=device)``, but a Python number becomes a fill: a tensor made from
+    Python data reaches a GPU by a blocking copy (the host waits for the device), a fill takes the number as a kernel
+    argument."""
+    if type(value) in (int, float, bool):
+        return torch.full((), value, dtype=dtype, device=device)
+    return torch.as_tensor(value, dtype=dtype, device=device)
 
 
 def _check_floating(what: str, arr: Tensor) -> None:

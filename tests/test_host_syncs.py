@@ -124,6 +124,40 @@ def test_reward_calls(place, dispatch, flags, features):
                                                     ema_decay=ema, backend=backend), calls, dispatch)
 
 
+def test_reward_of_one_environment_with_a_python_flag(place, dispatch):
+    backend, device = place
+    reward = _batch(1, 1, device)[:, 0]
+    _guarded_twice(lambda: RewardRunningMeanStd(None, (1,), 0.99, device=device, backend=backend),
+                   lambda r: (r.record_reward(reward, False), r.record_reward(reward, True)), dispatch)
+
+
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
+def test_update_from_moments(place, dispatch, ema):
+    """Upstream's signature takes ``batch_count: int``: a Python count must not become a host-to-device copy."""
+    backend, device = place
+    mean, var = _batch(1, 4, device)[0], _batch(1, 4, device, seed=1)[0].abs()
+
+    def calls(m):
+        m.update_from_moments(mean, var, 7)
+        m.update_from_moments(mean, var, m.count)
+        m.update_from_moments(mean[0], var[0], 3)  # one-element moments broadcast
+
+    _guarded_twice(lambda: RunningMeanStd(None, (4,), device=device, ema_decay=ema, backend=backend), calls, dispatch)
+
+
+def test_combine_moments(place, dispatch):
+    """Upstream combines ``[self.count, batch_count]`` with a Python ``batch_count``, and all-gathered counts."""
+    _, device = place
+    m = RunningMeanStd(None, (4,), device=device, backend="torch")
+    mean, var = _batch(1, 4, device)[0], _batch(1, 4, device, seed=1)[0].abs()
+    with SyncGuard(dispatch):
+        protonorm.combine_moments([m.mean, mean], [m.var, var], [m.count, 7])
+        protonorm.combine_moments([m.mean, mean, mean], [m.var, var, var], [3, 4, 5])
+        protonorm.combine_moments([m.mean, mean], [m.var, var], [2.5, 1.5])
+        protonorm.combine_moments([m.mean, mean], [m.var, var], torch.stack([m.count, m.count]))
+        protonorm.combine_moments([m.mean], [m.var], [m.count])
+
+
 def test_state_dict_round_trip(place, dispatch):
     backend, device = place
     source = RunningMeanStd(None, (4,), device=device, backend=backend)
@@ -160,6 +194,7 @@ def test_distributed_per_call(place, dispatch, monkeypatch, method, ema):
         m.record_moments(x)
         m.record_moments(x, mask)
         m.record_moments(x[:0])  # an empty batch still joins the collective
+        m.update_from_moments(m.mean, m.var, 3)
 
     def reward_calls(r):
         r.record_reward(reward, terminated)
@@ -182,6 +217,7 @@ def test_distributed_deferred(place, dispatch, ema):
         with SyncGuard(dispatch):
             m.normalize(x)
             m.record_moments(x)
+            m.update_from_moments(m.mean, m.var, 3)
         if device != "meta":  # (it compares the ranks' layouts on the host: meta tensors hold no values)
             protonorm.sync(m)
     with SyncGuard(dispatch):

@@ -144,6 +144,50 @@ def test_no_host_sync_on_hot_path(triton_backend):
     assert probe.count == 0
 
 
+class _MirrorWorld:
+    """Two ranks holding the same data."""
+
+    world_size, global_rank = 2, 0
+
+    def all_gather(self, tensor):
+        return torch.stack([tensor, tensor])
+
+
+def test_no_synchronizing_cuda_operation_on_hot_paths(triton_backend):
+    """What CUDA itself waits for, with torch's sync debug mode raising at it: also where no dispatch mode looks (the
+    backend's direct calls), blocking host-to-device copies (a Python count) and data-dependent shapes."""
+    m = protonorm.RunningMeanStd(None, (342,), device="cuda", backend="triton", clamp_value=5.0)
+    shared = protonorm.RunningMeanStd(_MirrorWorld(), (342,), device="cuda", backend="triton", ema_decay=0.99)
+    r = protonorm.RewardRunningMeanStd(None, (1,), 0.99, device="cuda", backend="triton")
+    x = obs(4096, 342)
+    mask = torch.rand(4096, device="cuda") < 0.5
+    reward, done = torch.randn(4096, device="cuda"), torch.rand(4096, device="cuda") < 0.1
+
+    def calls():
+        m.train()
+        m.normalize(x)
+        m.record_moments(x)
+        m.record_moments(x, mask)
+        m.eval()
+        m.normalize(x)
+        m.normalize(x, un_norm=True)
+        m.train()
+        r.record_reward(reward, done)
+        r.normalize(reward)
+        m.update_from_moments(m.mean, m.var, 7)
+        protonorm.combine_moments([m.mean, m.mean], [m.var, m.var], [m.count, 7])
+        shared.record_moments(x)
+
+    calls()  # compiles the kernels and makes the merges' counters
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        calls()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+
+
 def test_cuda_graph_capture_and_replay_of_normalize_and_record(triton_backend):
     d = 342
     m, ref = pair(d, clamp_value=5.0)
