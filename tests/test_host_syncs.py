@@ -226,6 +226,28 @@ def test_distributed_deferred(place, dispatch, ema):
         m.record_moments(x)
 
 
+@pytest.mark.parametrize("fabric", [None, _MirrorWorld()], ids=["local", "distributed"])
+@pytest.mark.parametrize("place", PLACES[:-1], ids=PLACE_IDS[:-1])  # (not on meta: the read needs values)
+def test_nonfinite_raise_reads_only_in_its_check(place, dispatch, fabric):
+    """``nonfinite="raise"`` reads the dropped-row count on the host, as documented: that and nothing else."""
+    backend, device = place
+    x = _batch(10, 4, device)
+    reward, terminated = _batch(6, 1, device)[:, 0], torch.zeros(6, device=device)
+
+    def calls(modules):
+        m, r = modules
+        m.normalize(x)
+        m.record_moments(x)
+        r.record_reward(reward, terminated)
+
+    modules = (RunningMeanStd(fabric, (4,), device=device, backend=backend, nonfinite="raise"),
+               RewardRunningMeanStd(fabric, (1,), 0.99, device=device, backend=backend, nonfinite="raise"))
+    for _ in range(2):
+        with SyncGuard(dispatch, allow=["_raise_if_nonfinite"]) as guard:
+            calls(modules)
+        assert guard.found  # (the read is there, and seen)
+
+
 # ------------------------------------------------------------------------------------------------ the guard itself
 _SYNCING = {
     "item": "t.sum().item()",
