@@ -7,9 +7,10 @@ scenario runs with the dispatch-level watch (the backends then go through their 
 direct calls, which a dispatch mode turns off), on a fresh module (the first calls, lazy initialization included)
 and on one warmed up by the same calls.
 
-Not covered here, by design: ``nonfinite="raise"`` and ``protonorm.sync`` read a value on the host as documented.
-The C++ backend's first normalize in a process probes torch's square root on CPU tensors (``torch.equal``), a
-CPU-only check of CPU values that is done once per process; it is warmed up before the guard.
+The documented reads: ``nonfinite="raise"`` reads the dropped-row count (checked to be its only read), and
+``protonorm.sync`` compares the ranks' layouts on the host (it runs outside the guard). The C++ backend's first
+normalize in a process probes torch's square root on CPU tensors (``torch.equal``), a CPU-only check of CPU values
+done once per process; it is warmed up before the guard. No first call reads anything more than later calls.
 """
 from __future__ import annotations
 
@@ -145,9 +146,9 @@ def test_update_from_moments(place, dispatch, ema):
     _guarded_twice(lambda: RunningMeanStd(None, (4,), device=device, ema_decay=ema, backend=backend), calls, dispatch)
 
 
-def test_combine_moments(place, dispatch):
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_combine_moments(device, dispatch):
     """Upstream combines ``[self.count, batch_count]`` with a Python ``batch_count``, and all-gathered counts."""
-    _, device = place
     m = RunningMeanStd(None, (4,), device=device, backend="torch")
     mean, var = _batch(1, 4, device)[0], _batch(1, 4, device, seed=1)[0].abs()
     with SyncGuard(dispatch):
