@@ -1,0 +1,89 @@
+"""``bench/run_gpu.sh`` without a GPU: its steps run against a stand-in Python (which logs its arguments and can
+fail or hang on request) and a stand-in ``nvidia-smi``.
+
+What is checked: results land under ``$OUT`` alone (a relative ``$OUT`` from the caller's directory), the
+benchmark runs before the long test steps, a failing step leaves the rest to run and sets the exit status, and a
+hung step is stopped within the run's budget with its printed output kept, the steps left out counted as failures.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "bench" / "run_gpu.sh"
+
+FAKE_PYTHON = """#!{python}
+import os, sys, time
+line = " ".join(sys.argv[1:])
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(line + "\\n")
+if os.environ.get("FAKE_HANG") and os.environ["FAKE_HANG"] in line:
+    print("started, then hung")  # not flushed: kept only if the step runs unbuffered
+    time.sleep(600)
+if os.environ.get("FAKE_FAIL") and os.environ["FAKE_FAIL"] in line:
+    sys.exit(3)
+"""
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def run_script(tmp_path: Path, out: str = "out", **env) -> subprocess.CompletedProcess:
+    """The script run from ``tmp_path`` with ``OUT=out``; the stand-ins log every call to ``tmp_path/argv.log``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _executable(bin_dir / "python", FAKE_PYTHON.format(python=sys.executable))
+    _executable(bin_dir / "nvidia-smi", "#!/bin/sh\necho 'GPU 0: stand-in'\n")
+    full_env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", PYTHON=str(bin_dir / "python"),
+                    FAKE_LOG=str(tmp_path / "argv.log"), OUT=out, **env)
+    return subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=full_env, capture_output=True, text=True,
+                          timeout=60)
+
+
+def calls(tmp_path: Path):
+    return (tmp_path / "argv.log").read_text().splitlines()
+
+
+def index_of(lines, fragment: str) -> int:
+    return next(i for i, line in enumerate(lines) if fragment in line)
+
+
+def test_results_go_under_out_from_the_callers_directory_and_the_benchmark_runs_first(tmp_path):
+    done = run_script(tmp_path, out="results")
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = (tmp_path / "results").resolve()
+    assert (out / "steps.log").is_file()
+    assert not (ROOT / "results").exists()
+    lines = calls(tmp_path)
+    written = [arg for line in lines for arg in line.split() if arg.endswith((".json", ".md", ".log", ".xml"))]
+    assert written, lines
+    for path in written:
+        assert Path(path).is_absolute() and out in Path(path).parents, (path, out)
+    bench = index_of(lines, "protonorm.cli bench")
+    gpu_tests = index_of(lines, "-m gpu")
+    assert bench < gpu_tests < index_of(lines, "triton_roofline.py") < index_of(lines, "tests/test_triton.py")
+
+
+def test_a_failing_step_leaves_the_rest_to_run_and_sets_the_exit_status(tmp_path):
+    done = run_script(tmp_path, FAKE_FAIL="protonorm.cli bench")
+    assert done.returncode == 3
+    lines = calls(tmp_path)
+    assert index_of(lines, "protonorm.cli bench") < index_of(lines, "tests/test_triton.py")
+    assert "=== rc=3" in (tmp_path / "out" / "steps.log").read_text()
+
+
+def test_a_hung_step_is_stopped_within_the_budget_and_keeps_its_output(tmp_path):
+    # A 3 s budget: the hung benchmark is interrupted when it runs out, and the steps after it do not fit.
+    done = run_script(tmp_path, FAKE_HANG="protonorm.cli bench", GPU_RUN_BUDGET_S="3", GPU_RUN_MIN_STEP_S="1")
+    assert done.returncode in (124, 137), done.stdout + done.stderr  # 137: killed, where SIGINT is ignored
+    log = (tmp_path / "out" / "steps.log").read_text()
+    assert "started, then hung" in log
+    assert "stopped at its" in log
+    assert log.count("=== skipped") == 3  # the GPU tests, the roofline and the Triton tests
+    assert not any("tests/test_triton.py" in line for line in calls(tmp_path))
