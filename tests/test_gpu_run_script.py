@@ -1,17 +1,23 @@
-"""``bench/run_gpu.sh`` without a GPU: its steps run against a stand-in Python (which logs its arguments and can
-fail or hang on request) and a stand-in ``nvidia-smi``.
+"""``bench/run_gpu.sh`` and ``bench/triton_roofline.py`` without a GPU: the script's steps run against a stand-in
+Python (which logs its arguments and can fail or hang on request) and a stand-in ``nvidia-smi``; the roofline's
+output and exit status are checked with its measurements replaced.
 
 What is checked: results land under ``$OUT`` alone (a relative ``$OUT`` from the caller's directory), the
 benchmark runs before the long test steps, a failing step leaves the rest to run and sets the exit status, and a
-hung step is stopped within the run's budget with its printed output kept, the steps left out counted as failures.
+hung step is stopped within the run's budget with its printed output kept, the steps left out counted as failures;
+the roofline saves each measurement as it is made and exits 1 when one of protonorm's backends failed.
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import stat
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "run_gpu.sh"
@@ -87,3 +93,53 @@ def test_a_hung_step_is_stopped_within_the_budget_and_keeps_its_output(tmp_path)
     assert "stopped at its" in log
     assert log.count("=== skipped") == 3  # the GPU tests, the roofline and the Triton tests
     assert not any("tests/test_triton.py" in line for line in calls(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------ roofline
+@pytest.fixture
+def roofline(monkeypatch):
+    spec = importlib.util.spec_from_file_location("triton_roofline", ROOT / "bench" / "triton_roofline.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(module.torch.cuda, "get_device_name", lambda *a: "stand-in")
+    return module
+
+
+def row(impl, op="fused", error=None):
+    r = dict(impl=impl, op=op, shape="obs 8x4", bytes=256, copy_gbs=1.0, eager_us=1.0, eager_gbs=1.0,
+             eager_pct_copy=100.0)
+    if error:
+        r["graph_error"] = error
+    else:
+        r.update(graph_us=1.0, graph_gbs=1.0, graph_pct_copy=100.0)
+    return r
+
+
+@pytest.mark.parametrize("impl,status", [("triton", 1), ("torch", 1), ("compile", 0)])
+def test_roofline_exit_status_counts_protonorms_failed_measurements(roofline, monkeypatch, tmp_path, impl, status):
+    rows = [row("triton"), row(impl, error="RuntimeError: capture failed")]
+
+    def run(quick, on_row=lambda rows: None):
+        for i in range(len(rows)):
+            on_row(rows[: i + 1])
+        return rows
+
+    monkeypatch.setattr(roofline, "run", run)
+    path = tmp_path / "r.json"
+    assert roofline.main(["--json", str(path)]) == status
+    assert json.loads(path.read_text())["rows"] == rows
+    assert path.with_suffix(".md").read_text().count("| obs 8x4 |") == 2
+
+
+def test_roofline_keeps_the_rows_measured_before_it_was_stopped(roofline, monkeypatch, tmp_path):
+    def run(quick, on_row=lambda rows: None):
+        on_row([row("triton")])
+        raise KeyboardInterrupt  # the run's time limit
+
+    monkeypatch.setattr(roofline, "run", run)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        roofline.main([])
+    saved = json.loads((tmp_path / "triton_roofline.json").read_text())
+    assert saved["rows"] == [row("triton")] and saved["meta"]["device"] == "stand-in"
