@@ -235,13 +235,18 @@ def _all_reduce_shifted(module, fabric, local: Tensor, world: int) -> Tensor:
 
 # --------------------------------------------------------------------------------------------- deferred sync
 class _DeferredState:
-    """Statistics as of the last sync (identical on every rank) and the local moments recorded since."""
+    """Statistics as of the last sync (identical on every rank), the local moments recorded since, and, in EMA
+    mode, this rank's own EMA statistics (``own``: mean, var, count, dropped)."""
 
-    __slots__ = ("mean", "var", "count", "dropped", "pending")
+    __slots__ = ("mean", "var", "count", "dropped", "pending", "own")
 
-    def __init__(self, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor):
+    def __init__(self, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor, ema: bool):
         self.mean, self.var, self.count, self.dropped = mean, var, count, dropped
         self.pending = torch.zeros((1, reference.parts_width(mean.numel())), dtype=torch.float64, device=mean.device)
+        # The EMA movement a sync sends is taken from this copy rather than the module's buffers: whatever rewrites
+        # the buffers between syncs (DistributedDataParallel broadcasts rank 0's before every forward) would
+        # otherwise replace this rank's movement with another's. Welford sends `pending`, kept apart already.
+        self.own = tuple(t.clone() for t in (mean, var, count, dropped)) if ema else None
 
 
 def _deferred_state(module) -> _DeferredState:
@@ -250,11 +255,15 @@ def _deferred_state(module) -> _DeferredState:
     state = module._sync_state
     mean, var, count, dropped = module._flat_stats()
     if not isinstance(state, _DeferredState) or state.mean.shape != mean.shape:
-        state = _DeferredState(mean.clone(), var.clone(), count.clone(), dropped.clone())
+        state = _DeferredState(mean.clone(), var.clone(), count.clone(), dropped.clone(), module.ema_decay is not None)
         module._sync_state = state
     elif state.mean.device != mean.device:  # the module moved: its unsynced records move with it
-        for name in _DeferredState.__slots__:
+        for name in ("mean", "var", "count", "dropped", "pending"):
             setattr(state, name, getattr(state, name).to(mean.device))
+        if state.own is not None:
+            state.own = tuple(t.to(mean.device) for t in state.own)
+    if (state.own is None) != (module.ema_decay is None):  # ema_decay was assigned since: the mode's own record
+        state.own = tuple(t.clone() for t in (mean, var, count, dropped)) if module.ema_decay is not None else None
     return state
 
 
@@ -263,6 +272,8 @@ def merge_into_base(module, parts: Tensor, merge) -> None:
     normalizer, as they were into its statistics: the base stays what every rank shares."""
     state = _deferred_state(module)
     merge(parts, state.mean, state.var, state.count, state.dropped, module.ema_decay)
+    if state.own is not None:
+        merge(parts, *state.own, module.ema_decay)
 
 
 def _record_deferred(module, parts: Tensor, backend, check) -> None:
@@ -273,6 +284,8 @@ def _record_deferred(module, parts: Tensor, backend, check) -> None:
     state.pending = backend.combine(torch.cat([state.pending, local]))
     mean, var, count, dropped = module._flat_stats()
     backend.merge(parts, mean, var, count, dropped, module.ema_decay)
+    if state.own is not None:
+        backend.merge(parts, *state.own, module.ema_decay)
 
 
 def _deferred_normalizers(module_tree) -> List[Tuple[str, object]]:
@@ -370,9 +383,9 @@ def _sync_device(fabric, entries, live) -> torch.device:
 def _outgoing_row(module, state: _DeferredState) -> Tensor:
     """Welford: the parts recorded since the last sync. EMA: ``[rows, dropped, mean - base mean, var - base
     var]``, this rank's EMA movement since the last sync."""
-    if module.ema_decay is None:
+    if state.own is None:
         return state.pending
-    mean, var, _, _ = module._flat_stats()
+    mean, var, _, _ = state.own
     return reference.pack_parts(
         state.pending[0, reference.N_COL], state.pending[0, reference.DROPPED_COL], mean - state.mean, var - state.var
     )
@@ -396,7 +409,7 @@ def _apply_incoming(module, state: _DeferredState, incoming: Tensor) -> None:
     var.copy_(new_var)
     count.copy_(new_count)
     dropped.copy_(new_dropped)
-    module._sync_state = _DeferredState(new_mean, new_var, new_count, new_dropped)
+    module._sync_state = _DeferredState(new_mean, new_var, new_count, new_dropped, module.ema_decay is not None)
 
 
 def _check_layouts(signatures: Tensor, signature: Tensor, world: int) -> None:

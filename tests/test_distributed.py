@@ -12,6 +12,7 @@ so 1e-12 relative is the bar. Across ranks the bar is bitwise equality.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime
 import os
@@ -292,12 +293,21 @@ def _fabric_worker(fabric, out_dir):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _process_group_worker(rank, world, port, out_dir):
+@contextlib.contextmanager
+def _gloo_group(rank, world, port):
+    """The default process group of a spawned worker, on gloo, destroyed on the way out."""
     torch.set_num_threads(1)
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _process_group_worker(rank, world, port, out_dir):
+    with _gloo_group(rank, world, port):
         result = {}
         for label, fabric in (("group", dist.group.WORLD), ("default", "default"), ("module", dist)):
             with OpCounter(_is_collective) as ops, HostSyncCounter(strict=True):
@@ -307,8 +317,52 @@ def _process_group_worker(rank, world, port, out_dir):
         result["deferred"] = _deferred_rank(dist.group.WORLD, rank, "torch")
         result["copied"] = [_copied_mid_stream(fabric, rank, world) for fabric in (dist.group.WORLD, dist)]
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+
+
+class _DdpPolicy(nn.Module):
+    """A policy holding its normalizers, as callers hand it to DistributedDataParallel (or ``fabric.setup``)."""
+
+    def __init__(self, fabric, sync, lazy):
+        super().__init__()
+        shape = None if lazy else (D_OBS,)
+        self.head = nn.Linear(D_OBS, 1)
+        self.obs = RunningMeanStd(fabric, shape, device="cpu", sync=sync)
+        self.obs_ema = RunningMeanStd(fabric, shape, device="cpu", ema_decay=0.9, sync=sync)
+        self.reward = RewardRunningMeanStd(fabric, (1,), 0.99, device="cpu", sync=sync)
+        self.reward_ema = RewardRunningMeanStd(fabric, (1,), 0.99, device="cpu", ema_decay=0.9, sync=sync)
+
+    def forward(self, x):
+        return self.head(self.obs.normalize(x) + self.obs_ema.normalize(x))
+
+    def record(self, rank, step):
+        batch = _obs_batch(rank, step)
+        self.obs.record_moments(batch)
+        self.obs_ema.record_moments(batch)
+        self.reward.record_reward(*_reward_step(rank, step))
+        self.reward_ema.record_reward(*_reward_step(rank, step))
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    """Each sync mode, with buffers made at construction or lazily by the first forward, run plainly and wrapped
+    in DistributedDataParallel with its default broadcast_buffers=True, which copies rank 0's buffers into every
+    rank before each forward: between records in per-call mode, between records and syncs in deferred mode."""
+    with _gloo_group(rank, world, port):
+        result = {}
+        for sync in ("per_call", "deferred"):
+            for lazy in (False, True):
+                for wrapped in (False, True):
+                    torch.manual_seed(0)
+                    policy = _DdpPolicy(dist.group.WORLD, sync, lazy)
+                    model = nn.parallel.DistributedDataParallel(policy) if wrapped else policy
+                    for step in range(4):
+                        model(_obs_batch(rank, step))
+                        policy.record(rank, step)
+                        if sync == "deferred" and step % 2:
+                            protonorm.sync(policy)
+                    result[sync, lazy, wrapped] = {
+                        name: _stats(m) for name, m in policy.named_children() if isinstance(m, RunningMeanStd)
+                    }
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _free_port() -> int:
@@ -527,6 +581,23 @@ def test_process_group_fabrics(tmp_path):
     for copied in zip(*(r["copied"] for r in ranks)):  # a ProcessGroup, then the torch.distributed module
         assert_same_on_every_rank(copied)
         assert_matches_truth(copied[0], truth)
+
+
+def test_ddp_buffer_broadcasts_leave_the_statistics_alone(tmp_path):
+    """DDP's broadcast of rank 0's mean/var/count/nonfinite_rows before each forward changes nothing that a sync
+    produces: per-call statistics are already equal on every rank, and a deferred sync sends what each rank
+    recorded (its pending moments, and in EMA mode its own movement), not what its buffers hold."""
+    world = 2
+    mp.spawn(_ddp_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world, join=True)
+    ranks = _load_ranks(str(tmp_path), world)
+    for sync, lazy, wrapped in ranks[0]:
+        if not wrapped:
+            continue
+        for name, plain in ranks[0][sync, lazy, False].items():
+            seen = [r[sync, lazy, True][name] for r in ranks]
+            assert_same_on_every_rank(seen)
+            for got, want in zip(seen[0], plain):
+                assert torch.equal(got, want), f"{sync} {name} (lazy={lazy}) under DDP: {got} != {want}"
 
 
 # --------------------------------------------------------------------------------------------- duck-typed fabric
