@@ -705,6 +705,27 @@ def test_duck_typed_fabric_deferred():
             assert_matches_truth(results[0]["after_sync"][round_index][name], truth_stats)
 
 
+def _ema_with_update(fabric, rank, sync):
+    """EMA records of equal-sized batches with an update_from_moments (the same on every rank) in between."""
+    norm = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", ema_decay=0.8, sync=sync)
+    g = torch.Generator().manual_seed(rank)
+    for step in range(3):
+        norm.record_moments(torch.randn(4, D_OBS, generator=g, dtype=torch.float64) + 100.0 + 3 * rank)
+        if step == 1:
+            norm.update_from_moments(torch.full((D_OBS,), 90.0), torch.full((D_OBS,), 4.0), 10)
+    protonorm.sync(norm)
+    return norm.mean.clone()
+
+
+def test_deferred_ema_sync_keeps_update_from_moments():
+    # With equal rows per rank the synced EMA mean is the per-call one (the EMA and the update are linear in the
+    # batch means), to float64 rounding: 1e-12 relative at means near 100.
+    per_call = _run_threads(_ThreadWorld(2), lambda fabric, rank: _ema_with_update(fabric, rank, "per_call"))
+    deferred = _run_threads(_ThreadWorld(2), lambda fabric, rank: _ema_with_update(fabric, rank, "deferred"))
+    assert torch.equal(deferred[0], deferred[1])
+    assert_close_rel(deferred[0], per_call[0])
+
+
 def test_deep_copy_keeps_the_rows_a_deferred_sync_owes():
     results = _run_threads(_ThreadWorld(2), lambda fabric, rank: _copied_mid_stream(fabric, rank, 2))
     assert_same_on_every_rank(results)
