@@ -14,6 +14,7 @@
 #include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
 #include <unistd.h>
 #endif
 
@@ -87,7 +88,26 @@ std::vector<std::string> isas() {
   return names;
 }
 
+// GNU OpenMP keeps each thread's pool of workers across fork(), but the workers themselves do not survive it: in a
+// child the thread that forked hangs in its next parallel region (as torch's own ops do there), while threads the
+// child starts get pools of their own. So that thread runs the kernels serially in the child; the results are the
+// same bits on any number of threads.
+#if defined(__unix__) || defined(__APPLE__)
+bool g_forked = false;
+pthread_t g_forking_thread;
+
+void note_fork_in_child() {
+  g_forking_thread = pthread_self();
+  g_forked = true;
+}
+
+bool on_forking_thread() { return g_forked && pthread_equal(pthread_self(), g_forking_thread); }
+#else
+bool on_forking_thread() { return false; }
+#endif
+
 int threads_for(int requested, int64_t elements) {
+  if (requested > 1 && on_forking_thread()) return 1;
   const int64_t useful = elements / kMinElementsPerThread;
   if (useful < 2 || requested < 2) return 1;
   return useful < requested ? static_cast<int>(useful) : requested;
@@ -434,6 +454,9 @@ PYBIND11_MODULE(_C, m) {
   using namespace protonorm;
   m.doc() = "protonorm CPU kernels (no torch headers: pointers, shapes, strides in elements, dtype codes).";
   g_stream_threshold = default_stream_threshold();
+#if defined(__unix__) || defined(__APPLE__)
+  pthread_atfork(nullptr, nullptr, &note_fork_in_child);
+#endif
   const std::vector<const KernelTable*> tables = supported_tables();
   g_kernels = tables.back();
   if (const char* wanted = std::getenv("PROTONORM_CPU_ISA")) {

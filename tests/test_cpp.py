@@ -610,7 +610,7 @@ def test_concurrent_callers_share_the_pool():
 
 def _moments_in_child(x, queue):
     # What DataLoader workers do: torch's own OpenMP ops hang in a child forked after the parent used the GNU
-    # OpenMP pool unless it runs on one thread, and the kernels share that pool.
+    # OpenMP pool unless it runs on one thread.
     torch.set_num_threads(1)
     queue.put(CPP.moments(x, None, {}).numpy().copy())  # by value: a shared tensor would die with the child
 
@@ -635,6 +635,67 @@ def test_kernels_run_in_a_forked_child():
         torch.set_num_threads(before)
     assert child.exitcode == 0
     assert_same(got, expected)
+
+
+def _fork_inputs(rows, cols):
+    """What ``_fork_kernels`` reads and writes, made before any fork: in a forked child torch's own parallel ops (a
+    copy of this size) hang, so the child must run nothing but the kernels."""
+    mean, var = stats(cols)
+    return dict(x=data(rows, cols, torch.float32), mean=mean, var=var, out=torch.empty(rows, cols),
+                fused=torch.empty(rows, cols), merged=[mean.clone(), var.clone(), torch.tensor(7), torch.tensor(0)],
+                discounted=torch.linspace(-1.0, 1.0, rows * cols).reshape(rows, cols),
+                terminated=torch.arange(rows) % 7 == 0,
+                reward_stats=[mean.clone(), var.clone(), torch.tensor(3), torch.tensor(0)])
+
+
+def _fork_kernels(a):
+    """Every threaded kernel on the inputs of ``_fork_inputs``, updated in place, the outputs as numpy arrays (by
+    value: a shared tensor would die with a child)."""
+    x, mean, var = a["x"], a["mean"], a["var"]
+    got = [CPP.normalize_moments(x, mean, var, 1e-5, 5.0, a["fused"], {}).numpy().copy()]
+    CPP.normalize(x, mean, var, 1e-5, 5.0, False, True, a["out"])
+    parts = CPP.moments(x, None, {})
+    got.append(parts.numpy().copy())
+    CPP.merge(parts, *a["merged"], None)
+    CPP.reward_record(x, a["terminated"], a["discounted"], 0.99, *a["reward_stats"], None, {})
+    tensors = [a["out"], a["fused"], *a["merged"], a["discounted"], *a["reward_stats"]]
+    return got + [t.numpy().copy() for t in tensors]
+
+
+def _kernels_in_child(inputs, queue):
+    # No torch.set_num_threads(1) here: the kernels must not hang where the caller left several threads.
+    queue.put(_fork_kernels(inputs))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_kernels_run_in_a_forked_child_with_several_threads():
+    """GNU OpenMP's workers do not survive fork(): in a child forked after the parent ran parallel regions, the
+    thread that forked hangs in its next one. The kernels run serially there, with the same bits as the parent's."""
+    import multiprocessing
+    import queue as queues
+
+    inputs = _fork_inputs(4097, 342)  # enough elements for two threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    child = None
+    try:
+        expected = _fork_kernels(_fork_inputs(4097, 342))  # the parent's OpenMP pool now exists
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.Queue()
+        child = ctx.Process(target=_kernels_in_child, args=(inputs, results))
+        child.start()
+        try:
+            got = results.get(timeout=60)
+        except queues.Empty:
+            pytest.fail("the kernels did not return in a forked child (an OpenMP region waiting for workers)")
+        child.join(timeout=60)
+    finally:
+        torch.set_num_threads(before)
+        if child is not None and child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    for a, b in zip(got, expected):
+        assert_same(torch.from_numpy(a), torch.from_numpy(b))
 
 
 # ------------------------------------------------------------------------------------------------ merge
