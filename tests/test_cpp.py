@@ -662,40 +662,63 @@ def _fork_kernels(a):
     return got + [t.numpy().copy() for t in tensors]
 
 
-def _kernels_in_child(inputs, queue):
-    # No torch.set_num_threads(1) here: the kernels must not hang where the caller left several threads.
-    queue.put(_fork_kernels(inputs))
+def _put_result(target, inputs, queue):
+    # No torch.set_num_threads(1) here: protonorm must not hang where the caller left several threads.
+    queue.put(target(inputs))
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-def test_kernels_run_in_a_forked_child_with_several_threads():
-    """GNU OpenMP's workers do not survive fork(): in a child forked after the parent ran parallel regions, the
-    thread that forked hangs in its next one. The kernels run serially there, with the same bits as the parent's."""
+def _in_forked_child(target, inputs):
+    """``target(inputs)`` in a child forked after the parent ran the kernels on two threads (its OpenMP pool now
+    exists); fails the test if the child hangs."""
     import multiprocessing
     import queue as queues
 
-    inputs = _fork_inputs(4097, 342)  # enough elements for two threads
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     child = None
     try:
-        expected = _fork_kernels(_fork_inputs(4097, 342))  # the parent's OpenMP pool now exists
+        _fork_kernels(_fork_inputs(4097, 342))
         ctx = multiprocessing.get_context("fork")
         results = ctx.Queue()
-        child = ctx.Process(target=_kernels_in_child, args=(inputs, results))
+        child = ctx.Process(target=_put_result, args=(target, inputs, results))
         child.start()
         try:
             got = results.get(timeout=60)
         except queues.Empty:
-            pytest.fail("the kernels did not return in a forked child (an OpenMP region waiting for workers)")
+            pytest.fail("protonorm did not return in a forked child (an OpenMP region waiting for dead workers)")
         child.join(timeout=60)
     finally:
         torch.set_num_threads(before)
         if child is not None and child.is_alive():
             child.kill()
     assert child.exitcode == 0
+    return got
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_kernels_run_in_a_forked_child_with_several_threads():
+    """GNU OpenMP's workers do not survive fork(): in a child forked after the parent ran parallel regions, the
+    thread that forked hangs in its next one. The kernels run serially there, with the same bits as the parent's."""
+    inputs = _fork_inputs(4097, 342)  # enough elements for two threads
+    got = _in_forked_child(_fork_kernels, inputs)
+    expected = _fork_kernels(_fork_inputs(4097, 342))
     for a, b in zip(got, expected):
         assert_same(torch.from_numpy(a), torch.from_numpy(b))
+
+
+def _normalize_new_stats(a):
+    CPP.normalize(a["x"], a["mean"], a["var"] * 2, 1e-5, None, False, True, a["out"])
+    return a["out"].numpy().copy()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+@pytest.mark.parametrize("cols", [1, 342, 5000])
+def test_new_statistics_in_a_forked_child_with_several_threads(cols):
+    """Statistics whose float32 roots this thread has not taken yet: MKL's vector square root (and torch's sqrt)
+    starts a parallel region even for one value, which in a forked child would wait for dead workers."""
+    inputs = _fork_inputs(64, cols)
+    got = _in_forked_child(_normalize_new_stats, inputs)
+    assert_same(torch.from_numpy(got), torch.from_numpy(_normalize_new_stats(inputs)))
 
 
 # ------------------------------------------------------------------------------------------------ merge

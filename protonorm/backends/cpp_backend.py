@@ -316,6 +316,51 @@ def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, T
     return mean32, std32
 
 
+def _mkl_local_threads_setter():
+    """MKL's ``MKL_Set_Num_Threads_Local`` in torch's library, or None (not Linux, or a torch without MKL, whose
+    vector math then cannot hang). Looked up here, not in a forked child, where ``dlopen`` could wait on a lock that
+    another of the parent's threads held at the fork."""
+    try:
+        library = ctypes.CDLL("libtorch_cpu.so", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        setter = library.MKL_Set_Num_Threads_Local
+    except (OSError, AttributeError):
+        return None
+    setter.argtypes, setter.restype = [ctypes.c_int], ctypes.c_int
+    return setter
+
+
+_mkl_set_local_threads = _mkl_local_threads_setter()
+_forked_thread: Optional[int] = None  # in a forked child, the thread that forked (see _note_fork)
+_float32_stats_anywhere = _float32_stats
+
+
+def _float32_stats_after_fork(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, Tensor]:
+    """``_float32_stats`` with MKL on one thread on the thread that forked."""
+    if threading.get_ident() != _forked_thread:
+        return _float32_stats_anywhere(mean, var, epsilon)
+    previous = _mkl_set_local_threads(1)
+    try:
+        return _float32_stats_anywhere(mean, var, epsilon)
+    finally:
+        _mkl_set_local_threads(previous)  # 0, as a rule: the process-wide setting again
+
+
+def _note_fork() -> None:
+    """GNU OpenMP's workers do not survive fork(): in the child, the thread that forked hangs in its next parallel
+    region, and MKL's vector math, which takes the float32 roots (``vmsSqrt``, torch's ``sqrt`` as well), starts one
+    even for a few hundred values. So that thread takes them with MKL on one thread (the same bits); the C++ kernels
+    run serially there by themselves (csrc/bindings.cpp). Rebinding ``_float32_stats`` keeps the check off the calls
+    of a process that never forked."""
+    global _forked_thread, _float32_stats
+    _forked_thread = threading.get_ident()
+    if _mkl_set_local_threads is not None:
+        _float32_stats = _float32_stats_after_fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_note_fork)
+
+
 # ------------------------------------------------------------------------------------------------ operators
 def _define(name: str, schema: str):
     qualname = f"protonorm::{name}"
