@@ -149,12 +149,13 @@ class _Slot:
 class OutputCache:
     """Up to ``MAX_SLOTS`` CPU storages, handed out again as new tensors once their previous tensor is gone."""
 
-    __slots__ = ("_slots", "_lock", "_enabled")
+    __slots__ = ("_slots", "_lock", "_enabled", "__weakref__")
 
     def __init__(self):
         self._slots: List[_Slot] = []
         self._lock = threading.Lock()  # two threads must not both claim the same idle storage
         self._enabled = enabled()
+        _caches.add(self)
 
     def empty(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialized contiguous tensor of ``shape`` and ``dtype`` on ``device``; recycled when it is a CPU
@@ -189,3 +190,19 @@ class OutputCache:
     def clear(self) -> None:
         with self._lock:
             self._slots.clear()
+
+
+# Every cache, for _unlock_after_fork.
+_caches: "weakref.WeakSet[OutputCache]" = weakref.WeakSet()
+
+
+def _unlock_after_fork() -> None:
+    """Another thread of the parent may have held a cache's lock at the fork (it was taking an output): the child
+    would get the lock held, with no thread to release it, and hang in its first large normalize. The child has
+    only the thread that forked, so fresh locks are safe."""
+    for cache in list(_caches):
+        cache._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
