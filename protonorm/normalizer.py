@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 import numbers
+import os
 import threading
 import warnings
 import weakref
@@ -59,6 +60,17 @@ _in_onnx_export = None
 # The first calls of several threads must not import torch.onnx at once: its submodules import one another, and a
 # thread reaching one while another thread is still initializing it gets a partly initialized module (ImportError).
 _onnx_flag_lock = threading.Lock()
+
+
+def _unlock_after_fork() -> None:
+    """Another thread of the parent may have held the lock at the fork (it was in its first call): the child would
+    get it held, with no thread to release it. The child has only the thread that forked, so a fresh lock is safe."""
+    global _onnx_flag_lock
+    _onnx_flag_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_unlock_after_fork)
 
 
 def _is_exporting(compiling: bool) -> bool:

@@ -62,3 +62,48 @@ def expected_normalize(backend_name, x, mean, var, epsilon, clamp_value, un_norm
         return reference.normalize(x, mean, var, epsilon, clamp_value, un_norm, center)
     with mock.patch.object(torch, "sqrt", _correctly_rounded_sqrt):
         return reference.normalize(x, mean, var, epsilon, clamp_value, un_norm, center)
+
+
+def _put_result(target, args, results):
+    results.put(target(*args))
+
+
+def in_forked_child(target, *args, held=None):
+    """``target(*args)`` in a child forked from this process, with the lock ``held`` (if any) held by another thread
+    at the moment of the fork; returns what the child returned (numpy arrays, by value). Fails the test when the
+    child does not answer within a minute: it hangs."""
+    import multiprocessing
+    import queue as queues
+    import threading
+
+    locked, release = threading.Event(), threading.Event()
+
+    def hold():
+        with held:
+            locked.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold) if held is not None else None
+    child = None
+    try:
+        if thread is not None:
+            thread.start()
+            assert locked.wait(60)
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.Queue()
+        child = ctx.Process(target=_put_result, args=(target, args, results))
+        child.start()
+        release.set()
+        try:
+            got = results.get(timeout=60)
+        except queues.Empty:
+            pytest.fail(f"{target.__name__} did not return in a forked child (it hangs)")
+        child.join(60)
+    finally:
+        release.set()
+        if thread is not None:
+            thread.join(60)
+        if child is not None and child.is_alive():
+            child.kill()
+    assert child.exitcode == 0
+    return got

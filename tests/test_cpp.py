@@ -33,7 +33,7 @@ from protonorm.backends import load
 from protonorm.backends.base import normalized_dtype
 from protonorm.diagnostics import HostSyncCounter
 
-from conftest import assert_same
+from conftest import assert_same, in_forked_child
 from hard_data import (CONSTANT_BATCH_SIZES, EXTREME_BATCHES, LONG_STREAMS, MEAN_RTOL, OUTLIER_FIRST_BATCHES, VAR_RTOL,
                        assert_close_rel, assert_constant_columns_exact, assert_long_stream_accurate,
                        assert_moments_exact, extreme_batch, one_pass_outlier_rtol, outlier_first_batch, truth)
@@ -662,37 +662,16 @@ def _fork_kernels(a):
     return got + [t.numpy().copy() for t in tensors]
 
 
-def _put_result(target, inputs, queue):
-    # No torch.set_num_threads(1) here: protonorm must not hang where the caller left several threads.
-    queue.put(target(inputs))
-
-
 def _in_forked_child(target, inputs):
     """``target(inputs)`` in a child forked after the parent ran the kernels on two threads (its OpenMP pool now
-    exists); fails the test if the child hangs."""
-    import multiprocessing
-    import queue as queues
-
+    exists), with two threads still set: no torch.set_num_threads(1) in the child."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
-    child = None
     try:
         _fork_kernels(_fork_inputs(4097, 342))
-        ctx = multiprocessing.get_context("fork")
-        results = ctx.Queue()
-        child = ctx.Process(target=_put_result, args=(target, inputs, results))
-        child.start()
-        try:
-            got = results.get(timeout=60)
-        except queues.Empty:
-            pytest.fail("protonorm did not return in a forked child (an OpenMP region waiting for dead workers)")
-        child.join(timeout=60)
+        return in_forked_child(target, inputs)
     finally:
         torch.set_num_threads(before)
-        if child is not None and child.is_alive():
-            child.kill()
-    assert child.exitcode == 0
-    return got
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")

@@ -18,7 +18,7 @@ import protonorm
 from protonorm import RewardRunningMeanStd, RunningMeanStd, backends, reference
 from protonorm.diagnostics import HostSyncCounter
 
-from conftest import CPU_BACKENDS, assert_same, expected_normalize
+from conftest import CPU_BACKENDS, assert_same, expected_normalize, in_forked_child
 from hard_data import (MEAN_RTOL, STREAM_CASES, STREAM_EMA_DECAY, STREAM_MODES, VAR_RTOL, assert_close_rel,
                        ema_truth, make_stream, stream_truth, truth)
 
@@ -1095,6 +1095,22 @@ def test_first_calls_from_two_threads_look_up_the_export_flag_once(monkeypatch):
     assert not errors
     assert len(entered) == 1
     assert_same(results[0], results[1])
+
+
+def _first_normalize_in_child(x):
+    return make((4,)).normalize(x).numpy().copy()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_child_forked_during_another_threads_first_call_normalizes(monkeypatch):
+    """Another thread of the parent is in its first call, looking up the ONNX export flag under its lock, at the
+    moment of the fork: the child gets the lock held, with no thread of its own to release it."""
+    from protonorm import normalizer
+
+    monkeypatch.setattr(normalizer, "_in_onnx_export", None)
+    x = torch.arange(24.0).reshape(6, 4)
+    got = in_forked_child(_first_normalize_in_child, x, held=normalizer._onnx_flag_lock)
+    assert_same(torch.from_numpy(got), make((4,)).normalize(x))
 
 
 @pytest.mark.parametrize("backend_name", [b for b in CPU_BACKENDS if b != "triton"])

@@ -16,6 +16,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import protonorm
 from protonorm import output_cache, reference
 
+from conftest import in_forked_child
+
 pytestmark = pytest.mark.skipif(not output_cache.enabled(), reason="this torch has no storage reference count")
 
 B, D = 512, 256  # 512 KB of float32 output: above output_cache.MIN_BYTES
@@ -337,46 +339,15 @@ def test_an_output_read_by_another_process_stays_intact():
             child.kill()
 
 
-def _normalize_in_child(norm, x, results):
+def _normalize_in_child(norm, x):
     torch.set_num_threads(1)  # as DataLoader workers do: torch's own parallel ops would hang in a forked child
-    results.put(norm.normalize(x).numpy().copy())
+    return norm.normalize(x).numpy().copy()
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_a_child_forked_while_another_thread_takes_an_output_normalizes():
     """Another thread of the parent is taking an output (it holds the cache's lock) at the moment of the fork: the
     child gets the lock held, with no thread of its own to release it."""
-    import multiprocessing
-    import queue as queues
-
     norm, x = make(), batch(0)
-    want = expected(norm, x)
-    held, release = threading.Event(), threading.Event()
-
-    def take_an_output():
-        with norm._outputs._lock:
-            held.set()
-            release.wait(60)
-
-    thread = threading.Thread(target=take_an_output)
-    thread.start()
-    child = None
-    try:
-        assert held.wait(60)
-        ctx = multiprocessing.get_context("fork")
-        results = ctx.Queue()
-        child = ctx.Process(target=_normalize_in_child, args=(norm, x, results))
-        child.start()
-        release.set()
-        thread.join(60)
-        try:
-            got = results.get(timeout=60)
-        except queues.Empty:
-            pytest.fail("normalize did not return in a child forked while another thread held the cache's lock")
-        child.join(60)
-    finally:
-        release.set()
-        if child is not None and child.is_alive():
-            child.kill()
-    assert child.exitcode == 0
-    assert torch.equal(torch.from_numpy(got), want)
+    got = in_forked_child(_normalize_in_child, norm, x, held=norm._outputs._lock)
+    assert torch.equal(torch.from_numpy(got), expected(norm, x))
