@@ -320,7 +320,11 @@ class RunningMeanStd(nn.Module):
             self._lazy_device = fn(torch.empty(0, device=self._lazy_device or "cpu")).device
         self._layout_cache = None
         self._outputs.clear()  # CPU memory kept for outputs is not wanted once the module moves
+        dropped = self._buffers.get("nonfinite_rows")
         result = super()._apply(keep_dtype, recurse)
+        if dropped is not None and dropped.is_meta and not self.nonfinite_rows.is_meta:
+            # to_empty() from meta: no checkpoint restores this non-persistent count, and no row was dropped yet.
+            self.nonfinite_rows.zero_()
         returns = self.__dict__.get("discounted_reward")
         if isinstance(returns, Tensor):  # a reward normalizer's returns follow the statistics, in their dtype
             moved = fn(returns)
@@ -359,6 +363,12 @@ class RunningMeanStd(nn.Module):
             # the kernels can update in place (float64 / int64, separate elements, values in memory).
             if loaded is not None and (loaded.dtype != dtype or not loaded.is_contiguous() or loaded.is_neg()):
                 self._buffers[name] = loaded.resolve_neg().to(dtype).contiguous()
+        dropped = self._buffers.get("nonfinite_rows")
+        if dropped is not None and dropped.device != self.mean.device:
+            # assign=True moved the statistics (a model built on meta takes the checkpoint's tensors); the
+            # non-persistent count follows them, zero when it had no values (meta).
+            moved = torch.zeros_like(dropped, device=self.mean.device) if dropped.is_meta else dropped.to(self.mean.device)
+            self._buffers["nonfinite_rows"] = moved
         if entry is not None:
             self.shape = tuple(self.mean.shape)
         if any(prefix + key in state_dict for key in ("mean", "var", "count")):

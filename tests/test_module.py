@@ -311,6 +311,26 @@ def test_load_with_assign_keeps_statistics_dtypes(backend_name, lazy):
     assert int(m.count) == int(source.count) + 5
 
 
+@pytest.mark.parametrize("init", ["meta_assign", "to_empty", "to_empty_assign"])
+def test_model_built_on_meta_then_loaded_counts_dropped_rows_from_zero(backend_name, init):
+    """A model built under torch.device("meta") and given a checkpoint by load_state_dict(assign=True), or
+    materialized by to_empty() first: the non-persistent count of dropped rows, which no checkpoint restores,
+    starts at 0 on the statistics' device (not left on meta, nor holding uninitialized memory)."""
+    source = make((3,), "torch")
+    source.record_moments(torch.randn(20, 3))
+    with torch.device("meta"):
+        model = nn.Sequential(RunningMeanStd(None, (3,), device=None, backend=backend_name))
+    if init != "meta_assign":
+        model.to_empty(device="cpu")
+    model.load_state_dict({f"0.{k}": v.clone() for k, v in source.state_dict().items()}, assign=init != "to_empty")
+    m = model[0]
+    assert m.nonfinite_rows.device.type == "cpu" and int(m.nonfinite_rows) == 0
+    x = torch.randn(5, 3)
+    x[0, 1] = float("nan")
+    m.record_moments(x)
+    assert int(m.nonfinite_rows) == 1 and int(m.count) == int(source.count) + 4
+
+
 @pytest.mark.parametrize("assign", [False, True])
 @pytest.mark.parametrize("lazy", [False, True])
 def test_count_saved_as_one_element_vector_loads_as_torch_s_loader_takes_it(lazy, assign):
