@@ -356,6 +356,10 @@ class RunningMeanStd(nn.Module):
             if not self._initialized:
                 self._create_buffers(shape, self._lazy_device or entry.device)
                 self._initialized = True
+        if any(prefix + key in state_dict for key in ("mean", "var", "count")):
+            # The cached flat views alias the buffers: under torch.__future__.set_swap_module_params_on_conversion
+            # the loader swaps each buffer with the checkpoint's tensor, which torch refuses while views are alive.
+            self._layout_cache = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         for name, dtype in (("mean", torch.float64), ("var", torch.float64), ("count", torch.int64)):
             loaded = self._buffers.get(name)

@@ -332,6 +332,31 @@ def test_model_built_on_meta_then_loaded_counts_dropped_rows_from_zero(backend_n
 
 
 @pytest.mark.parametrize("assign", [False, True])
+def test_load_into_a_used_module_with_swapped_buffers(backend_name, assign):
+    """Under torch.__future__.set_swap_module_params_on_conversion(True) the loader swaps each buffer with the
+    checkpoint's tensor; a module that has normalized and recorded before takes the checkpoint and goes on from it."""
+    source = make((3,), "torch")
+    source.record_moments(torch.randn(20, 3) * 2 + 1)
+    checkpoint = {k: v.clone() for k, v in source.state_dict().items()}
+    m = make((3,), backend_name)
+    x = torch.randn(6, 3)
+    m.train()
+    m.normalize(x)
+    m.record_moments(x)
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        m.load_state_dict(checkpoint, assign=assign)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)
+    assert torch.equal(m.mean, source.mean) and int(m.count) == int(source.count)
+    m.record_moments(x)
+    source.record_moments(x)
+    torch.testing.assert_close(m.mean, source.mean, rtol=1e-12, atol=1e-12)  # same rows, float64 merges
+    assert int(m.count) == int(source.count)
+
+
+@pytest.mark.parametrize("assign", [False, True])
 @pytest.mark.parametrize("lazy", [False, True])
 def test_count_saved_as_one_element_vector_loads_as_torch_s_loader_takes_it(lazy, assign):
     """torch's loader (so upstream's module) takes a [1] entry for a 0-d buffer; a [2] one is still refused."""
