@@ -486,11 +486,13 @@ class RunningMeanStd(nn.Module):
         parts = reference.pack_parts(n, torch.zeros((), device=mean.device), batch_mean, batch_m2)
         flat_mean, flat_var, count, dropped = self._flat_stats()
         backend_merge = backends.resolve("torch", mean.device).merge
+        # The parts hold the count in float64, which rounds counts past 2^53: what it lost is added back.
+        count_rounding = (exact.to(torch.int64) - n.to(torch.int64)).reshape(())
 
         def merge(parts, mean, var, count, dropped, ema_decay):
             backend_merge(parts, mean, var, count, dropped, ema_decay)
-            if ema_decay is None:  # the parts hold the count in float64, which rounds counts past 2^53
-                count.add_((exact.to(torch.int64) - n.to(torch.int64)).reshape(()))
+            if ema_decay is None:
+                count.add_(count_rounding)
 
         merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
         from . import distributed
