@@ -103,12 +103,6 @@ def _is_transformed() -> bool:
     return _forward_ad._current_level >= 0 or _peek_functorch_transform() is not None
 
 
-def _set_plain(module: nn.Module, name: str, value) -> None:
-    """``module.name = value`` for an attribute that is never a parameter, buffer or submodule, without
-    ``nn.Module.__setattr__``'s isinstance checks (about 1 us, twice per normalize + record)."""
-    object.__setattr__(module, name, value)
-
-
 def _without_grad(method):
     """``torch.no_grad()`` around a hot method, minus the context manager's ~2 us per call in eager mode."""
 
@@ -126,6 +120,18 @@ def _without_grad(method):
             torch._C._set_grad_enabled(True)
 
     return wrapper
+
+
+class _Stash(threading.local):
+    """One thread's normalize-then-record state: the moments a training-mode ``normalize`` keeps for the next
+    ``record_moments`` of the same tensor (``moments``), and the scratch buffers they are computed in
+    (``workspace``). Per thread, so that another thread normalizing with the same module (an evaluation thread
+    while the trainer trains) neither writes over the moments this thread is about to record nor takes their
+    place."""
+
+    def __init__(self):
+        self.moments = None  # (weak reference to the tensor, its version, parts, backend)
+        self.workspace: dict = {}
 
 
 class _Layout:
@@ -243,8 +249,8 @@ class RunningMeanStd(nn.Module):
         # a training-mode normalize, and the distributed module's per-normalizer state. None of it is part of the
         # statistics.
         self._workspace_record: dict = {}
-        self._workspace_stash: dict = {}
-        self._stash = None
+        if not _is_compiling():  # (Dynamo cannot make one; a lazy module initialized in a trace has stashed nothing)
+            self._stash = _Stash()
         self._sync_state = None
         self._layout_cache: Optional[_Layout] = None
         self._discounted_rows = None  # (discounted_reward, its [B, D] view)
@@ -280,7 +286,7 @@ class RunningMeanStd(nn.Module):
     def __getstate__(self):
         # Caches hold weak references (unpicklable) and scratch buffers; a pickled module starts without them.
         state = self.__dict__.copy()
-        for key in ("_workspace_record", "_workspace_stash", "_stash", "_sync_state", "_layout_cache", "_discounted_rows",
+        for key in ("_workspace_record", "_stash", "_sync_state", "_layout_cache", "_discounted_rows",
                     "_outputs"):
             state[key] = None
         return state
@@ -341,7 +347,7 @@ class RunningMeanStd(nn.Module):
             self.device = given if isinstance(given, (str, torch.device)) else device  # as upstream keeps it
             # Scratch buffers and the stash belong to the old device; the deferred-sync state (rows recorded since
             # the last sync) must survive the move, and distributed.py moves its tensors on next use.
-            self._workspace_record, self._workspace_stash, self._stash = {}, {}, None
+            self._workspace_record, self._stash = {}, _Stash()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
@@ -548,11 +554,12 @@ class RunningMeanStd(nn.Module):
         out = self._outputs.empty(arr.shape, normalized_dtype(arr.dtype), layout.device)
         backend = layout.backend
         if self.training and not arr.is_inference():  # no version counter to stash with (see _normalize)
+            stash = self._stash
             parts = backend.try_normalize_moments(arr, layout.flat_mean, layout.flat_var, self.epsilon,
-                                                  self.clamp_value, out, self._workspace_stash)
+                                                  self.clamp_value, out, stash.workspace)
             if parts is None:
                 return None
-            _set_plain(self, "_stash", (weakref.ref(arr), arr._version, parts, backend))
+            stash.moments = (weakref.ref(arr), arr._version, parts, backend)
             return out
         if backend.try_normalize(arr, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out):
             return out
@@ -588,10 +595,11 @@ class RunningMeanStd(nn.Module):
         stash = (self.training and center and not un_norm and not compiling and x.shape[1] == layout.num_features
                  and not arr.is_inference())
         if stash and arr.shape[1:] == layout.shape:
+            kept = self._stash
             parts = backend.normalize_moments(
-                x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out_rows, self._workspace_stash
+                x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out_rows, kept.workspace
             )
-            _set_plain(self, "_stash", (weakref.ref(arr), arr._version, parts, backend))
+            kept.moments = (weakref.ref(arr), arr._version, parts, backend)
         else:
             backend.normalize(x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, un_norm, center, out_rows)
         return out
@@ -613,7 +621,7 @@ class RunningMeanStd(nn.Module):
                 and backend.try_merge(parts, layout.flat_mean, layout.flat_var, layout.count, layout.dropped,
                                       self.ema_decay)
             ):
-                _set_plain(self, "_stash", None)
+                self._stash.moments = None
                 return
         self._record_moments(arr, mask)
 
@@ -638,8 +646,10 @@ class RunningMeanStd(nn.Module):
     def _stashed_moments(self, arr: Tensor):
         """``(parts, backend)`` of the moments a training-mode ``normalize`` computed for this very tensor, if it
         is unchanged since, else ``(None, None)``."""
-        stash = self._stash
-        if stash is None or _is_compiling():
+        if _is_compiling():
+            return None, None
+        stash = self._stash.moments
+        if stash is None:
             return None, None
         ref, version, parts, backend = stash
         if ref() is arr and arr._version == version:
@@ -649,7 +659,8 @@ class RunningMeanStd(nn.Module):
     def _take_stash(self, arr: Tensor, mask: Optional[Tensor]):
         """``_stashed_moments`` for an unmasked record, and the stash is gone either way."""
         found = (None, None) if mask is not None else self._stashed_moments(arr)
-        _set_plain(self, "_stash", None)
+        if not _is_compiling():
+            self._stash.moments = None
         return found
 
 
