@@ -98,7 +98,8 @@ class _Slot:
     """One cached storage and its template, with the storage's reference counts at the time nothing but the cache
     held it."""
 
-    __slots__ = ("storage", "cdata", "address", "nbytes", "template", "template_key", "idle_uses", "idle_refs")
+    __slots__ = ("storage", "cdata", "address", "nbytes", "template", "template_key", "idle_uses", "idle_refs",
+                 "claimed")
 
     def __init__(self, nbytes: int, shape: Tuple[int, ...], dtype: torch.dtype):
         self.storage = torch.UntypedStorage(nbytes)
@@ -112,6 +113,7 @@ class _Slot:
         # Measured here, where nothing but this object refers to the storage, exactly as idle() measures them.
         self.idle_uses = _storage_use_count(self.cdata)
         self.idle_refs = sys.getrefcount(self.storage)
+        self.claimed = False  # by a call taking an output of it, until that output exists (see OutputCache.empty)
 
     def _on_storage(self, shape: Tuple[int, ...], dtype: torch.dtype) -> Tensor:
         return torch.empty(0, dtype=dtype, device=_CPU).set_(self.storage, 0, shape)
@@ -126,8 +128,8 @@ class _Slot:
 
     def idle(self) -> bool:
         # A weak reference to the storage object counts too: while the cache holds the storage it stays alive.
-        return (_storage_use_count(self.cdata) == self.idle_uses and sys.getrefcount(self.storage) == self.idle_refs
-                and not weakref.getweakrefcount(self.storage))
+        return (not self.claimed and _storage_use_count(self.cdata) == self.idle_uses
+                and sys.getrefcount(self.storage) == self.idle_refs and not weakref.getweakrefcount(self.storage))
 
     def replaced(self) -> bool:
         """Whether the storage no longer holds the memory allocated here: moved into shared memory, where another
@@ -173,19 +175,26 @@ class OutputCache:
             return torch.empty(shape, dtype=dtype, device=device)
         with self._lock:
             slots = self._slots
+            taken = None
             for i, slot in enumerate(slots):
                 if slot.nbytes == nbytes and slot.idle():
-                    if slot.replaced():
-                        del slots[i]
-                        break
-                    # Most recently used last, so that the other size's storage is the one evicted below.
-                    slots.append(slots.pop(i))
-                    return slot.tensor(shape, dtype)
-            slot = _Slot(nbytes, shape, dtype)
-            slots.append(slot)
-            if len(slots) > MAX_SLOTS:
-                del slots[0]  # only forgotten here: its tensor, if still alive, keeps its memory
-            return slot.tensor(shape, dtype)
+                    del slots[i]
+                    if not slot.replaced():
+                        taken = slot
+                    break
+            if taken is None:
+                taken = _Slot(nbytes, shape, dtype)
+                if len(slots) >= MAX_SLOTS:
+                    del slots[0]  # only forgotten here: its tensor, if still alive, keeps its memory
+            taken.claimed = True
+            slots.append(taken)  # most recently used last, so that the other size's storage is the one evicted
+        # The tensor is made once the lock is released: the torch op that makes it runs whatever torch function or
+        # dispatch mode is active, which may normalize with this very module (that call passes over the claimed
+        # storage) or wait for another thread that does.
+        try:
+            return taken.tensor(shape, dtype)
+        finally:
+            taken.claimed = False  # the tensor, if made, now keeps the storage from being idle
 
     def clear(self) -> None:
         with self._lock:

@@ -251,6 +251,58 @@ def test_threads_sharing_a_module_never_share_an_output(monkeypatch):
         torch.testing.assert_close(out, expected(norm, x), rtol=0, atol=0)
 
 
+class _NormalizeOnDetach:
+    """Mixed into a torch function or dispatch mode: the first time the mode sees a tensor made by ``detach`` (how
+    the cache makes an output of its storage), it normalizes another batch with the same module, as a mode may run
+    any code, and keeps that output."""
+
+    def __init__(self, norm, x):
+        super().__init__()
+        self.norm, self.x, self.inner = norm, x, []
+
+    def nested(self, func):
+        if not self.inner and "detach" in str(func):
+            self.inner.append(self.norm.normalize(self.x))
+
+
+class _FunctionMode(_NormalizeOnDetach, torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.nested(func)
+        return func(*args, **(kwargs or {}))
+
+
+class _DispatchMode(_NormalizeOnDetach, TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.nested(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", [_FunctionMode, _DispatchMode])
+def test_a_mode_normalizing_with_the_module_while_it_takes_an_output(mode):
+    """An output is made of a claimed storage by a torch op, which torch function and dispatch modes see and which
+    may run any code there, a normalize with the same module included. That nested call must neither wait for the
+    outer one to finish taking its output (it would wait forever) nor get the storage the outer one claimed: both
+    outputs right, in memory of their own."""
+    norm = make()
+    norm.normalize(batch(0))  # dropped at once: an idle storage the outer call claims
+    outer_x, inner_x = batch(1), batch(2)
+    active = mode(norm, inner_x)
+    outputs = []
+
+    def work():
+        with active:
+            outputs.append(norm.normalize(outer_x))
+
+    thread = threading.Thread(target=work, daemon=True)  # (left waiting forever if the nested call waits)
+    thread.start()
+    thread.join(10)
+    assert not thread.is_alive(), "the nested normalize waits for the outer one"
+    (outer,), (inner,) = outputs, active.inner
+    assert outer.untyped_storage().data_ptr() != inner.untyped_storage().data_ptr()
+    torch.testing.assert_close(outer, expected(norm, outer_x), rtol=0, atol=0)
+    torch.testing.assert_close(inner, expected(norm, inner_x), rtol=0, atol=0)
+
+
 def test_an_output_moved_to_shared_memory_is_never_handed_out_again():
     """Sending an output to another process moves its storage into shared memory, which that process maps: once
     this process drops it, the memory must not be written again."""
