@@ -595,10 +595,17 @@ class RunningMeanStd(nn.Module):
         stash = (self.training and center and not un_norm and not compiling and x.shape[1] == layout.num_features
                  and not arr.is_inference())
         if stash and arr.shape[1:] == layout.shape:
+            # The workspace is lent to this call alone: on this way the kernel may be reached through an op, after
+            # which a dispatch mode may run any code, a normalize with this module included, before the parts are
+            # kept. A call nested so gets buffers of its own.
             kept = self._stash
-            parts = backend.normalize_moments(
-                x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out_rows, kept.workspace
-            )
+            workspace, kept.workspace = kept.workspace, {}
+            try:
+                parts = backend.normalize_moments(
+                    x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, out_rows, workspace
+                )
+            finally:
+                kept.workspace = workspace
             kept.moments = (weakref.ref(arr), arr._version, parts, backend)
         else:
             backend.normalize(x, layout.flat_mean, layout.flat_var, self.epsilon, self.clamp_value, un_norm, center, out_rows)

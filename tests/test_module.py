@@ -1255,6 +1255,33 @@ def test_a_normalize_on_another_thread_leaves_this_threads_record_alone(backend_
     assert int(trainer.count) == int(other.count)
 
 
+def test_a_normalize_nested_in_a_dispatch_mode_leaves_the_outer_record_alone(backend_name):
+    """Under a dispatch mode a training-mode normalize reaches its kernel through an op, and the mode may run any
+    code once the op is done, before the normalize returns: here it normalizes another batch of the same shape with
+    the same module. The outer batch's moments, kept for its record, must still be its own."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    m, other = make((8,), backend_name).train(), make((8,), "torch")
+    g = torch.Generator().manual_seed(6)
+    theirs = torch.randn(64, 8, generator=g) * 100 + 50
+
+    class NormalizeAfterEachOp(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            m.normalize(theirs)  # (the mode is not active inside its own handler: no recursion)
+            return out
+
+    for _ in range(3):
+        x = torch.randn(64, 8, generator=g)
+        with NormalizeAfterEachOp():
+            m.normalize(x)
+        m.record_moments(x)
+        other.record_moments(x)
+    torch.testing.assert_close(m.mean, other.mean, rtol=1e-12, atol=1e-12)  # (float64 sums in other orders)
+    torch.testing.assert_close(m.var, other.var, rtol=1e-10, atol=1e-12)
+    assert int(m.count) == int(other.count)
+
+
 # The Triton ops are compiled in tests/test_triton.py (aot_eager): inductor over interpreted kernels is too slow here.
 @pytest.mark.parametrize("backend_name", [b for b in CPU_BACKENDS if b != "triton"])
 def test_compile_fullgraph_normalize_and_record(backend_name):
