@@ -762,12 +762,15 @@ class RewardRunningMeanStd(RunningMeanStd):
                 f"record_reward: expected reward of shape {tuple(previous.shape)} like the previous steps, "
                 f"got {tuple(reward.shape)}"
             )
-        if previous is not None and previous.dtype not in _RETURNS_DTYPES and not previous.is_complex():
-            # Returns assigned in a dtype that cannot hold them (integer, bool, half precision): go on in a copy of
-            # the dtype upstream's arithmetic gives the next step, instead of rounding every step into them.
+        if previous is not None and not previous.is_complex() and (previous.dtype not in _RETURNS_DTYPES
+                                                                   or _shares_elements(previous)):
+            # Returns assigned in a dtype that cannot hold them (integer, bool, half precision), or whose elements
+            # share memory (an expand()) so that no step can be written into them: go on in a copy of the dtype
+            # upstream's arithmetic gives the next step, instead of rounding every step into them.
             assigned = previous
             previous = self.discounted_reward = outside_inference_mode(
-                lambda: assigned.to(dtype=normalized_dtype(assigned.dtype), memory_format=torch.contiguous_format))
+                lambda: assigned.to(dtype=normalized_dtype(assigned.dtype), copy=True,
+                                   memory_format=torch.contiguous_format))
         backend = self._resolved_backend(layout)
         if previous is None:
             dtype = normalized_dtype(reward.dtype)
@@ -934,6 +937,12 @@ def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:
             f"{what}: the input is on {arr.device} but the statistics are on {layout.device}; "
             f"move the module with .to({arr.device!s})"
         )
+
+
+def _shares_elements(t: Tensor) -> bool:
+    """Whether two elements of ``t`` are one place in memory as torch sees it (a dimension of stride 0, as an
+    ``expand()`` makes): torch refuses to write into such a tensor, and a kernel would write each place many times."""
+    return any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride()))
 
 
 def _as_rows(arr: Tensor, d: int) -> Tensor:

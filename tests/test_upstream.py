@@ -125,6 +125,27 @@ def test_assigned_returns_of_any_layout_are_written_into_as_upstream_evolves_the
     _assert_stats_close(ours, up, rtol=1e-6)
 
 
+@pytest.mark.parametrize("d,start", [(1, lambda: torch.zeros(()).expand(6)), (1, lambda: torch.ones(1).expand(6)),
+                                     (2, lambda: torch.ones(1, 2).expand(6, 2)), (2, lambda: torch.ones(6, 1).expand(6, 2))],
+                         ids=["scalar", "one", "rows", "columns"])
+def test_assigned_returns_whose_elements_share_memory_evolve_as_upstream(upstream, backend_name, d, start):
+    """Returns assigned as an ``expand``ed tensor (one value for every environment) cannot be written into: they are
+    replaced by a copy at the next step, as returns of a dtype that cannot hold them are, and evolve as upstream's."""
+    ours = RewardRunningMeanStd(None, (d,), 0.9, device="cpu", backend=backend_name)
+    up = upstream.RewardRunningMeanStd(None, (d,), 0.9, device="cpu")
+    g = torch.Generator().manual_seed(6)
+    for step in range(4):
+        if step == 1:
+            ours.discounted_reward, up.discounted_reward = start(), start().clone()
+        reward = torch.randn(6, d, generator=g) if d > 1 else torch.randn(6, generator=g)
+        done = (torch.rand(6, 1, generator=g) < 0.3).reshape(reward.shape[:1] + (1,) * (d > 1))  # upstream's broadcast
+        ours.record_reward(reward, done)
+        up.record_reward(reward, done)
+        torch.testing.assert_close(ours.discounted_reward, up.discounted_reward, rtol=1e-6, atol=1e-6)
+    assert ours.discounted_reward.is_contiguous()
+    _assert_stats_close(ours, up, rtol=1e-6)
+
+
 class _Agent(nn.Module):
     def __init__(self, norm_cls):
         super().__init__()
