@@ -408,7 +408,7 @@ class RunningMeanStd(nn.Module):
         if dim == 0:
             raise ValueError(f"{what}: expected a batch of shape [B, *{shape}], got a 0-d tensor")
         d = layout.num_features
-        if arr.shape[1:] != shape and not (d == 1 and dim == 1):
+        if not _same_features(arr, layout):
             features = tuple(arr.shape[1:])
             raise ValueError(
                 f"{what}: expected a batch of shape [B, *{shape}], got {tuple(arr.shape)} "
@@ -594,7 +594,7 @@ class RunningMeanStd(nn.Module):
         # not tell whether it changed in place: its moments are computed when it is recorded.
         stash = (self.training and center and not un_norm and not compiling and x.shape[1] == layout.num_features
                  and not arr.is_inference())
-        if stash and arr.shape[1:] == layout.shape:
+        if stash and _same_features(arr, layout):
             # The workspace is lent to this call alone: on this way the kernel may be reached through an op, after
             # which a dispatch mode may run any code, a normalize with this module included, before the parts are
             # kept. A call nested so gets buffers of its own.
@@ -612,7 +612,8 @@ class RunningMeanStd(nn.Module):
         return out
 
     def record_moments(self, arr: Tensor, mask: Optional[Tensor] = None) -> None:
-        """Fold the moments of the ``[B, *shape]`` batch ``arr`` over dim 0 into the statistics.
+        """Fold the moments of the ``[B, *shape]`` batch ``arr`` over dim 0 into the statistics (``shape`` may have
+        leading 1s more or fewer, as upstream takes it: ``[B, 1, D]`` batches record into ``(D,)`` statistics).
 
         ``mask`` (optional, ``[B]`` bool): rows where it is False are ignored and not counted.
         """
@@ -937,6 +938,16 @@ def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:
             f"{what}: the input is on {arr.device} but the statistics are on {layout.device}; "
             f"move the module with .to({arr.device!s})"
         )
+
+
+def _same_features(arr: Tensor, layout: _Layout) -> bool:
+    """Whether the batch ``arr``'s feature shape (``arr.shape[1:]``) is the statistics' up to leading 1s: the same
+    features, as upstream's copy of a batch's moments into the statistics takes them (it drops leading 1s)."""
+    features = arr.shape[1:]
+    lead = 0
+    while lead < len(features) and features[lead] == 1:
+        lead += 1
+    return features[lead:] == layout.trailing
 
 
 def _shares_elements(t: Tensor) -> bool:

@@ -356,6 +356,31 @@ def test_normalize_of_fewer_dims_than_the_statistics_broadcasts_as_upstream(upst
 
 
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
+@pytest.mark.parametrize("stats_shape,batch_shape", [((5,), (8, 1, 5)), ((5,), (8, 1, 1, 5)), ((1, 5), (8, 5)),
+                                                     ((2, 3), (8, 1, 2, 3)), ((1,), (8, 1, 1))])
+def test_batches_whose_features_differ_by_leading_ones_record_as_upstream(upstream, backend_name, ema, stats_shape,
+                                                                          batch_shape):
+    """A ``[B, 1, D]`` batch into ``(D,)`` statistics (or ``[B, D]`` into ``(1, D)``) holds the same features:
+    upstream's copy into the statistics drops the leading 1s, and records it; so does a training-mode normalize
+    followed by a record here, on every backend (with the moments of the normalize)."""
+    ours = RunningMeanStd(None, stats_shape, device="cpu", ema_decay=ema, backend=backend_name).train()
+    up = upstream.RunningMeanStd(None, stats_shape, device="cpu", ema_decay=ema).train()
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        x = torch.randn(batch_shape, generator=g) * 2 + 1
+        expected = up.normalize(x)
+        torch.testing.assert_close(ours.normalize(x), expected, rtol=1e-6, atol=1e-6)
+        ours.record_moments(x)
+        up.record_moments(x)
+        _assert_stats_close(ours, up, rtol=1e-6)
+    ours.record_moments(torch.randn(batch_shape, generator=g), mask=torch.arange(8) % 2 == 0)
+    assert int(ours.count) == int(up.count) + (4 if ema is None else 0)
+    if stats_shape != (1,):
+        with pytest.raises(ValueError, match="feature shape"):  # trailing 1s are other features, as upstream's fail
+            ours.record_moments(torch.randn(batch_shape + (1,)))
+
+
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
 def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
     up = upstream.RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
     ours = RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
