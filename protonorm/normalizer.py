@@ -483,12 +483,19 @@ class RunningMeanStd(nn.Module):
         batch_var = _on_device(batch_var, mean.device, torch.float64)
         exact = _on_device(batch_count, mean.device)
         n = exact.to(torch.float64)
+        # Shapes that broadcast to the statistics' are taken, as upstream's arithmetic and its copy into the
+        # statistics (which drops leading 1s) take them: moments kept with their reduced dim, one value for all.
+        shaped = []
         for name, value in (("batch_mean", batch_mean), ("batch_var", batch_var)):
-            if value.shape != mean.shape and value.numel() != 1:
-                raise ValueError(f"update_from_moments: expected {name} of shape {tuple(mean.shape)}, got {tuple(value.shape)}")
+            features = value.shape[_leading_ones(value.shape):]
+            if len(features) > mean.dim() or any(f != 1 and f != s for f, s in zip(reversed(features),
+                                                                                 reversed(mean.shape))):
+                raise ValueError(f"update_from_moments: expected {name} of shape {tuple(mean.shape)} or one that "
+                                 f"broadcasts to it, got {tuple(value.shape)}")
+            shaped.append(value.reshape(features).expand(mean.shape))
         d = self.num_features
-        batch_mean = batch_mean.expand(mean.shape).reshape(d)
-        batch_m2 = batch_var.expand(mean.shape).reshape(d) * n
+        batch_mean = shaped[0].reshape(d)
+        batch_m2 = shaped[1].reshape(d) * n
         parts = reference.pack_parts(n, torch.zeros((), device=mean.device), batch_mean, batch_m2)
         flat_mean, flat_var, count, dropped = self._flat_stats()
         backend_merge = backends.resolve("torch", mean.device).merge
@@ -940,14 +947,19 @@ def _check_device(what: str, arr: Tensor, layout: _Layout) -> None:
         )
 
 
+def _leading_ones(shape) -> int:
+    """How many dims of size 1 ``shape`` starts with."""
+    lead = 0
+    while lead < len(shape) and shape[lead] == 1:
+        lead += 1
+    return lead
+
+
 def _same_features(arr: Tensor, layout: _Layout) -> bool:
     """Whether the batch ``arr``'s feature shape (``arr.shape[1:]``) is the statistics' up to leading 1s: the same
     features, as upstream's copy of a batch's moments into the statistics takes them (it drops leading 1s)."""
     features = arr.shape[1:]
-    lead = 0
-    while lead < len(features) and features[lead] == 1:
-        lead += 1
-    return features[lead:] == layout.trailing
+    return features[_leading_ones(features):] == layout.trailing
 
 
 def _shares_elements(t: Tensor) -> bool:

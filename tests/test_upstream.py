@@ -381,6 +381,28 @@ def test_batches_whose_features_differ_by_leading_ones_record_as_upstream(upstre
 
 
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
+@pytest.mark.parametrize("stats_shape,mean_shape,var_shape", [((3,), (1, 3), (1, 3)), ((1, 3), (3,), (3,)),
+                                                              ((2, 3), (1, 3), (3,)), ((3,), (1, 1, 3), (1, 1)),
+                                                              ((3,), (1, 1), ()), ((2, 3), (2, 1), (1, 2, 3))])
+def test_update_from_moments_of_shapes_that_broadcast_matches_upstream(upstream, ema, stats_shape, mean_shape,
+                                                                       var_shape):
+    """Moments kept with their reduced dim (``x.mean(0, keepdim=True)``) or shaped to broadcast over the statistics
+    fold in as upstream's arithmetic and its copy into the statistics (which drops leading 1s) take them."""
+    ours = RunningMeanStd(None, stats_shape, device="cpu", ema_decay=ema)
+    up = upstream.RunningMeanStd(None, stats_shape, device="cpu", ema_decay=ema)
+    g = torch.Generator().manual_seed(8)
+    for count in (10, 3):
+        batch_mean, batch_var = torch.randn(mean_shape, generator=g), torch.rand(var_shape, generator=g) + 0.5
+        ours.update_from_moments(batch_mean, batch_var, count)
+        up.update_from_moments(batch_mean, batch_var, count)
+        _assert_stats_close(ours, up, rtol=1e-6)
+    before = (ours.mean.clone(), ours.var.clone(), ours.count.clone())
+    with pytest.raises(ValueError, match=r"batch_mean of shape \(.*\) or one that broadcasts to it, got \(3, 1\)"):
+        ours.update_from_moments(torch.zeros(3, 1), torch.ones(()), 4)  # [3, 3] for upstream too, which fails
+    assert all(torch.equal(a, b) for a, b in zip(before, (ours.mean, ours.var, ours.count)))
+
+
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
 def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
     up = upstream.RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
     ours = RunningMeanStd(None, device="cpu", clamp_value=2.0, ema_decay=ema)
