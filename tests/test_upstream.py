@@ -331,13 +331,8 @@ def test_combine_moments_refuses_per_feature_counts_clearly(counts):
     assert torch.equal(mean, torch.full((3,), 0.75)) and int(count) == 4
 
 
-@pytest.mark.parametrize("reward", [False, True], ids=["obs", "reward"])
-@pytest.mark.parametrize("stats_shape,input_shape", [((1,), ()), ((1, 1), (7,)), ((1, 1), ()), ((1, 3), (3,)),
-                                                     ((1, 3), (2, 1, 3)), ((1,), (4, 7))])
-def test_normalize_of_fewer_dims_than_the_statistics_broadcasts_as_upstream(upstream, backend_name, reward,
-                                                                            stats_shape, input_shape):
-    """Upstream's arithmetic gives the result the statistics' leading 1s (a scalar reward normalized by (1,)
-    statistics comes back as [1]), in either direction."""
+def _normalizers_with_set_statistics(upstream, backend_name, reward, stats_shape):
+    """Ours and upstream's normalizer (the reward one if ``reward``), clamping at 1.5, with the same statistics."""
     if reward:
         ours = RewardRunningMeanStd(None, stats_shape, 0.9, clamp_value=1.5, device="cpu", backend=backend_name)
         up = upstream.RewardRunningMeanStd(None, stats_shape, 0.9, clamp_value=1.5, device="cpu")
@@ -347,12 +342,50 @@ def test_normalize_of_fewer_dims_than_the_statistics_broadcasts_as_upstream(upst
     for m in (ours, up):
         m.mean.copy_(torch.linspace(-1, 1, m.mean.numel(), dtype=torch.float64).reshape(stats_shape))
         m.var.fill_(0.5)
+    return ours, up
+
+
+@pytest.mark.parametrize("reward", [False, True], ids=["obs", "reward"])
+@pytest.mark.parametrize("stats_shape,input_shape", [((1,), ()), ((1, 1), (7,)), ((1, 1), ()), ((1, 3), (3,)),
+                                                     ((1, 3), (2, 1, 3)), ((1,), (4, 7))])
+def test_normalize_of_fewer_dims_than_the_statistics_broadcasts_as_upstream(upstream, backend_name, reward,
+                                                                            stats_shape, input_shape):
+    """Upstream's arithmetic gives the result the statistics' leading 1s (a scalar reward normalized by (1,)
+    statistics comes back as [1]), in either direction."""
+    ours, up = _normalizers_with_set_statistics(upstream, backend_name, reward, stats_shape)
     x = torch.randn(input_shape, generator=torch.Generator().manual_seed(1)) * 2
     for un_norm in (False, True):
         expected = up.normalize(x, un_norm)
         got = ours.normalize(x, un_norm)
         assert got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("reward", [False, True], ids=["obs", "reward"])
+@pytest.mark.parametrize("stats_shape,permuted", [((5,), lambda g: torch.randn(5, 6, generator=g).t()),
+                                                  ((4, 5), lambda g: torch.randn(3, 5, 4, generator=g).transpose(1, 2)),
+                                                  ((5,), lambda g: torch.randn(5, 4, 3, generator=g).permute(2, 1, 0))],
+                         ids=["transposed", "swapped", "reversed"])
+def test_normalize_of_a_permuted_input_is_row_major_with_upstreams_values(upstream, backend_name, reward, stats_shape,
+                                                                          permuted):
+    """As documented: the kernels write a row-major output whatever the input's layout, where upstream's arithmetic
+    follows a permuted input's; the values are upstream's. An input that requires grad goes through the same torch
+    ops as upstream's, and gets its layout."""
+    g = torch.Generator().manual_seed(9)
+    ours, up = _normalizers_with_set_statistics(upstream, backend_name, reward, stats_shape)
+    x = permuted(g) * 2
+    for un_norm in (False, True):
+        expected = up.normalize(x, un_norm)
+        assert not expected.is_contiguous()
+        for train in (True, False):
+            got = ours.train(train).normalize(x, un_norm)
+            assert got.is_contiguous() and got.shape == expected.shape and got.dtype == expected.dtype
+            # (Triton's root is correctly rounded, upstream's is torch's: one float32 ulp apart at most, which with
+            # the quotient's own rounding is at most 2.4e-7 relative)
+            torch.testing.assert_close(got, expected, rtol=2.4e-7 if backend_name == "triton" else 0, atol=0)
+        tracked = ours.normalize(x.detach().requires_grad_(), un_norm)
+        assert tracked.stride() == expected.stride()
+        torch.testing.assert_close(tracked, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
