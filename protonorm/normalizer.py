@@ -352,8 +352,9 @@ class RunningMeanStd(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         entry = state_dict.get(prefix + "mean")
-        if isinstance(entry, Tensor):
-            # Validate every key before creating or copying anything: a failed load leaves the module as it was.
+        if self._initialized or isinstance(entry, Tensor):
+            # Validate every key before creating or copying anything: a failed load leaves the module as it was
+            # (a partial checkpoint without `mean` too; a lazy module has no buffers for its other keys to reach).
             shape = tuple(self.mean.shape) if self._initialized else tuple(entry.shape)
             problems = _state_dict_problems(state_dict, prefix, shape)
             if problems:

@@ -243,6 +243,23 @@ def test_mismatched_checkpoint_is_rejected_before_anything_is_copied():
     assert not lazy._initialized
 
 
+@pytest.mark.parametrize("partial", [
+    {"var": torch.tensor([True, False, True])},
+    {"var": torch.tensor([1 + 2j, 3j, 1])},
+    {"count": torch.tensor(7 + 1j)},
+    {"var": torch.ones(4, dtype=torch.float64), "count": torch.tensor(99)},
+    {"count": torch.tensor([99, 1])},
+], ids=["bool_var", "complex_var", "complex_count", "wrong_var_shape_with_count", "wrong_count_shape"])
+def test_checkpoint_without_mean_is_validated_before_anything_is_copied(partial):
+    """A partial checkpoint (``strict=False``, no ``mean``) is checked like a whole one: nothing is copied."""
+    m = RunningMeanStd(None, (3,), device="cpu")
+    m.record_moments(torch.randn(5, 3))
+    before = (m.mean.clone(), m.var.clone(), m.count.clone())
+    with pytest.raises(RuntimeError, match=r"expected a real-valued tensor|size mismatch for (var|count)"):
+        m.load_state_dict(partial, strict=False)
+    assert torch.equal(m.mean, before[0]) and torch.equal(m.var, before[1]) and torch.equal(m.count, before[2])
+
+
 def test_count_beyond_float32_precision_survives_a_checkpoint(upstream):
     ours = RunningMeanStd(None, (1,), device="cpu")
     ours.count.fill_(2**24 + 1)
