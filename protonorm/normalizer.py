@@ -262,6 +262,25 @@ class RunningMeanStd(nn.Module):
             self._create_buffers(tuple(x.shape[1:]), x.device)
             self._initialized = True
 
+    def _first_call(self, x: Tensor, call):
+        """``call()`` on a lazy module, which takes its shape from the batch ``x`` first. If the call raises (a batch
+        that ``nonfinite="raise"`` refuses, a backend that cannot run on ``x``'s device), the module is lazy again:
+        no statistics, no shape, no discounted returns made by the call."""
+        shape, returns = self.shape, self.__dict__.get("discounted_reward")
+        self._lazy_init(x)
+        if _is_compiling():  # (Dynamo would have to trace the handler; a compiled first call is not undone)
+            return call()
+        try:
+            return call()
+        except BaseException:
+            for name in ("mean", "var", "count", "nonfinite_rows"):
+                delattr(self, name)  # nn.Module's: unregisters the buffer
+            self.shape, self._initialized = shape, False
+            self._reset_derived_state()
+            if "discounted_reward" in self.__dict__:
+                self.discounted_reward = returns
+            raise
+
     def _layout(self) -> _Layout:
         layout = self._layout_cache
         if layout is None or not layout.current(self._buffers) or _is_compiling():
@@ -532,8 +551,8 @@ class RunningMeanStd(nn.Module):
             if out is not None:
                 return out
         if not self._initialized:
-            _check_normalizable(arr, un_norm, self.clamp_value)  # a refused first batch leaves the module lazy
-            self._lazy_init(arr)
+            _check_normalizable(arr, un_norm, self.clamp_value)  # refused before the module takes a shape
+            return self._first_call(arr, lambda: self._normalize(arr, un_norm, center=True))
         return self._normalize(arr, un_norm, center=True)
 
     def _direct_normalize(self, arr: Tensor) -> Optional[Tensor]:
@@ -647,7 +666,7 @@ class RunningMeanStd(nn.Module):
         if mask is not None and arr.dim() > 0:  # before a lazy module takes its shape from arr (0-d raises below)
             mask = _check_mask(mask, arr)
         if not self._initialized:
-            self._lazy_init(arr)
+            return self._first_call(arr, lambda: self._record_moments(arr, mask))
         layout = self._layout()
         x = self._rows(arr, "record_moments", layout)
         if x.shape[0] == 0:
@@ -759,7 +778,7 @@ class RewardRunningMeanStd(RunningMeanStd):
                 f"got shape {tuple(terminated.shape)}"
             )
         if not self._initialized:
-            self._lazy_init(reward)
+            return self._first_call(reward, lambda: self._record_reward(reward, terminated))
         layout = self._layout()
         rows = self._rows(reward, "record_reward", layout)
         if num_rows == 0:
@@ -826,7 +845,7 @@ class RewardRunningMeanStd(RunningMeanStd):
         """``clamp(arr / sqrt(var + epsilon))``; ``un_norm=True`` clamps ``arr`` then multiplies back."""
         if not self._initialized:
             _check_normalizable(arr, un_norm, self.clamp_value)
-            self._lazy_init(arr)
+            return self._first_call(arr, lambda: self._normalize(arr, un_norm, center=False))
         return self._normalize(arr, un_norm, center=False)
 
 

@@ -895,6 +895,7 @@ def test_integer_first_batches_leave_a_lazy_module_uninitialized():
 
 def _refused_first_calls():
     bool_rows, complex_rows = torch.ones(4, 3, dtype=torch.bool), torch.ones(4, 3, dtype=torch.complex64)
+    nan_row = torch.ones(4, 3).index_fill_(0, torch.tensor([2]), float("nan"))
     return [
         ("bool normalize", {}, lambda m: m.train().normalize(bool_rows), TypeError, "bool"),
         ("bool eval normalize", {}, lambda m: m.eval().normalize(bool_rows), TypeError, "bool"),
@@ -910,6 +911,9 @@ def _refused_first_calls():
         ("complex terminated", {"gamma": 0.9},
          lambda m: m.record_reward(torch.ones(4, 3), torch.zeros(4, dtype=torch.complex64)), TypeError, "complex64"),
         ("bool reward normalize", {"gamma": 0.9}, lambda m: m.normalize(bool_rows), TypeError, "bool"),
+        ("non-finite record", {"nonfinite": "raise"}, lambda m: m.record_moments(nan_row), ValueError, "finite"),
+        ("non-finite reward", {"gamma": 0.9, "nonfinite": "raise"},
+         lambda m: m.record_reward(nan_row, torch.zeros(4)), ValueError, "finite"),
     ]
 
 
@@ -929,6 +933,28 @@ def test_a_refused_first_call_leaves_a_lazy_module_lazy(backend_name, what, kwar
     else:
         m.record_moments(torch.ones(4, 5))
     assert m.mean.shape == (5,) and int(m.count) == 5
+
+
+@pytest.mark.parametrize("call", ["normalize", "eval normalize", "record_moments", "record_reward", "reward normalize"])
+def test_a_first_call_whose_backend_cannot_run_leaves_a_lazy_module_lazy(monkeypatch, call):
+    """``backend="triton"`` on a CPU tensor without Triton's interpreter raises once the shape is known; the module
+    is then as lazy as before the call, and takes the shape of a batch its backend can run."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reward = "reward" in call
+    m = (RewardRunningMeanStd(None, None, 0.9, device="cpu", backend="triton") if reward
+         else RunningMeanStd(None, None, device="cpu", backend="triton"))
+    x = torch.ones(4, 3)
+    calls = {"normalize": lambda: m.train().normalize(x), "eval normalize": lambda: m.eval().normalize(x),
+             "record_moments": lambda: m.record_moments(x), "record_reward": lambda: m.record_reward(x, torch.zeros(4)),
+             "reward normalize": lambda: m.normalize(x)}
+    with pytest.raises((ValueError, RuntimeError), match="triton"):
+        calls[call]()
+    assert not m._initialized and m.shape is None and list(m.state_dict()) == [] and not list(m.buffers())
+    if reward:
+        assert m.discounted_reward is None
+    m.backend = "torch"
+    m.record_moments(torch.ones(2, 5))
+    assert m.mean.shape == (5,) and int(m.count) == 3
 
 
 @pytest.mark.parametrize(
