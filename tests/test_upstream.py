@@ -466,6 +466,36 @@ def test_update_from_moments_and_lazy_normalize_match_upstream(upstream, ema):
     torch.testing.assert_close(ours.maybe_clamp(x), up.maybe_clamp(x), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
+@pytest.mark.parametrize("stats_shape,moments_shape", [
+    ((3,), (1, 3)), ((3,), (1, 1, 3)), ((1, 3), (3,)), ((2, 3), (3,)), ((2, 3), (1, 3)), ((3,), (1,)), ((3,), ()),
+])
+def test_update_from_moments_takes_moments_shaped_as_upstream_takes_them(upstream, ema, stats_shape, moments_shape):
+    """Moments that broadcast to the statistics' shape once their leading 1s are dropped (``keepdim=True`` moments,
+    one value for every feature) are what upstream's ``buffer[:] = ...`` writes; protonorm takes them alike. Upstream
+    merges with float32 counts (4/5 rounds by 1.5e-8 relative), hence 1e-7."""
+    g = torch.Generator().manual_seed(0)
+    batch_mean = torch.randn(moments_shape, generator=g, dtype=torch.float64)
+    batch_var = torch.rand(moments_shape, generator=g, dtype=torch.float64)
+    up = upstream.RunningMeanStd(None, stats_shape, device="cpu", ema_decay=ema)
+    ours = RunningMeanStd(None, stats_shape, device="cpu", ema_decay=ema)
+    for m in (up, ours):
+        m.update_from_moments(batch_mean, batch_var, 4)
+    _assert_stats_close(ours, up, rtol=1e-7)
+
+
+@pytest.mark.parametrize("moments_shape", [(2,), (3, 1), (2, 3), (4, 1, 3)])
+def test_update_from_moments_refuses_moments_that_do_not_fit_as_upstream(upstream, moments_shape):
+    up = upstream.RunningMeanStd(None, (3,), device="cpu")
+    ours = RunningMeanStd(None, (3,), device="cpu")
+    moments = torch.ones(moments_shape, dtype=torch.float64)
+    with pytest.raises(RuntimeError):
+        up.update_from_moments(moments, moments, 4)
+    with pytest.raises(ValueError, match=r"batch_mean of shape \(3,\)"):
+        ours.update_from_moments(moments, moments, 4)
+    assert int(ours.count) == 1 and torch.equal(ours.mean, torch.zeros(3, dtype=torch.float64))
+
+
 def test_documented_differences_at_zero_counts_and_per_element_flags(upstream):
     """README's differences: two empty groups merge into an empty one (upstream: 0/0), an EMA update of 0 rows is a
     no-op (upstream applies it), and a multi-feature reward takes one flag per environment, not per element."""
