@@ -250,6 +250,27 @@ def test_multi_program_merge_resets_its_ticket(small_tiles):
     assert count.item() == 5 + 3 * 40
 
 
+def test_merge_tickets_go_with_the_statistics_they_count_for(small_tiles):
+    # Statistics made and dropped over a long run (modules rebuilt, moved, loaded with assign=True) must not leave a
+    # ticket each behind; a ticket stays while its count's memory lives, whichever tensor object reaches it.
+    d = 33
+    mean, var = stats(d)[:2]
+    parts = chunked_parts(batch(40, d, torch.float64), 3)
+    kept = torch.tensor(5, device=DEVICE)
+    TB.merge(parts, mean, var, kept.view(()), torch.tensor(0, device=DEVICE), None)  # through an alias, dropped
+    ticket = triton_backend._ticket_for(kept)
+    before = len(triton_backend._tickets)
+    spacers = []  # hold each freed count's memory, so that the next count lives somewhere else
+    for _ in range(12):
+        count = torch.tensor(5, device=DEVICE)
+        TB.merge(parts, mean, var, count, torch.tensor(0, device=DEVICE), None)
+        assert count.item() == 45
+        del count
+        spacers.append(torch.tensor(0, device=DEVICE))
+    assert len(triton_backend._tickets) <= before + 1
+    assert triton_backend._ticket_for(kept) is ticket
+
+
 def test_merge_ticket_is_not_first_made_inside_cuda_graph_capture(small_tiles, monkeypatch):
     # A ticket zeroed by a captured memset holds garbage until the graph replays; refuse to make one there.
     d = 33

@@ -15,6 +15,7 @@ before Triton is imported), which is how the kernels are tested without a GPU.
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -40,16 +41,22 @@ except Exception as exc:  # triton missing or broken
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARTS_KEY = "triton_parts"
 
-# The multi-program merge needs an int32 counter that is zero between launches. One per set of statistics
-# (keyed by device and the address of its ``count``), created on first use and never freed: a captured CUDA
-# graph keeps pointing at it.
-_tickets: Dict[Tuple[str, int], Tensor] = {}
+# The multi-program merge needs an int32 counter that is zero between launches. One per set of statistics, keyed by
+# device and the address of its ``count``, created on first use, with a weak reference to the memory of that count:
+# a captured CUDA graph keeps pointing at the counter, so it lives as long as the count's memory (whichever tensor
+# objects reach it), and goes when a new counter is made after that memory was freed (modules rebuilt, moved or
+# loaded over a long run would otherwise leave one each behind).
+_tickets: Dict[Tuple[str, int], Tuple[Tensor, "weakref.ref"]] = {}
 
 
 def _ticket_for(count: Tensor) -> Tensor:
     key = (str(count.device), count.data_ptr())
-    ticket = _tickets.get(key)
-    if ticket is None:
+    entry = _tickets.get(key)
+    if entry is not None and entry[1]() is not None:
+        return entry[0]
+    if entry is not None:  # another count lives where a freed one did: the counter, zero, serves it now
+        ticket = entry[0]
+    else:
         if count.is_cuda and torch.cuda.is_current_stream_capturing():
             # Made during capture, the counter would be zeroed only when the graph replays: an eager record
             # before that would read uninitialized memory and could leave `count` unmerged for good.
@@ -57,8 +64,10 @@ def _ticket_for(count: Tensor) -> Tensor:
                 "protonorm: the first record into these statistics was made while capturing a CUDA graph; "
                 "record one batch eagerly before capturing (the usual warm-up)"
             )
+        for stale in [k for k, (_, memory) in _tickets.items() if memory() is None]:
+            del _tickets[stale]
         ticket = torch.zeros(1, dtype=torch.int32, device=count.device)
-        _tickets[key] = ticket
+    _tickets[key] = (ticket, weakref.ref(count.untyped_storage()))
     return ticket
 
 
