@@ -221,7 +221,13 @@ class RunningMeanStd(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         check = _HYPERPARAMETER_CHECKS.get(name)
-        super().__setattr__(name, value if check is None else check(value))
+        if check is not None:
+            value = check(value)
+        elif name in _STATISTIC_DTYPES and isinstance(value, Tensor) and name in self.__dict__.get("_buffers", ()):
+            # Upstream's statistics are plain buffers, which callers assign (``module.mean = t.float()``): they
+            # become statistics the kernels can update in place, as a checkpoint's tensors do when loaded.
+            value = _as_statistic(value, _STATISTIC_DTYPES[name])
+        super().__setattr__(name, value)
 
     # ----------------------------------------------------------------------------------------- state
     def _create_buffers(self, shape, device) -> None:
@@ -387,12 +393,12 @@ class RunningMeanStd(nn.Module):
             # the loader swaps each buffer with the checkpoint's tensor, which torch refuses while views are alive.
             self._layout_cache = None
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        for name, dtype in (("mean", torch.float64), ("var", torch.float64), ("count", torch.int64)):
+        for name, dtype in _STATISTIC_DTYPES.items():
             loaded = self._buffers.get(name)
-            # load_state_dict(assign=True) takes the checkpoint's tensors as they are: they must become statistics
-            # the kernels can update in place (float64 / int64, separate elements, values in memory).
-            if loaded is not None and (loaded.dtype != dtype or not loaded.is_contiguous() or loaded.is_neg()):
-                self._buffers[name] = loaded.resolve_neg().to(dtype).contiguous()
+            # load_state_dict(assign=True) takes the checkpoint's tensors as they are (swapped in, under
+            # torch.__future__.set_swap_module_params_on_conversion, without passing __setattr__).
+            if loaded is not None:
+                self._buffers[name] = _as_statistic(loaded, dtype)
         dropped = self._buffers.get("nonfinite_rows")
         if dropped is not None and dropped.device != self.mean.device:
             # assign=True moved the statistics (a model built on meta takes the checkpoint's tensors); the
@@ -930,6 +936,17 @@ def _group_counts(counts, device):
 
 
 # --------------------------------------------------------------------------------------------- helpers
+_STATISTIC_DTYPES = {"mean": torch.float64, "var": torch.float64, "count": torch.int64}
+
+
+def _as_statistic(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as a statistic the kernels update in place: of ``dtype`` (float64 or int64), contiguous (separate
+    elements) and holding its values (not a lazily negated view); ``t`` itself when it is so already."""
+    if t.dtype != dtype or not t.is_contiguous() or t.is_neg():
+        return t.resolve_neg().to(dtype).contiguous()
+    return t
+
+
 def _as_shape(shape) -> Tuple[int, ...]:
     if isinstance(shape, int):
         shape = (shape,)

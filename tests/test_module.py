@@ -311,6 +311,55 @@ def test_load_with_assign_keeps_statistics_dtypes(backend_name, lazy):
     assert int(m.count) == int(source.count) + 5
 
 
+def _assigned(kind, value):
+    """``value`` as a caller might assign it: in a narrower dtype, strided, or lazily negated."""
+    if kind == "narrow":
+        return value.float() if value.is_floating_point() else value.int()
+    if kind == "strided":
+        return torch.stack([value, torch.zeros_like(value)], dim=-1)[..., 0]
+    return torch._neg_view(-value) if value.is_floating_point() else value  # mean and var only
+
+
+def _used_alike(shape, backend_name, x):
+    """Two modules that have normalized and recorded ``x`` in training mode (their caches made)."""
+    modules = make(shape, backend_name), make(shape, backend_name)
+    for m in modules:
+        m.train()
+        m.normalize(x)
+        m.record_moments(x)
+    return modules
+
+
+def assert_go_on_alike(got, want, x):
+    """``got`` and ``want`` normalize and record ``x`` with the same results, and then hold the same statistics."""
+    outputs = []
+    for m in (got, want):
+        outputs.append(m.normalize(x))
+        m.record_moments(x)
+    assert_same(*outputs)
+    assert_stats_equal(stats(got), stats(want))
+    assert_same(got.normalize(x), want.normalize(x))
+
+
+@pytest.mark.parametrize("shape", [(3,), (2, 3)])
+@pytest.mark.parametrize("kind", ["narrow", "strided", "negated"])
+def test_statistics_assigned_as_tensors_of_other_layouts_are_taken(backend_name, kind, shape):
+    """Upstream's buffers are plain attributes: ``module.mean = t.float()`` (or a strided or lazily negated tensor)
+    works there, and must here too, on every backend: the statistics become float64 / int64 tensors of their own,
+    as load_state_dict(assign=True) makes them."""
+    g = torch.Generator().manual_seed(3)
+    values = {"mean": torch.randn(shape, generator=g).double(),  # (float32 values: exact in every layout)
+              "var": (torch.rand(shape, generator=g) + 0.5).double(),
+              "count": torch.tensor(7)}
+    x = torch.randn(9, *shape, generator=g)
+    got, want = _used_alike(shape, backend_name, x)
+    for name, value in values.items():
+        setattr(got, name, _assigned(kind, value))
+        getattr(want, name).copy_(value)
+    assert (got.mean.dtype, got.var.dtype, got.count.dtype) == (torch.float64, torch.float64, torch.int64)
+    assert_go_on_alike(got, want, x)
+
+
 @pytest.mark.parametrize("init", ["meta_assign", "to_empty", "to_empty_assign"])
 def test_model_built_on_meta_then_loaded_counts_dropped_rows_from_zero(backend_name, init):
     """A model built under torch.device("meta") and given a checkpoint by load_state_dict(assign=True), or
