@@ -147,7 +147,10 @@ class _Layout:
         # The dims a normalized input must end with: the shape without its leading 1s, which broadcast.
         self.trailing = self.shape[next((i for i, s in enumerate(self.shape) if s != 1), len(self.shape)):]
         self.num_features = math.prod(self.shape)
-        self.flat_mean, self.flat_var = self.mean.view(-1), self.var.view(-1)
+        # The backends take 1-D statistics as they are and others as flat views. A view stays on the memory it was
+        # made of, which ``module.mean.data = t`` replaces under the same tensor object: see ``current``.
+        self.flat_mean = mean if mean.dim() == 1 else mean.view(-1)
+        self.flat_var = var if var.dim() == 1 else var.view(-1)
         self.device = self.mean.device
         self.choice = None  # the backend= choice `backend` was resolved for (None: not resolved yet)
         self.backend = None
@@ -159,7 +162,14 @@ class _Layout:
             and self.var is buffers.get("var")
             and self.count is buffers.get("count")
             and self.dropped is buffers.get("nonfinite_rows")
+            and ((self.flat_mean is self.mean and self.flat_var is self.var) or self._views_current())
         )
+
+    def _views_current(self) -> bool:
+        """Whether the flat views still lie on the memory of the statistics (not asked inside a trace, which makes a
+        layout per call)."""
+        return _is_compiling() or (self.flat_mean.data_ptr() == self.mean.data_ptr()
+                                   and self.flat_var.data_ptr() == self.var.data_ptr())
 
 
 class RunningMeanStd(nn.Module):

@@ -360,6 +360,21 @@ def test_statistics_assigned_as_tensors_of_other_layouts_are_taken(backend_name,
     assert_go_on_alike(got, want, x)
 
 
+@pytest.mark.parametrize("shape", [(3,), (2, 3)])
+def test_statistics_given_new_data_in_place_are_the_ones_updated(backend_name, shape):
+    """``module.mean.data = t`` replaces what the buffer holds, keeping the tensor object: the records that follow
+    go into the new values, not into memory the module held before."""
+    g = torch.Generator().manual_seed(4)
+    new_mean = torch.randn(shape, generator=g, dtype=torch.float64)
+    new_var = torch.rand(shape, generator=g, dtype=torch.float64) + 0.5
+    x = torch.randn(9, *shape, generator=g)
+    got, want = _used_alike(shape, backend_name, x)
+    got.mean.data, got.var.data = new_mean.clone(), new_var.clone()
+    want.mean.copy_(new_mean)
+    want.var.copy_(new_var)
+    assert_go_on_alike(got, want, x)
+
+
 @pytest.mark.parametrize("init", ["meta_assign", "to_empty", "to_empty_assign"])
 def test_model_built_on_meta_then_loaded_counts_dropped_rows_from_zero(backend_name, init):
     """A model built under torch.device("meta") and given a checkpoint by load_state_dict(assign=True), or
