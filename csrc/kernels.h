@@ -494,6 +494,13 @@ inline void add_valid_row(RowAccumulator& acc, const T* row) {
   acc.n += 1.0;
 }
 
+// A part's m2 from its sums of shifted values, s2 - s1^2 / n: at least 0 (rounding can leave a constant column a
+// hair below it), and inf where the squares overflowed float64 (inf - inf would be NaN; the reference's m2 is inf).
+inline double shifted_m2(double s2, double s1_times_centered) {
+  const double m = s2 - s1_times_centered;
+  return m < 0.0 ? 0.0 : (m == m ? m : s2);
+}
+
 // Writes the part [n, dropped, mean(cols), m2(cols)].
 template <class T>
 inline void finish_part(RowAccumulator& acc, double* __restrict part) {
@@ -517,8 +524,7 @@ inline void finish_part(RowAccumulator& acc, double* __restrict part) {
   for (int64_t j = 0; j < cols; ++j) {
     const double centered = s1[j] / n;
     mean[j] = shift[j] + centered;
-    const double m = s2[j] - s1[j] * centered;
-    m2[j] = m < 0.0 ? 0.0 : m;  // rounding can leave a constant column a hair below zero
+    m2[j] = shifted_m2(s2[j], s1[j] * centered);
   }
 }
 
@@ -614,8 +620,7 @@ inline void finish_column_part(double* __restrict values, const uint8_t* __restr
   }
   const double centered = s1 / static_cast<double>(n);
   part[2] = shift + centered;
-  const double m = s2 - s1 * centered;
-  part[3] = m < 0.0 ? 0.0 : m;
+  part[3] = shifted_m2(s2, s1 * centered);
 }
 
 // Runs `fill(r_begin, r_end, values, status)` for each part, then reduces it.
@@ -1087,6 +1092,10 @@ void reward_moments(const RewardArgs& a) {
 }
 
 // ------------------------------------------------------------------------------------------------ merge
+// delta^2 * weight, and exactly 0 for a zero weight (an empty side, which is neutral) also where delta^2 overflows
+// and inf * 0 would be NaN: the reference's chan_merge.
+inline double cross_term(double delta, double weight) { return weight > 0.0 ? delta * delta * weight : 0.0; }
+
 // The reference's chan_merge for one pair of parts over a range of columns, with its operation order:
 // mean = mean_a + delta * (n_b / n), m2 = (m2_a + m2_b) + delta^2 * (n_a * n_b / n). `out` may alias `a`.
 inline void chan_merge_columns(const double* mean_a, const double* m2_a, const double* mean_b, const double* m2_b,
@@ -1096,7 +1105,7 @@ inline void chan_merge_columns(const double* mean_a, const double* m2_a, const d
     const double delta = mean_b[j] - mean_a[j];
     const double m2 = m2_a[j] + m2_b[j];
     mean_out[j] = mean_a[j] + delta * weight_mean;
-    m2_out[j] = m2 + delta * delta * weight_m2;
+    m2_out[j] = m2 + cross_term(delta, weight_m2);
   }
 }
 
@@ -1191,7 +1200,7 @@ void merge(const MergeArgs& a) {
       const double m = mean[j * ms];
       const double delta = mean_b[j] - m;
       const double m2 = var[j * vs] * n_a + m2_b[j];
-      const double new_m2 = m2 + delta * delta * weight_m2;
+      const double new_m2 = m2 + cross_term(delta, weight_m2);
       const double new_var = new_m2 / divisor;
       mean[j * ms] = m + delta * weight_mean;
       var[j * vs] = new_var < 0.0 ? 0.0 : new_var;  // NaN stays NaN, as torch.clamp(min=0)

@@ -84,7 +84,8 @@ def _merge_kernel(
             safe_n = tl.where(n > 0.0, n, 1.0)
             delta = mean_b - old_mean
             new_mean = old_mean + delta * (n_b / safe_n)
-            m2 = old_var * n_a + m2_b + delta * delta * (n_a * n_b / safe_n)
+            weight = n_a * n_b / safe_n  # 0 for an empty side, which adds nothing (even where delta * delta is inf)
+            m2 = old_var * n_a + m2_b + tl.where(weight > 0.0, delta * delta * weight, 0.0)
             new_var = m2 / safe_n
             new_var = tl.where(new_var < 0.0, 0.0, new_var)
         has_rows = n_b > 0.0

@@ -176,12 +176,14 @@ def block_moments(x, valid, shift):
 
 @triton.jit
 def chan_update(n, mean, m2, n_b, mean_b, m2_b):
-    """Fold block moments into running float64 accumulators (Chan et al.); an empty block changes nothing."""
+    """Fold block moments into running float64 accumulators (Chan et al.); an empty block changes nothing, and neither
+    do empty accumulators, also where the squared difference of the means overflows (inf times 0 would be NaN)."""
     n_new = n + n_b
     w = n_b / tl.maximum(n_new, 1.0)
     delta = mean_b - mean
     mean = mean + delta * w
-    m2 = m2 + m2_b + delta * delta * (n * w)
+    cross = n * w
+    m2 = m2 + m2_b + tl.where(cross > 0.0, delta * delta * cross, 0.0)
     return n_new, mean, m2
 
 

@@ -86,12 +86,14 @@ def _moments_part(x: Tensor, mask: Optional[Tensor]) -> Tensor:
 
 
 def chan_merge(n_a: Tensor, mean_a: Tensor, m2_a: Tensor, n_b: Tensor, mean_b: Tensor, m2_b: Tensor):
-    """Merge two sets of moments (float64). Either side may be empty (n == 0)."""
+    """Merge two sets of moments (float64). Either side may be empty (n == 0) and then adds nothing, also where the
+    means differ by more than the square root of float64's range (the cross term's inf times a zero weight is NaN)."""
     n = n_a + n_b
     safe_n = torch.where(n > 0, n, 1.0)
     delta = mean_b - mean_a
     mean = mean_a + delta * (n_b / safe_n)
-    m2 = m2_a + m2_b + delta * delta * (n_a * n_b / safe_n)
+    weight = n_a * n_b / safe_n
+    m2 = m2_a + m2_b + torch.where(weight > 0, delta * delta * weight, 0.0)
     return n, mean, m2
 
 

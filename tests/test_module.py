@@ -873,6 +873,42 @@ def test_loaded_statistics_sharing_memory_are_made_separate(backend_name):
     torch.testing.assert_close(m.var, ref.var, rtol=1e-10, atol=1e-12)
 
 
+def _overflowing_rows(rows):
+    """Float64 rows whose first column deviates from its mean (1e200) by 5e199, whose square is past float64's
+    range, the second a plain one."""
+    sign = torch.tensor([1.0, -1.0], dtype=torch.float64).repeat(rows // 2)
+    return torch.stack([1e200 + sign * 5e199, torch.arange(rows, dtype=torch.float64) % 7], dim=1)
+
+
+@pytest.mark.parametrize("ema", [None, 0.9])
+@pytest.mark.parametrize("case", ["rows", "masked", "reward"])
+def test_squared_deviations_beyond_float64_give_an_infinite_variance(backend_name, case, ema):
+    """Deviations of 1e154 and more square to inf in float64: the variance is then +inf, as the reference computes
+    it for the batch in one part (and upstream's torch.var), on every backend, not NaN; an empty part (rows masked
+    out ahead of them, in every backend's split of 70000 rows) merges as the neutral element it is. The other
+    column and the mean are those of the reference, to 1e-12 of their scale (summation order differs)."""
+    if case == "reward":
+        m = RewardRunningMeanStd(None, (1,), 0.99, device="cpu", backend=backend_name, ema_decay=ema)
+        x = _overflowing_rows(64)[:, :1]
+        for _ in range(2):
+            m.record_reward(x[:, 0], torch.ones(64, dtype=torch.bool))  # every step restarts: the returns are x
+        parts = torch.cat([reference.batch_moments(x)] * 2)
+    else:
+        m = make((2,), backend_name, ema_decay=ema)
+        x = _overflowing_rows(70000 if case == "masked" else 64)
+        mask = torch.arange(x.shape[0]) >= 65536 if case == "masked" else None
+        m.record_moments(x, mask)
+        parts = reference.batch_moments(x if mask is None else x[mask])
+    want = make((x.shape[1],), "torch", ema_decay=ema)
+    for part in parts.split(1):
+        reference.merge_into_running(part, want.mean, want.var, want.count, want.nonfinite_rows, ema)
+    assert torch.isinf(want.var[0]) and want.var[0] > 0
+    assert torch.equal(m.var[0], want.var[0]) and torch.equal(m.count, want.count)
+    assert abs(float(m.mean[0] - want.mean[0])) <= 1e-12 * 1e200
+    torch.testing.assert_close(m.mean[1:], want.mean[1:], rtol=1e-12, atol=0)
+    torch.testing.assert_close(m.var[1:], want.var[1:], rtol=1e-12, atol=0)
+
+
 @pytest.mark.parametrize("ema", [None, 0.9])
 def test_empty_batch_is_a_noop(backend_name, ema):
     m = make((3,), backend_name, ema_decay=ema)
