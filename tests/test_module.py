@@ -3,9 +3,11 @@ import copy
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -1154,6 +1156,39 @@ def test_auto_without_triton_on_cuda_says_so_once(monkeypatch, capsys):
     assert notices == [
         "protonorm: Triton unavailable (ModuleNotFoundError: No module named 'triton'); CUDA tensors use the torch path."
     ]
+
+
+@pytest.mark.parametrize("gpu,problem", [
+    ("sm_61", "Triton compiles for GPUs of compute capability 7.0 or newer, and cuda:0 (Tesla P100-PCIE-16GB) is 6.1"),
+    ("rocm", "the Triton kernels are written for NVIDIA GPUs, and this torch is a ROCm build (HIP 6.2.41133)"),
+    ("sm_70", None),
+])
+def test_auto_on_a_gpu_triton_cannot_compile_for_says_so_once(monkeypatch, capsys, gpu, problem):
+    """On a GPU older than Triton's compute capability 7.0 (a P100), or with a ROCm build of torch, auto runs CUDA
+    tensors on the torch backend and says why once, instead of failing in the compiler at the first call; an
+    explicit backend="triton" raises saying why. Decided from what torch reports of the device, without a launch."""
+    from protonorm.backends import triton_backend
+
+    if triton_backend.UNAVAILABLE_REASON is not None:
+        pytest.fail("triton must be installed for the test suite")
+    monkeypatch.delenv("TRITON_INTERPRET")  # compiled kernels, as on a GPU
+    monkeypatch.setattr(triton_backend, "_gpu_problems", {}, raising=False)
+    monkeypatch.setattr(backends, "_announced", set())
+    major, minor = (6, 1) if gpu == "sm_61" else (7, 0)
+    properties = types.SimpleNamespace(major=major, minor=minor, name="Tesla P100-PCIE-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=None: properties)
+    monkeypatch.setattr(torch.version, "hip", "6.2.41133" if gpu == "rocm" else None)
+    cuda = torch.device("cuda", 0)
+    assert triton_backend.BACKEND.supports(cuda) == problem
+    for _ in range(2):
+        assert backends.resolve("auto", cuda).name == ("torch" if problem else "triton")
+    notices = [line for line in capsys.readouterr().err.splitlines() if "Triton" in line]
+    if problem is None:
+        assert notices == [] and backends.resolve("triton", cuda).name == "triton"
+        return
+    assert notices == [f"protonorm: Triton unavailable ({problem}); CUDA tensors use the torch path."]
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        backends.resolve("triton", cuda)
 
 
 # ------------------------------------------------------------------------------------------------ host syncs

@@ -1,7 +1,8 @@
 """Backend registry and the ``auto`` rule.
 
-``auto`` follows the device of each call's tensor: ``triton`` for CUDA tensors when Triton imports, ``cpp``
-for CPU tensors when the compiled extension ``protonorm._C`` loaded, ``torch`` otherwise. An explicit name
+``auto`` follows the device of each call's tensor: ``triton`` for CUDA tensors when Triton imports and compiles for
+the GPU (NVIDIA, compute capability 7.0 or newer), ``cpp`` for CPU tensors when the compiled extension
+``protonorm._C`` loaded, ``torch`` otherwise. An explicit name
 must be able to run on the tensor's device, or the call raises. ``PROTONORM_BACKEND`` replaces ``auto``.
 Where ``auto`` has to run the torch backend instead of a compiled one, it says so once, in one line on stderr.
 """
@@ -41,11 +42,14 @@ def load(name: str) -> Tuple[Optional[Backend], Optional[str]]:
     return _loaded[name]
 
 
-def announce_fallback(name: str) -> None:
+def announce_fallback(name: str, reason: Optional[str] = None) -> None:
     """Say once per process, in one line on stderr, that ``auto`` runs the torch backend where the compiled backend
-    ``name`` would run, if ``name`` cannot be loaded."""
-    backend, reason = load(name)
-    if backend is None and name not in _announced:
+    ``name`` would run: for ``reason``, or (None) if ``name`` cannot be loaded."""
+    if reason is None:
+        backend, reason = load(name)
+        if backend is not None:
+            return
+    if name not in _announced:
         _announced.add(name)
         what, where = _FALLBACK_NOTICE[name]
         sys.stderr.write(f"protonorm: {what} unavailable ({reason}); {where} tensors use the torch path.\n")
@@ -93,9 +97,14 @@ def preload(choice: str, device) -> None:
 def resolve(choice: str, device: torch.device) -> Backend:
     """The backend that runs a call on ``device`` for a validated ``choice``."""
     if choice == "auto":
-        backend, _ = load(_preferred(device))
-        if backend is not None and backend.supports(device) is None:
-            return backend
+        name = _preferred(device)
+        backend, reason = load(name)
+        if backend is not None:
+            reason = backend.supports(device)
+            if reason is None:
+                return backend
+            if name in _FALLBACK_NOTICE and not torch.compiler.is_compiling():  # (a device it cannot run on)
+                announce_fallback(name, reason)
         return load("torch")[0]
     backend, reason = load(choice)
     if backend is None:

@@ -289,6 +289,31 @@ def _parts_buffer(workspace: dict, x: Tensor, single_tile: bool = False) -> Tens
     )
 
 
+# ------------------------------------------------------------------------------------------ devices
+# Triton compiles for NVIDIA GPUs of compute capability 7.0 and newer (torch.compile asks the same); the kernels are
+# written and tested for NVIDIA GPUs only. Decided once per device from what torch reports of it (its properties,
+# which Dynamo folds to constants inside a trace), so that ``auto`` falls back before a kernel fails to compile.
+MIN_CAPABILITY = (7, 0)
+_gpu_problems: Dict[int, Optional[str]] = {}
+
+
+def _gpu_problem(device: torch.device) -> Optional[str]:
+    """Why the kernels cannot run on the CUDA device ``device``, in one line, or None."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _gpu_problems:
+        if torch.version.hip is not None:
+            problem = (f"the Triton kernels are written for NVIDIA GPUs, and this torch is a ROCm build "
+                       f"(HIP {torch.version.hip})")
+        else:
+            props = torch.cuda.get_device_properties(index)
+            problem = None
+            if (props.major, props.minor) < MIN_CAPABILITY:
+                problem = (f"Triton compiles for GPUs of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+                           f"or newer, and cuda:{index} ({props.name}) is {props.major}.{props.minor}")
+        _gpu_problems[index] = problem
+    return _gpu_problems[index]
+
+
 # ------------------------------------------------------------------------------------------ backend
 class TritonBackend(Backend):
     name = "triton"
@@ -297,9 +322,10 @@ class TritonBackend(Backend):
         if UNAVAILABLE_REASON is not None:
             return UNAVAILABLE_REASON
         device = torch.device(device)
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         if device.type == "cuda":
-            return None
-        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+            return None if interpreted else _gpu_problem(device)
+        if device.type == "cpu" and interpreted:
             return None
         if device.type == "cpu":
             return "Triton kernels run on CUDA devices (on the CPU only under TRITON_INTERPRET=1)"
