@@ -250,6 +250,22 @@ def test_multi_program_merge_resets_its_ticket(small_tiles):
     assert count.item() == 5 + 3 * 40
 
 
+def test_reward_rows_wider_than_a_tile_go_in_column_tiles(monkeypatch):
+    """The reward kernel holds whole rows in one tile, which Triton refuses past 2^20 elements (and compiled registers
+    give out long before): wider rows advance with torch's elementwise ops, bit for bit, and their moments are taken
+    in column tiles (made 2^18 wide here, so that the interpreter covers 2^20 + 1 features in a few programs)."""
+    monkeypatch.setattr(moment_kernels, "MAX_BLOCK_D", 1 << 18)
+    d = (1 << 20) + 1
+    reward = batch(2, d, torch.bfloat16, seed=2)
+    terminated = torch.tensor([0.0, 1.0], device=DEVICE)
+    got, want = batch(2, d), batch(2, d)
+    parts = TB.reward_moments(reward, terminated, got, 0.99, {})
+    expected = RB.reward_moments(reward, terminated, want, 0.99, {})
+    assert_same(got, want)
+    torch.testing.assert_close(reference.combine_parts(parts), reference.combine_parts(expected), rtol=MOMENT_RTOL,
+                               atol=MOMENT_RTOL * 100)  # (means and m2 of the order of 10 and 100)
+
+
 def test_merge_tickets_go_with_the_statistics_they_count_for(small_tiles):
     # Statistics made and dropped over a long run (modules rebuilt, moved, loaded with assign=True) must not leave a
     # ticket each behind; a ticket stays while its count's memory lives, whichever tensor object reaches it.

@@ -102,6 +102,13 @@ def _normalize_moments_impl(x: Tensor, mean: Tensor, var: Tensor, epsilon: float
 
 
 def _reward_moments_impl(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float, parts: Tensor) -> None:
+    if discounted.shape[1] > _moments.MAX_BLOCK_D:
+        # The reward kernel holds whole rows in one tile: wider than a column tile, that outgrows a program's
+        # registers, and past 2^20 features Triton's largest tensor. Such rows advance with torch's elementwise ops
+        # (the kernel's operations, in its dtypes), and the moments kernel takes them in column tiles.
+        discounted.copy_(reference.discounted_return_update(discounted, reward, terminated.unsqueeze(1), gamma))
+        _moments.launch(discounted, None, parts)
+        return
     _reward.launch(reward, terminated, discounted, gamma, parts)
 
 
