@@ -1,0 +1,49 @@
+"""What the packaging files make of the project, read from setuptools' own metadata step (``setup.py egg_info``, about
+a second; no build, no install): the version, the metadata, and the files a source distribution carries."""
+import ast
+import subprocess
+import sys
+from email.parser import HeaderParser
+from pathlib import Path
+
+import pytest
+
+import protonorm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("setuptools")
+pytest.importorskip("pybind11")  # setup.py skips the extension without it, and says so: the metadata is the same
+
+
+@pytest.fixture(scope="module")
+def egg_info(tmp_path_factory):
+    """``(PKG-INFO headers, the source distribution's file list, what setuptools said on stderr)``."""
+    base = tmp_path_factory.mktemp("egg")
+    done = subprocess.run([sys.executable, "setup.py", "egg_info", "--egg-base", str(base)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    info = base / "protonorm.egg-info"
+    headers = HeaderParser().parsestr((info / "PKG-INFO").read_text(encoding="utf-8"))
+    sources = set((info / "SOURCES.txt").read_text(encoding="utf-8").split("\n")) - {""}
+    return headers, sources, done.stderr
+
+
+def _pyproject():
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    return read_configuration(ROOT / "pyproject.toml", expand=False)
+
+
+def test_version_has_one_source(egg_info):
+    """pyproject.toml takes the version from ``protonorm.__version__``, which ``protonorm --version`` prints, so the
+    two cannot drift apart; it is a literal, which setuptools reads without importing protonorm (and torch, which
+    the build environment lacks)."""
+    config = _pyproject()
+    assert "version" not in config["project"] and "version" in config["project"]["dynamic"]
+    assert config["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "protonorm.__version__"}
+    tree = ast.parse((ROOT / "protonorm" / "__init__.py").read_text(encoding="utf-8"))
+    literals = [ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+                and [getattr(target, "id", None) for target in node.targets] == ["__version__"]]
+    assert literals == [protonorm.__version__]
+    assert egg_info[0]["Version"] == protonorm.__version__
