@@ -47,3 +47,11 @@ def test_version_has_one_source(egg_info):
                 and [getattr(target, "id", None) for target in node.targets] == ["__version__"]]
     assert literals == [protonorm.__version__]
     assert egg_info[0]["Version"] == protonorm.__version__
+
+
+def test_metadata_takes_no_deprecated_form(egg_info):
+    """setuptools reads pyproject.toml without a deprecation warning: each one announces a date after which builds
+    with a newer setuptools (which an isolated build installs) fail. The licence is an SPDX expression."""
+    headers, _, stderr = egg_info
+    assert "SetuptoolsDeprecationWarning" not in stderr, stderr
+    assert headers["License-Expression"] == "Apache-2.0"
