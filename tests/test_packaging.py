@@ -1,6 +1,7 @@
 """What the packaging files make of the project, read from setuptools' own metadata step (``setup.py egg_info``, about
 a second; no build, no install): the version, the metadata, and the files a source distribution carries."""
 import ast
+import re
 import subprocess
 import sys
 from email.parser import HeaderParser
@@ -55,3 +56,20 @@ def test_metadata_takes_no_deprecated_form(egg_info):
     headers, _, stderr = egg_info
     assert "SetuptoolsDeprecationWarning" not in stderr, stderr
     assert headers["License-Expression"] == "Apache-2.0"
+
+
+def _files_under(folder):
+    return {path.relative_to(ROOT).as_posix() for path in (ROOT / folder).rglob("*")
+            if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"}
+
+
+def test_source_distribution_carries_the_test_suite_and_linked_documents(egg_info):
+    """The test suite runs from an unpacked source distribution: its helpers (conftest.py, hard_data.py, ...) and
+    the bench/ scripts some tests run are there, not only the test_*.py files setuptools adds by itself; so are the
+    files README.md links to, and the C++ headers the extension compiles."""
+    sources = egg_info[1]
+    wanted = _files_under("tests") | _files_under("bench") | _files_under("csrc")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    links = {link for link in re.findall(r"\]\(([^)#:]+)\)", readme)}
+    assert links and all((ROOT / link).is_file() for link in links)
+    assert sorted((wanted | links) - sources) == []
