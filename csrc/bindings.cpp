@@ -18,6 +18,10 @@
 #include <unistd.h>
 #endif
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
 #include "common.h"
 
 namespace py = pybind11;
@@ -53,13 +57,21 @@ namespace {
 // Below this many elements per thread, starting a parallel region costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// F16C from CPUID leaf 1 (ECX bit 29): older clang (14) rejects "f16c" in __builtin_cpu_supports at compile time.
+bool cpu_has_f16c() {
+  unsigned int eax, ebx, ecx, edx;
+  return __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & bit_F16C) != 0;
+}
+#endif
+
 std::vector<const KernelTable*> supported_tables() {
   std::vector<const KernelTable*> tables{&kBaselineKernels};
 #if defined(__x86_64__) && defined(__GNUC__)
   __builtin_cpu_init();
-  // Everything kernels_avx2.cpp's target pragma lets the compiler use.
+  // Everything kernels_avx2.cpp's target pragma lets the compiler use (AVX's OS support is part of "avx").
   const bool avx2 = __builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                    __builtin_cpu_supports("f16c") && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+                    cpu_has_f16c() && __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
   if (avx2) tables.push_back(&kAvx2Kernels);
   if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))

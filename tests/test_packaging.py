@@ -2,8 +2,10 @@
 a second; no build, no install): the version, the metadata, and the files a source distribution carries."""
 import ast
 import re
+import shutil
 import subprocess
 import sys
+import sysconfig
 from email.parser import HeaderParser
 from pathlib import Path
 
@@ -73,3 +75,18 @@ def test_source_distribution_carries_the_test_suite_and_linked_documents(egg_inf
     links = {link for link in re.findall(r"\]\(([^)#:]+)\)", readme)}
     assert links and all((ROOT / link).is_file() for link in links)
     assert sorted((wanted | links) - sources) == []
+
+
+@pytest.mark.skipif(shutil.which("clang++") is None, reason="no clang++ on this machine")
+def test_extension_sources_compile_with_clang():
+    """setup.py builds with the compiler the environment names (CC/CXX=clang++): clang accepts every source. Older
+    clang knows fewer CPU features in __builtin_cpu_supports than gcc, and rejects an unknown one at compile time.
+    Syntax only, without OpenMP (whose header clang finds only with LLVM's libomp installed)."""
+    import pybind11
+
+    includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+    checks = [subprocess.Popen(["clang++", "-fsyntax-only", "-std=c++17", *includes, str(source)],
+                               stderr=subprocess.PIPE, text=True) for source in sorted((ROOT / "csrc").glob("*.cpp"))]
+    for check in checks:
+        _, errors = check.communicate(timeout=120)
+        assert check.returncode == 0, errors
