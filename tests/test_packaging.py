@@ -54,10 +54,13 @@ def test_version_has_one_source(egg_info):
 
 def test_metadata_takes_no_deprecated_form(egg_info):
     """setuptools reads pyproject.toml without a deprecation warning: each one announces a date after which builds
-    with a newer setuptools (which an isolated build installs) fail. The licence is an SPDX expression."""
+    with a newer setuptools (which an isolated build installs) fail. The licence is an SPDX expression, and its text
+    ships with every distribution."""
     headers, _, stderr = egg_info
     assert "SetuptoolsDeprecationWarning" not in stderr, stderr
     assert headers["License-Expression"] == "Apache-2.0"
+    assert headers["License-File"] == "LICENSE"
+    assert (ROOT / "LICENSE").read_text(encoding="utf-8").lstrip().startswith("Apache License\n")
 
 
 def _files_under(folder):
