@@ -338,6 +338,18 @@ def test_combine_moments_broadcasts_and_returns_one_group_as_upstream(upstream, 
     assert int(ours[2]) == int(theirs[2])
 
 
+@pytest.mark.parametrize("counts", [[4], [4, 6], [3, 1, 2]], ids=["one_group", "two_groups", "three_groups"])
+def test_combine_moments_clamps_negative_variances_at_zero_as_upstream(upstream, counts):
+    """Upstream clamps the combined variance at 0, that of a single group too: a group's negative variance (from
+    other code's rounding) does not come back negative."""
+    means = [torch.ones(3, dtype=torch.float64) for _ in counts]  # equal means: no spread between the groups
+    vars_ = [torch.tensor([-0.5, -1e-12, 0.25], dtype=torch.float64) for _ in counts]
+    ours, theirs = protonorm.combine_moments(means, vars_, counts), upstream.combine_moments(means, vars_, counts)
+    assert torch.equal(ours[1][:2], torch.zeros(2, dtype=torch.float64)) and not ours[1].signbit().any()
+    torch.testing.assert_close(ours[1], theirs[1], rtol=1e-6, atol=0)
+    assert torch.equal(ours[0], theirs[0]) and int(ours[2]) == int(theirs[2])
+
+
 @pytest.mark.parametrize("counts", [torch.tensor([[1, 2, 3], [4, 5, 6]]), [torch.tensor([1, 2, 3]), 4]],
                          ids=["tensor", "list"])
 def test_combine_moments_refuses_per_feature_counts_clearly(counts):
@@ -514,3 +526,4 @@ def test_documented_differences_at_zero_counts_and_per_element_flags(upstream):
     upstream.RewardRunningMeanStd(None, (2,), 0.9, device="cpu").record_reward(torch.ones(4, 2), torch.zeros(4, 2))
     r.record_reward(torch.ones(4, 2), torch.zeros(4, 1))
     assert r.discounted_reward is not None and int(r.count) == 5
+
