@@ -527,3 +527,21 @@ def test_documented_differences_at_zero_counts_and_per_element_flags(upstream):
     r.record_reward(torch.ones(4, 2), torch.zeros(4, 1))
     assert r.discounted_reward is not None and int(r.count) == 5
 
+
+@pytest.mark.parametrize("fused", [False, True], ids=["record", "normalize_then_record"])
+def test_negative_variance_merges_to_zero_as_upstream(upstream, backend_name, fused):
+    """Upstream's merge clamps the combined variance at 0, so a negative variance (a checkpoint written by other code
+    or edited by hand) comes out of the next record as 0, never as a negative number that normalize would take the
+    root of."""
+    state = {"mean": torch.zeros(3, dtype=torch.float64),
+             "var": torch.tensor([-1.0, -1e-3, 0.5], dtype=torch.float64), "count": torch.tensor(10)}
+    up = upstream.RunningMeanStd(None, (3,), device="cpu")
+    ours = RunningMeanStd(None, (3,), device="cpu", backend=backend_name)
+    x = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 2.0], [0.0, 0.0, 3.0], [0.0, 0.0, 4.0]])
+    for m in (up, ours):
+        m.load_state_dict(state)
+        if fused:
+            m.normalize(x)
+        m.record_moments(x)
+    assert torch.equal(ours.var[:2], torch.zeros(2, dtype=torch.float64)) and not ours.var.signbit().any()
+    _assert_stats_close(ours, up, rtol=1e-7)
