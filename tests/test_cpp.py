@@ -507,8 +507,8 @@ def test_float32_statistics_are_the_references_bit_for_bit(epsilon, root_path):
 def test_unchanged_statistics_reuse_the_square_root_and_changed_ones_never_do(monkeypatch, root_path):
     """The square root of the float32 statistics is taken again only when `var + epsilon` changed in some bit
     (csrc/bindings.cpp, float32_stats): frozen statistics take none, a record takes one, and so do statistics
-    written where no version counter sees it (through numpy) and a second module of the same width on the same
-    thread. Every output stays the reference's, bit for bit."""
+    written where no version counter sees it (through numpy), a variance one float32 ulp away and a second module
+    of the same width on the same thread. Every output stays the reference's, bit for bit."""
     from protonorm.backends import cpp_backend
 
     cpp_backend._scratch.__dict__.clear()
@@ -555,6 +555,9 @@ def test_unchanged_statistics_reuse_the_square_root_and_changed_ones_never_do(mo
     first.eval()
     assert roots_for(first) == 1
     first.var.numpy()[4] *= 2.0  # a write no version counter sees
+    assert roots_for(first) == 1
+    var32 = first.var[7].float()
+    first.var[7] = torch.nextafter(var32, var32 + 1).double()  # the float32 radicand changes in its last bits only
     assert roots_for(first) == 1
     assert roots_for(second) == 1 and roots_for(first) == 1 and roots_for(first) == 0
     first.epsilon = 1e-3
