@@ -38,7 +38,10 @@ def discounted_update(
     disc_t = discounted_ptr.dtype.element_ty
     old = tl.load(discounted_ptr + rows[:, None] * stride_d + cols[None, :], mask=ok, other=0.0)
     reward = tl.load(reward_ptr + rows[:, None] * stride_r + cols[None, :], mask=ok, other=0.0)
-    reset = tl.load(terminated_ptr + rows * stride_t, mask=row_ok, other=0) != 0
+    flags = tl.load(terminated_ptr + rows * stride_t, mask=row_ok, other=0)
+    if terminated_ptr.dtype.element_ty == tl.bfloat16:  # the interpreter would compare raw bits: -0.0 is not 0 there
+        flags = flags.to(tl.float32)
+    reset = flags != 0
     carried = tl.where(reset[:, None], 0.0, old * g).to(disc_t)
     return (carried.to(sum_t) + reward.to(sum_t)).to(disc_t)
 

@@ -985,6 +985,22 @@ def test_reward_flags_of_any_real_dtype_restart_where_nonzero(backend_name, flag
         assert_same(a, b)
 
 
+@pytest.mark.parametrize("flag_dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("features", [(1,), (3,)], ids=["one_feature", "three_features"])
+def test_negative_zero_flags_do_not_restart_the_returns(backend_name, flag_dtype, features):
+    """A flag of -0.0 is zero (``-0.0 != 0`` is False, and upstream's ``1 - terminated`` keeps the return), in every
+    floating-point dtype the kernels load flags in, bit patterns and all."""
+    got, want = (RewardRunningMeanStd(None, features, 0.5, device="cpu", backend=backend_name) for _ in range(2))
+    g = torch.Generator().manual_seed(5)
+    for _ in range(3):  # the first step takes no flags; the direct way serves the later ones
+        reward = torch.randn(8, *features, generator=g).squeeze(-1) if features == (1,) else torch.randn(8, *features)
+        flags = torch.tensor([-0.0, 0.0, 1.0, -0.0, -1.0, -0.0, 0.0, 2.0], dtype=flag_dtype)
+        got.record_reward(reward, flags)
+        want.record_reward(reward, flags != 0)
+    for a, b in zip(stats(got) + (got.discounted_reward,), stats(want) + (want.discounted_reward,)):
+        assert_same(a, b)
+
+
 def test_integer_first_batches_leave_a_lazy_module_uninitialized():
     m = RunningMeanStd(None, None, device="cpu")
     with pytest.raises(TypeError, match="int64"):
