@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .backends.base import outside_inference_mode
 
 REDUCE_ENV_VAR = "PROTONORM_SYNC_REDUCE"
 REDUCE_CHOICES = ("auto", "all_gather", "all_reduce")
@@ -241,12 +242,25 @@ class _DeferredState:
     __slots__ = ("mean", "var", "count", "dropped", "pending", "own")
 
     def __init__(self, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor, ema: bool):
-        self.mean, self.var, self.count, self.dropped = mean, var, count, dropped
-        self.pending = torch.zeros((1, reference.parts_width(mean.numel())), dtype=torch.float64, device=mean.device)
+        self.mean, self.var, self.count, self.dropped = _copies(mean, var, count, dropped)
+        self.pending = outside_inference_mode(lambda: torch.zeros(
+            (1, reference.parts_width(mean.numel())), dtype=torch.float64, device=mean.device))
         # The EMA movement a sync sends is taken from this copy rather than the module's buffers: whatever rewrites
         # the buffers between syncs (DistributedDataParallel broadcasts rank 0's before every forward) would
         # otherwise replace this rank's movement with another's. Welford sends `pending`, kept apart already.
-        self.own = tuple(t.clone() for t in (mean, var, count, dropped)) if ema else None
+        self.own = _copies(mean, var, count, dropped) if ema else None
+
+    def move(self, device: torch.device) -> None:
+        for name in ("mean", "var", "count", "dropped", "pending"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self.own is not None:
+            self.own = tuple(t.to(device) for t in self.own)
+
+
+def _copies(*tensors: Tensor) -> Tuple[Tensor, ...]:
+    """Clones that are normal tensors even when made under torch.inference_mode() (a record or a sync in a rollout):
+    the deferred state is updated in place by the records and update_from_moments made outside it."""
+    return outside_inference_mode(lambda: tuple(t.clone() for t in tensors))
 
 
 def _deferred_state(module) -> _DeferredState:
@@ -255,15 +269,12 @@ def _deferred_state(module) -> _DeferredState:
     state = module._sync_state
     mean, var, count, dropped = module._flat_stats()
     if not isinstance(state, _DeferredState) or state.mean.shape != mean.shape:
-        state = _DeferredState(mean.clone(), var.clone(), count.clone(), dropped.clone(), module.ema_decay is not None)
+        state = _DeferredState(mean, var, count, dropped, module.ema_decay is not None)
         module._sync_state = state
     elif state.mean.device != mean.device:  # the module moved: its unsynced records move with it
-        for name in ("mean", "var", "count", "dropped", "pending"):
-            setattr(state, name, getattr(state, name).to(mean.device))
-        if state.own is not None:
-            state.own = tuple(t.to(mean.device) for t in state.own)
+        outside_inference_mode(lambda: state.move(mean.device))
     if (state.own is None) != (module.ema_decay is None):  # ema_decay was assigned since: the mode's own record
-        state.own = tuple(t.clone() for t in (mean, var, count, dropped)) if module.ema_decay is not None else None
+        state.own = _copies(mean, var, count, dropped) if module.ema_decay is not None else None
     return state
 
 
@@ -409,7 +420,7 @@ def _apply_incoming(module, state: _DeferredState, incoming: Tensor) -> None:
     var.copy_(new_var)
     count.copy_(new_count)
     dropped.copy_(new_dropped)
-    module._sync_state = _DeferredState(new_mean, new_var, new_count, new_dropped, module.ema_decay is not None)
+    module._sync_state = _DeferredState(mean, var, count, dropped, module.ema_decay is not None)
 
 
 def _check_layouts(signatures: Tensor, signature: Tensor, world: int) -> None:

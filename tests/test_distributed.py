@@ -816,6 +816,33 @@ def test_all_reduce_shift_follows_the_data(monkeypatch):
         assert torch.equal(results[0][2], single.count)
 
 
+@pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
+@pytest.mark.parametrize("where", ["record", "sync"])
+def test_deferred_state_made_under_inference_mode_takes_later_records(ema, where):
+    """Rollouts run under torch.inference_mode(). The synced base and the EMA's own statistics that a deferred record
+    or a sync makes there are updated in place by the records and update_from_moments made outside it, which torch
+    refuses for inference tensors: the run must go on exactly as one made wholly outside inference mode."""
+
+    def run(fabric, rank, inference):
+        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", ema_decay=ema, backend="torch", sync="deferred")
+        with torch.inference_mode(inference and where == "record"):
+            m.record_moments(_obs_batch(rank, 0))
+        if where == "sync":
+            with torch.inference_mode(inference):
+                protonorm.sync(m, fabric)
+        m.record_moments(_obs_batch(rank, 1))
+        m.update_from_moments(torch.full((D_OBS,), 90.0), torch.full((D_OBS,), 4.0), 10)
+        m.record_moments(_obs_batch(rank, 2))
+        protonorm.sync(m, fabric)
+        return _stats(m)
+
+    results = _run_threads(_ThreadWorld(2), lambda fabric, rank: run(fabric, rank, True))
+    expected = _run_threads(_ThreadWorld(2), lambda fabric, rank: run(fabric, rank, False))
+    assert_same_on_every_rank(results)
+    for got, want in zip(results[0], expected[0]):
+        assert torch.equal(got, want)
+
+
 def test_deferred_load_state_dict_restarts_from_checkpoint():
     """load_state_dict on a used deferred normalizer drops its records pending since the last sync and its synced
     base: a sync right after the load (no new records) leaves exactly the checkpoint, on every rank."""
