@@ -190,8 +190,7 @@ def fold_parts(module, parts: Tensor, backend, check: Optional[Callable[[Tensor]
         local = backend.combine(torch.cat([owed.pending, local]))
     method = reduce_method(world)
     if method == "all_reduce" and isinstance(module._sync_state, _PerCallState):
-        merged = _all_reduce_shifted(module, fabric, local, world)
-        new_state = module._sync_state
+        merged, new_state = _all_reduce_shifted(module._sync_state, fabric, local, world)
     else:
         merged = _all_gather(fabric, local, world).reshape(world, local.shape[-1])
         new_state = None
@@ -203,7 +202,7 @@ def fold_parts(module, parts: Tensor, backend, check: Optional[Callable[[Tensor]
             shared_mean = module._flat_stats()[0] if owed is None else owed.mean
             new_state = _PerCallState(torch.where(n > 0, batch_mean[0], shared_mean))
     if check is not None:
-        check(merged)
+        check(merged)  # a refused record changes nothing, the shift of the all_reduces that follow included
     mean, var, count, dropped = module._flat_stats()
     if owed is not None:
         for stat, synced in zip((mean, var, count, dropped), (owed.mean, owed.var, owed.count, owed.dropped)):
@@ -212,14 +211,15 @@ def fold_parts(module, parts: Tensor, backend, check: Optional[Callable[[Tensor]
     backend.merge(merged, mean, var, count, dropped, module.ema_decay)
 
 
-def _all_reduce_shifted(module, fabric, local: Tensor, world: int) -> Tensor:
-    """All ranks' moments as one ``[1, W]`` part, from one all_reduce of sums shifted by a shared reference.
+def _all_reduce_shifted(state: _PerCallState, fabric, local: Tensor, world: int) -> Tuple[Tensor, _PerCallState]:
+    """All ranks' moments as one ``[1, W]`` part, from one all_reduce of sums shifted by a shared reference, and the
+    state holding the next call's shift.
 
     Sums of ``x - c`` and ``(x - c)^2`` lose ``eps * (mean - c)^2 / var`` relative accuracy to cancellation, so
     ``c`` is the previous merged batch mean: equal on every rank and, for a stream of batches, close to the next
     batch's mean.
     """
-    shift = module._sync_state.shift.to(local.device)
+    shift = state.shift.to(local.device)
     n, dropped, mean, m2 = reference.split_parts(local)
     has_rows = n[:, None] > 0
     delta = torch.where(has_rows, mean - shift, torch.zeros_like(mean))
@@ -230,8 +230,8 @@ def _all_reduce_shifted(module, fabric, local: Tensor, world: int) -> Tensor:
     safe_total = torch.where(total > 0, total, torch.ones_like(total))
     batch_mean = shift + s1 / safe_total
     batch_m2 = (s2 - s1 * s1 / safe_total).clamp(min=0.0)
-    module._sync_state = _PerCallState(torch.where(total > 0, batch_mean, shift))
-    return reference.pack_parts(total, total_dropped, batch_mean, batch_m2)
+    merged = reference.pack_parts(total, total_dropped, batch_mean, batch_m2)
+    return merged, _PerCallState(torch.where(total > 0, batch_mean, shift))
 
 
 # --------------------------------------------------------------------------------------------- deferred sync

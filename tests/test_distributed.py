@@ -816,6 +816,16 @@ def test_all_reduce_shift_follows_the_data(monkeypatch):
         assert torch.equal(results[0][2], single.count)
 
 
+def assert_runs_equal(run):
+    """``run(fabric, rank, flag)`` on 2 thread ranks with ``flag`` True gives, on every rank, bitwise what it gives
+    with ``flag`` False."""
+    results = _run_threads(_ThreadWorld(2), lambda fabric, rank: run(fabric, rank, True))
+    expected = _run_threads(_ThreadWorld(2), lambda fabric, rank: run(fabric, rank, False))
+    assert_same_on_every_rank(results)
+    for got, want in zip(results[0], expected[0]):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
 @pytest.mark.parametrize("where", ["record", "sync"])
 def test_deferred_state_made_under_inference_mode_takes_later_records(ema, where):
@@ -836,11 +846,31 @@ def test_deferred_state_made_under_inference_mode_takes_later_records(ema, where
         protonorm.sync(m, fabric)
         return _stats(m)
 
-    results = _run_threads(_ThreadWorld(2), lambda fabric, rank: run(fabric, rank, True))
-    expected = _run_threads(_ThreadWorld(2), lambda fabric, rank: run(fabric, rank, False))
-    assert_same_on_every_rank(results)
-    for got, want in zip(results[0], expected[0]):
-        assert torch.equal(got, want)
+    assert_runs_equal(run)
+
+
+@pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
+def test_refused_record_leaves_the_all_reduce_shift(monkeypatch, ema):
+    """A record that nonfinite="raise" refuses on every rank changes nothing, the shift the all_reduce path sums
+    around included: a refused batch of rows at 1e6 (beside its NaN row) leaving its mean as the shift would cost the
+    next batch, at ~0 with std 1e-2, its whole variance to cancellation (eps64 * 1e12 / 1e-4 ~ 2). The run must be
+    bitwise the one without the refused record."""
+    monkeypatch.setenv(distributed.REDUCE_ENV_VAR, "all_reduce")
+    g = torch.Generator().manual_seed(5)
+    batches = [1e-2 * torch.randn(6, 3, generator=g, dtype=torch.float64) for _ in range(4)]
+    refused = 1e6 + torch.randn(6, 3, generator=g, dtype=torch.float64)
+    refused[0, 1] = float("nan")
+
+    def run(fabric, rank, refuse):
+        m = RunningMeanStd(fabric, shape=(3,), device="cpu", ema_decay=ema, backend="torch", nonfinite="raise")
+        for step, b in enumerate(batches):
+            if refuse and step == 2:
+                with pytest.raises(ValueError, match="NaN or inf"):
+                    m.record_moments(refused[rank::2])
+            m.record_moments(b[rank::2])
+        return _stats(m)
+
+    assert_runs_equal(run)
 
 
 def test_deferred_load_state_dict_restarts_from_checkpoint():
