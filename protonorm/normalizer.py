@@ -420,6 +420,13 @@ class RunningMeanStd(nn.Module):
         if any(prefix + key in state_dict for key in ("mean", "var", "count")):
             # New statistics: what was derived from the old ones goes. A load that leaves this module out
             # (strict=False, another part of the model) keeps it all, the records a deferred sync still owes too.
+            from . import distributed
+
+            synced = self._sync_state
+            if isinstance(synced, distributed._DeferredState):
+                # The records pending since the last sync go, and so do the rows they dropped: the count (which no
+                # checkpoint holds) is the last sync's again, the same on every rank, as the next sync's base needs.
+                self.nonfinite_rows.copy_(synced.dropped)
             self._reset_transient_state()
 
     # ----------------------------------------------------------------------------------------- routing

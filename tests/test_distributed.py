@@ -873,27 +873,40 @@ def test_refused_record_leaves_the_all_reduce_shift(monkeypatch, ema):
     assert_runs_equal(run)
 
 
-def test_deferred_load_state_dict_restarts_from_checkpoint():
+@pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
+def test_deferred_load_state_dict_restarts_from_checkpoint(ema):
     """load_state_dict on a used deferred normalizer drops its records pending since the last sync and its synced
-    base: a sync right after the load (no new records) leaves exactly the checkpoint, on every rank."""
+    base: a sync right after the load (no new records) leaves exactly the checkpoint, on every rank. The rows dropped
+    as non-finite since the last sync (rank r drops r + 1 per record) go with the pending records: nonfinite_rows,
+    which checkpoints do not hold, is the last sync's on every rank, and counts exactly the rows dropped after."""
+
+    def batch(rank, step):
+        bad = torch.ones(rank + 1, D_OBS)
+        bad[:, step % D_OBS] = float("nan")
+        return torch.cat([bad, _obs_batch(rank, step)])
 
     def run(fabric, rank):
-        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", backend="torch", sync="deferred")
-        m.record_moments(_obs_batch(rank, 0))
+        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", ema_decay=ema, backend="torch", sync="deferred")
+        m.record_moments(batch(rank, 0))
         protonorm.sync(m, fabric)
         checkpoint = {k: v.clone() for k, v in m.state_dict().items()}
-        m.record_moments(_obs_batch(rank, 1))
+        m.record_moments(batch(rank, 1))
         protonorm.sync(m, fabric)  # the synced base moves past the checkpoint
-        m.record_moments(_obs_batch(rank, 3))  # pending, never synced
+        m.record_moments(batch(rank, 3))  # pending, never synced
         m.load_state_dict(checkpoint)
         protonorm.sync(m, fabric)
-        return checkpoint, _stats(m)[:3]
+        after_load = _stats(m)
+        m.record_moments(batch(rank, 4))
+        protonorm.sync(m, fabric)
+        return checkpoint, after_load, m.nonfinite_rows.clone()
 
     results = _run_threads(_ThreadWorld(2), run)
-    assert_same_on_every_rank([stats for _, stats in results])
-    for checkpoint, stats in results:
+    assert_same_on_every_rank([stats for _, stats, _ in results])
+    per_record = 1 + 2  # rows dropped by both ranks in one record
+    for checkpoint, stats, dropped in results:
         for key, value in zip(("mean", "var", "count"), stats):
             assert torch.equal(value, checkpoint[key]), key
+        assert (stats[3].item(), dropped.item()) == (2 * per_record, 3 * per_record)
 
 
 # --------------------------------------------------------------------------------------------- single process
