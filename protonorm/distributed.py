@@ -23,6 +23,7 @@ stacked ``[world, ...]`` tensor or a list of tensors. docs/DISTRIBUTED.md states
 """
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import types
@@ -331,12 +332,11 @@ def sync(module_tree, fabric=None) -> None:
     Call it at a point every rank reaches (e.g. after each rollout). ``fabric`` defaults to the normalizers'
     own. Welford statistics become exactly those of one process that recorded every rank's batches; EMA
     statistics become the row-weighted average of the ranks' EMA states (docs/DISTRIBUTED.md). A tree that
-    differs between ranks raises ``ValueError`` on every rank. This reads one value on the host (the layout
+    differs between ranks raises ``ValueError`` on every rank (with ``fabric`` given, also where some ranks' trees
+    hold no deferred normalizer). This reads one value on the host (the layout
     check); it is meant for boundaries, not the hot path. A no-op on a single process.
     """
     entries = _deferred_normalizers(module_tree)
-    if not entries:
-        return
     if fabric is None:
         fabrics = {id(m.fabric): m.fabric for _, m in entries if m.fabric is not None}
         if len(fabrics) > 1:
@@ -347,9 +347,11 @@ def sync(module_tree, fabric=None) -> None:
     world = world_size(fabric)
     if world <= 1:
         return
+    # A tree without deferred normalizers goes on too when fabric= is given: ranks whose trees hold some (sync=
+    # switched on some ranks only) would otherwise wait in the layout check for good. All raise there instead.
     untracked = [name for name, m in entries if m.fabric is None or world_size(m.fabric) <= 1]
     live = [(name, m) for name, m in entries if m._initialized]
-    device = _sync_device(fabric, entries, live)
+    device = _sync_device(fabric, module_tree, entries, live)
     # First every rank's layout signature (fixed size), so that ranks whose trees differ, in size or in which
     # normalizers lack the fabric too, all raise before anything of a size that differs between them is sent.
     size = sum(reference.parts_width(m.num_features) for _, m in live)
@@ -379,16 +381,21 @@ def sync(module_tree, fabric=None) -> None:
         _apply_incoming(module, state, incoming)
 
 
-def _sync_device(fabric, entries, live) -> torch.device:
+def _sync_device(fabric, module_tree, entries, live) -> torch.device:
     """Where the sync's tensors travel: the first initialized normalizer's device; with none initialized, the device
-    a lazy one was moved to, else the fabric's (a Lightning Fabric's), else the CPU. NCCL takes no CPU tensor."""
+    a lazy one was moved to, else the fabric's (a Lightning Fabric's), else that of the tree's first parameter or
+    buffer, else the CPU. NCCL takes no CPU tensor."""
     if live:
         return live[0][1].mean.device
     moved = [m._lazy_device for _, m in entries if m._lazy_device is not None]
     if moved:
         return moved[0]
     device = getattr(fabric, "device", None)
-    return device if isinstance(device, torch.device) else torch.device("cpu")
+    if isinstance(device, torch.device):
+        return device
+    for tensor in itertools.chain(module_tree.parameters(), module_tree.buffers()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 def _outgoing_row(module, state: _DeferredState) -> Tensor:

@@ -604,11 +604,11 @@ def test_ddp_buffer_broadcasts_leave_the_statistics_alone(tmp_path):
 class _ThreadWorld:
     """Ranks played by threads of one process, exchanging tensors through shared slots."""
 
-    def __init__(self, world: int, as_list: bool = False):
+    def __init__(self, world: int, as_list: bool = False, timeout: float = 30):
         self.world = world
         self.as_list = as_list
         self.slots = [None] * world
-        self.barrier = threading.Barrier(world, timeout=30)
+        self.barrier = threading.Barrier(world, timeout=timeout)  # a rank left waiting fails the test
         self.gathers = [0] * world
 
     def fabric(self, rank: int):
@@ -981,6 +981,27 @@ def test_sync_rejects_untracked_deferred_normalizer(local_on):
         assert all("different trees" in message for message, _, _ in results)
 
 
+def test_sync_with_fabric_takes_part_where_a_rank_holds_no_deferred_normalizer():
+    """A tree with a deferred normalizer on one rank and none on the other (sync= switched on one rank only): with
+    fabric= given, the rank without one takes part in the layout check, so every rank raises instead of the other
+    waiting there for good (the barrier's timeout stands for the process group's). A tree without deferred
+    normalizers on every rank passes the check and changes nothing."""
+
+    def run(fabric, rank):
+        obs = RunningMeanStd(fabric, shape=(3,), device="cpu", sync="deferred" if rank == 0 else "per_call")
+        tree = nn.ModuleDict({"obs": obs})
+        with pytest.raises(ValueError, match="different trees"):
+            protonorm.sync(tree, fabric)
+        obs.sync = "per_call"
+        before = _stats(obs)
+        protonorm.sync(tree, fabric)
+        return all(torch.equal(a, b) for a, b in zip(before, _stats(obs)))
+
+    world = _ThreadWorld(2, timeout=10)
+    assert _run_threads(world, run) == [True, True]
+    assert world.gathers == [2, 2]
+
+
 class _DeviceProbe(_FakeWorld):
     """A world of two that records where the sync's first collective was asked to travel, then stops the sync."""
 
@@ -999,18 +1020,22 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("where", ["moved_model", "fabric_device"])
+@pytest.mark.parametrize("where", ["moved_model", "fabric_device", "no_deferred"])
 def test_sync_of_lazy_normalizers_travels_on_their_device(where):
     """A tree whose deferred normalizers are all still lazy (a sync before the first record) has no buffer to take
     the device from; the CPU would do for gloo, but NCCL takes no CPU tensor (every rank would fail, or wait
     forever where another rank's normalizers are initialized). The device the model was moved to, else the
-    fabric's, is used."""
+    fabric's, is used; for a tree without deferred normalizers (synced with fabric=), that of its tensors."""
     probe = _DeviceProbe(torch.device("meta") if where == "fabric_device" else None)
-    tree = nn.ModuleDict({"lazy": RunningMeanStd(probe, device="cpu", sync="deferred")})
+    if where == "no_deferred":
+        tree = nn.ModuleDict({"obs": RunningMeanStd(probe, shape=(3,), device="cpu"), "policy": nn.Linear(2, 2)})
+        tree.to("meta")
+    else:
+        tree = nn.ModuleDict({"lazy": RunningMeanStd(probe, device="cpu", sync="deferred")})
     if where == "moved_model":
         tree.to("meta")
     with pytest.raises(_Stop):
-        protonorm.sync(tree)
+        protonorm.sync(tree, probe)
     assert probe.seen == torch.device("meta")
 
 
