@@ -428,6 +428,11 @@ class RunningMeanStd(nn.Module):
                 # checkpoint holds) is the last sync's again, the same on every rank, as the next sync's base needs.
                 self.nonfinite_rows.copy_(synced.dropped)
             self._reset_transient_state()
+            if isinstance(synced, distributed._PerCallState):
+                # The shift the per-call all_reduce sums around stays (any value the ranks share will do): without it
+                # the next record gathers, and a load on some ranks only (a checkpoint loaded on rank 0 alone) would
+                # have them gather while the others all_reduce, every rank waiting on the other collective.
+                self._sync_state = synced
 
     # ----------------------------------------------------------------------------------------- routing
     def _backend_for(self, x: Tensor) -> Backend:
@@ -557,8 +562,8 @@ class RunningMeanStd(nn.Module):
             # Applied alike on every rank, so it goes into the base every rank shares too; the rows this rank
             # recorded since the last sync stay owed to the others (in either mode: see fold_parts).
             distributed.merge_into_base(self, parts, merge)
-        else:  # no base yet (the next deferred record takes the statistics, update included), or a per-call shift
-            self._sync_state = None
+        # Else no base yet (the next deferred record takes the statistics, update included), or a per-call shift,
+        # which stays for the reason a load keeps it (see _load_from_state_dict).
 
     def maybe_clamp(self, x: Tensor) -> Tensor:
         return x if self.clamp_value is None else torch.clamp(x, -self.clamp_value, self.clamp_value)

@@ -873,6 +873,32 @@ def test_refused_record_leaves_the_all_reduce_shift(monkeypatch, ema):
     assert_runs_equal(run)
 
 
+@pytest.mark.parametrize("call", ["load_state_dict", "update_from_moments"])
+def test_all_reduce_path_survives_a_call_on_one_rank_only(monkeypatch, call):
+    """A load_state_dict or update_from_moments on one rank only (a checkpoint loaded on rank 0 alone, which upstream's
+    broadcasts from rank 0 put right) must leave that rank on the all_reduce path with the others: were its shared
+    shift reset, it would gather while they all_reduce, and in a process group every rank would wait (gloo times
+    out; here the ranks' gathered tensors differ in shape and every rank fails). Its statistics then differ from the
+    others', as documented; every rank's next batch still enters every rank's statistics."""
+    monkeypatch.setenv(distributed.REDUCE_ENV_VAR, "all_reduce")
+
+    def run(fabric, rank):
+        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", backend="torch")
+        m.record_moments(_obs_batch(rank, 0))
+        checkpoint = {k: v.clone() for k, v in m.state_dict().items()}
+        m.record_moments(_obs_batch(rank, 1))
+        if rank == 0:
+            if call == "load_state_dict":
+                m.load_state_dict(checkpoint)
+            else:
+                m.update_from_moments(torch.full((D_OBS,), 90.0), torch.full((D_OBS,), 4.0), 10)
+        before = m.count.item()
+        m.record_moments(_obs_batch(rank, 2))
+        return m.count.item() - before
+
+    assert _run_threads(_ThreadWorld(2, timeout=10), run) == [_total_rows(2, [2])] * 2
+
+
 @pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
 def test_deferred_load_state_dict_restarts_from_checkpoint(ema):
     """load_state_dict on a used deferred normalizer drops its records pending since the last sync and its synced
