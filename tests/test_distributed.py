@@ -258,6 +258,42 @@ def _copied_mid_stream(fabric, rank, world):
     return _stats(copied["norm"])
 
 
+ONE_RANK_CALLS = ("load_state_dict", "update_from_moments")
+
+
+def _call_on_one_rank(fabric, rank, call):
+    """A per-call normalizer on which rank 0 alone makes ``call`` between two records (run on the all_reduce path):
+    the rows of the record after it that this rank's count gains."""
+    m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", backend="torch")
+    m.record_moments(_obs_batch(rank, 0))
+    checkpoint = {k: v.clone() for k, v in m.state_dict().items()}
+    m.record_moments(_obs_batch(rank, 1))
+    if rank == 0:
+        if call == "load_state_dict":
+            m.load_state_dict(checkpoint)
+        else:
+            m.update_from_moments(torch.full((D_OBS,), 90.0), torch.full((D_OBS,), 4.0), 10)
+    before = m.count.item()
+    m.record_moments(_obs_batch(rank, 2))
+    return m.count.item() - before
+
+
+def _deferred_on_one_rank(fabric, rank):
+    """A tree whose normalizer is deferred on rank 0 only, synced with fabric=; then per-call on every rank, synced
+    again: what the first sync raised, and whether the second left the statistics alone."""
+    obs = RunningMeanStd(fabric, shape=(3,), device="cpu", sync="deferred" if rank == 0 else "per_call")
+    tree = nn.ModuleDict({"obs": obs})
+    try:
+        protonorm.sync(tree, fabric)
+        raised = ""
+    except ValueError as exc:
+        raised = str(exc)
+    obs.sync = "per_call"
+    before = _stats(obs)
+    protonorm.sync(tree, fabric)
+    return raised, all(torch.equal(a, b) for a, b in zip(before, _stats(obs)))
+
+
 def _per_call_rank(fabric, rank, world):
     """Every backend x reduce method x (Welford, EMA) observation stream, plus the reward stream."""
     out = {}
@@ -316,6 +352,11 @@ def _process_group_worker(rank, world, port, out_dir):
             result[label] = {"stats": stats, "collectives": ops.count, "sizes": sizes}
         result["deferred"] = _deferred_rank(dist.group.WORLD, rank, "torch")
         result["copied"] = [_copied_mid_stream(fabric, rank, world) for fabric in (dist.group.WORLD, dist)]
+        # Calls made on rank 0 alone, which must not leave a rank waiting (the group's timeout fails the run).
+        os.environ[distributed.REDUCE_ENV_VAR] = "all_reduce"
+        result["one_rank"] = [_call_on_one_rank(dist.group.WORLD, rank, call) for call in ONE_RANK_CALLS]
+        os.environ.pop(distributed.REDUCE_ENV_VAR)
+        result["deferred_one_rank"] = _deferred_on_one_rank(dist.group.WORLD, rank)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -581,6 +622,9 @@ def test_process_group_fabrics(tmp_path):
     for copied in zip(*(r["copied"] for r in ranks)):  # a ProcessGroup, then the torch.distributed module
         assert_same_on_every_rank(copied)
         assert_matches_truth(copied[0], truth)
+    assert [r["one_rank"] for r in ranks] == [[_total_rows(world, [2])] * len(ONE_RANK_CALLS)] * world
+    for raised, unchanged in (r["deferred_one_rank"] for r in ranks):
+        assert "different trees" in raised and unchanged
 
 
 def test_ddp_buffer_broadcasts_leave_the_statistics_alone(tmp_path):
@@ -873,30 +917,16 @@ def test_refused_record_leaves_the_all_reduce_shift(monkeypatch, ema):
     assert_runs_equal(run)
 
 
-@pytest.mark.parametrize("call", ["load_state_dict", "update_from_moments"])
+@pytest.mark.parametrize("call", ONE_RANK_CALLS)
 def test_all_reduce_path_survives_a_call_on_one_rank_only(monkeypatch, call):
     """A load_state_dict or update_from_moments on one rank only (a checkpoint loaded on rank 0 alone, which upstream's
     broadcasts from rank 0 put right) must leave that rank on the all_reduce path with the others: were its shared
     shift reset, it would gather while they all_reduce, and in a process group every rank would wait (gloo times
     out; here the ranks' gathered tensors differ in shape and every rank fails). Its statistics then differ from the
-    others', as documented; every rank's next batch still enters every rank's statistics."""
+    others', as documented; every rank's next batch still enters every rank's statistics. (Also run on gloo.)"""
     monkeypatch.setenv(distributed.REDUCE_ENV_VAR, "all_reduce")
-
-    def run(fabric, rank):
-        m = RunningMeanStd(fabric, shape=(D_OBS,), device="cpu", backend="torch")
-        m.record_moments(_obs_batch(rank, 0))
-        checkpoint = {k: v.clone() for k, v in m.state_dict().items()}
-        m.record_moments(_obs_batch(rank, 1))
-        if rank == 0:
-            if call == "load_state_dict":
-                m.load_state_dict(checkpoint)
-            else:
-                m.update_from_moments(torch.full((D_OBS,), 90.0), torch.full((D_OBS,), 4.0), 10)
-        before = m.count.item()
-        m.record_moments(_obs_batch(rank, 2))
-        return m.count.item() - before
-
-    assert _run_threads(_ThreadWorld(2, timeout=10), run) == [_total_rows(2, [2])] * 2
+    results = _run_threads(_ThreadWorld(2, timeout=10), lambda fabric, rank: _call_on_one_rank(fabric, rank, call))
+    assert results == [_total_rows(2, [2])] * 2
 
 
 @pytest.mark.parametrize("ema", EMA_CHOICES, ids=["welford", "ema"])
@@ -1011,20 +1041,10 @@ def test_sync_with_fabric_takes_part_where_a_rank_holds_no_deferred_normalizer()
     """A tree with a deferred normalizer on one rank and none on the other (sync= switched on one rank only): with
     fabric= given, the rank without one takes part in the layout check, so every rank raises instead of the other
     waiting there for good (the barrier's timeout stands for the process group's). A tree without deferred
-    normalizers on every rank passes the check and changes nothing."""
-
-    def run(fabric, rank):
-        obs = RunningMeanStd(fabric, shape=(3,), device="cpu", sync="deferred" if rank == 0 else "per_call")
-        tree = nn.ModuleDict({"obs": obs})
-        with pytest.raises(ValueError, match="different trees"):
-            protonorm.sync(tree, fabric)
-        obs.sync = "per_call"
-        before = _stats(obs)
-        protonorm.sync(tree, fabric)
-        return all(torch.equal(a, b) for a, b in zip(before, _stats(obs)))
-
+    normalizers on every rank passes the check and changes nothing. (Also run on gloo.)"""
     world = _ThreadWorld(2, timeout=10)
-    assert _run_threads(world, run) == [True, True]
+    for raised, unchanged in _run_threads(world, _deferred_on_one_rank):
+        assert "different trees" in raised and unchanged
     assert world.gathers == [2, 2]
 
 
