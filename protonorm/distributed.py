@@ -333,8 +333,8 @@ def sync(module_tree, fabric=None) -> None:
     own. Welford statistics become exactly those of one process that recorded every rank's batches; EMA
     statistics become the row-weighted average of the ranks' EMA states (docs/DISTRIBUTED.md). A tree that
     differs between ranks raises ``ValueError`` on every rank (with ``fabric`` given, also where some ranks' trees
-    hold no deferred normalizer). This reads one value on the host (the layout
-    check); it is meant for boundaries, not the hot path. A no-op on a single process.
+    hold no deferred normalizer). This reads one value on the host (the layout check); it is meant for boundaries,
+    not the hot path. A no-op on a single process.
     """
     entries = _deferred_normalizers(module_tree)
     if fabric is None:
