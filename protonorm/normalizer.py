@@ -543,17 +543,33 @@ class RunningMeanStd(nn.Module):
             shaped.append(value.reshape(features).expand(mean.shape))
         d = self.num_features
         batch_mean = shaped[0].reshape(d)
-        batch_m2 = shaped[1].reshape(d) * n
-        parts = reference.pack_parts(n, torch.zeros((), device=mean.device), batch_mean, batch_m2)
+        batch_var = shaped[1].reshape(d)
+        # Moments holding NaN/inf are refused whole, as a batch's rows are: "raise" raises before anything changes;
+        # "drop" merges them as an empty part (decided on the device, no host read) and counts their rows as
+        # dropped, instead of poisoning the statistics for good as upstream's update does.
+        finite = torch.isfinite(batch_mean).all() & torch.isfinite(batch_var).all()
+        if self.nonfinite == "raise" and not bool(finite):  # the documented host read of nonfinite="raise"
+            raise ValueError(
+                "update_from_moments: expected finite batch_mean and batch_var, got NaN or inf "
+                "(statistics left unchanged; with nonfinite='drop' such moments are left out and counted instead)"
+            )
+        zero = torch.zeros((), dtype=torch.float64, device=mean.device)
+        kept_n = torch.where(finite, n, zero)
+        batch_mean = torch.where(finite, batch_mean, zero)
+        batch_m2 = torch.where(finite, batch_var * kept_n, zero)
+        parts = reference.pack_parts(kept_n, torch.where(finite, zero, n), batch_mean, batch_m2)
         flat_mean, flat_var, count, dropped = self._flat_stats()
         backend_merge = backends.resolve("torch", mean.device).merge
-        # The parts hold the count in float64, which rounds counts past 2^53: what it lost is added back.
-        count_rounding = (exact.to(torch.int64) - n.to(torch.int64)).reshape(())
+        # The parts hold the counts in float64, which rounds counts past 2^53: what they lost is added back.
+        lost = (exact.to(torch.int64) - n.to(torch.int64)).reshape(())
+        count_rounding = torch.where(finite, lost, torch.zeros_like(lost))
+        dropped_rounding = lost - count_rounding
 
         def merge(parts, mean, var, count, dropped, ema_decay):
             backend_merge(parts, mean, var, count, dropped, ema_decay)
             if ema_decay is None:
                 count.add_(count_rounding)
+            dropped.add_(dropped_rounding)
 
         merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
         from . import distributed

@@ -127,6 +127,46 @@ def test_update_from_moments_adds_counts_past_float64_precision_exactly(backend_
         assert float(m.var[j]) == pytest.approx(float(m2 / n), rel=1e-15, abs=0)
 
 
+@pytest.mark.parametrize("sync", ["per_call", "deferred"])
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
+@pytest.mark.parametrize("bad", ["nan_mean", "inf_var", "neg_inf_mean_one_value"])
+def test_update_from_moments_leaves_nonfinite_moments_out(backend_name, ema, sync, bad):
+    """Moments holding NaN/inf are refused whole, as a batch's rows are: with nonfinite='drop' the statistics stay
+    bit for bit as they were and ``nonfinite_rows`` grows by the update's count (counts past 2^53 included); with
+    'raise' a ValueError leaves everything untouched. A finite update afterwards merges as if the refused one had
+    never been made."""
+    mean = torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    var = torch.tensor([3.0, 0.25, 1.0], dtype=torch.float64)
+    bad_mean, bad_var = mean.clone(), var.clone()
+    if bad == "nan_mean":
+        bad_mean[1] = float("nan")
+    elif bad == "inf_var":
+        bad_var[2] = float("inf")
+    else:
+        bad_mean, bad_var = torch.tensor(float("-inf")), var
+    x = torch.tensor([[1.0, -2.0, 0.0], [3.0, 0.5, 1.0]], dtype=torch.float64)
+    clean, m = (make((3,), backend_name, ema_decay=ema, sync=sync) for _ in range(2))
+    for module in (clean, m):
+        module.record_moments(x)
+    m.update_from_moments(bad_mean, bad_var, 5)
+    m.update_from_moments(bad_mean, bad_var, torch.tensor(2**60 + 1))
+    for module in (clean, m):
+        module.update_from_moments(mean, var, 4)
+    protonorm.sync(m)
+    protonorm.sync(clean)
+    for name in ("mean", "var", "count"):
+        assert torch.equal(getattr(m, name), getattr(clean, name)), name
+    assert int(m.nonfinite_rows) == int(clean.nonfinite_rows) + 5 + 2**60 + 1
+
+    strict = make((3,), backend_name, ema_decay=ema, sync=sync, nonfinite="raise")
+    strict.record_moments(x)
+    before = {k: v.clone() for k, v in strict.state_dict().items()} | {"dropped": strict.nonfinite_rows.clone()}
+    with pytest.raises(ValueError, match="update_from_moments: expected finite batch_mean and batch_var"):
+        strict.update_from_moments(bad_mean, bad_var, 5)
+    after = {k: v for k, v in strict.state_dict().items()} | {"dropped": strict.nonfinite_rows}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 @pytest.mark.parametrize("ema", [None, 0.99])
 def test_backends_agree_with_reference(backend_name, ema):
     g = torch.Generator().manual_seed(0)
