@@ -175,12 +175,14 @@ def fold_parts(module, parts: Tensor, backend, check: Optional[Callable[[Tensor]
     ``check`` (None or a callable raising on dropped non-finite rows) sees the parts that will be merged: every
     rank's in per-call mode, so all ranks raise together; this rank's in deferred mode, where nothing waits on
     a collective. Called by the normalizers when their ``fabric`` spans more than one rank, and for every deferred
-    record whatever the fabric (it may be assigned later).
+    record, and every record while rows are owed, whatever the fabric (it may be assigned later).
     """
-    if module.sync == "deferred":
+    fabric = module.fabric
+    if module.sync == "deferred" or (isinstance(module._sync_state, _DeferredState) and world_size(fabric) <= 1):
+        # A per-call record that reaches no other rank while this rank owes them rows (switched from deferred
+        # before the distributed fabric came) joins those rows: merged apart, it would be lost to the stale base.
         _record_deferred(module, parts, backend, check)
         return
-    fabric = module.fabric
     world = world_size(fabric)
     local = backend.combine(parts)
     owed = None

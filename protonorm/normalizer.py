@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from . import backends, reference
 from .backends.base import Backend, normalized_dtype, outside_inference_mode
+from .distributed import _DeferredState
 from .output_cache import OutputCache
 
 NONFINITE_POLICIES = ("drop", "raise")
@@ -479,12 +480,13 @@ class RunningMeanStd(nn.Module):
     def _fold(self, parts: Tensor, backend: Backend, layout: Optional[_Layout] = None) -> None:
         """Merge recorded moments into the statistics (all ranks' when distributed)."""
         check = self._raise_if_nonfinite if self.nonfinite == "raise" else None
-        if self.fabric is not None or self.sync == "deferred":
+        if self.fabric is not None or self.sync == "deferred" or self._owes_rows():
             from . import distributed
 
             # Deferred records are tracked whatever the fabric: callers assign the distributed one after
             # construction, and rows recorded before are owed to the other ranks at the next sync all the same.
-            if self.sync == "deferred" or distributed.world_size(self.fabric) > 1:
+            # So are per-call records while rows are owed (switched from deferred before a distributed fabric).
+            if self.sync == "deferred" or self._owes_rows() or distributed.world_size(self.fabric) > 1:
                 distributed.fold_parts(self, parts, backend, check)
                 return
         if check is not None:
@@ -505,13 +507,18 @@ class RunningMeanStd(nn.Module):
     def _merges_alone(self) -> bool:
         """Whether recorded moments go straight into this process's statistics and nowhere else (no other ranks, now
         or at a deferred sync, no check of the parts), so that a backend may fuse computing them with the merge."""
-        if self.nonfinite != "drop" or self.sync == "deferred":
+        if self.nonfinite != "drop" or self.sync == "deferred" or self._owes_rows():
             return False
         if self.fabric is None:
             return True
         from . import distributed
 
         return distributed.world_size(self.fabric) <= 1
+
+    def _owes_rows(self) -> bool:
+        """Whether this module holds a deferred-sync state: rows recorded since the last sync that the other ranks
+        have not seen (kept when switched to per-call until a record reaches the other ranks)."""
+        return type(self._sync_state) is _DeferredState
 
     @staticmethod
     def _raise_if_nonfinite(parts: Tensor) -> None:
@@ -690,7 +697,8 @@ class RunningMeanStd(nn.Module):
         """
         # ProtoMotions' second call: the moments of this very batch are stashed by normalize, and with the
         # statistics this process's alone the backend may merge them directly (Backend.try_merge).
-        if mask is None and self.fabric is None and self.nonfinite == "drop" and self.sync == "per_call":
+        if (mask is None and self.fabric is None and self.nonfinite == "drop" and self.sync == "per_call"
+                and type(self._sync_state) is not _DeferredState):
             parts, backend = self._stashed_moments(arr)
             layout = self._layout_cache
             if (
@@ -786,6 +794,7 @@ class RewardRunningMeanStd(RunningMeanStd):
             and self.fabric is None
             and self.nonfinite == "drop"
             and self.sync == "per_call"
+            and type(self._sync_state) is not _DeferredState
             and layout.choice == self.backend
             and layout.backend.direct
             and layout.current(self._buffers)

@@ -778,11 +778,15 @@ def test_deep_copy_keeps_the_rows_a_deferred_sync_owes():
 
 # (Triton's CPU interpreter is not thread-safe; the record paths this checks are chosen before any backend runs.)
 @pytest.mark.parametrize("backend", [name for name in _cpu_backends() if name != "triton"])
+@pytest.mark.parametrize("switch", [None, "per_call", "deferred"], ids=["deferred", "to_per_call", "and_back"])
 @pytest.mark.parametrize("before", ["none", "world_of_one"])
-def test_deferred_rows_recorded_before_the_fabric_is_assigned_are_synced(before, backend):
+def test_deferred_rows_recorded_before_the_fabric_is_assigned_are_synced(before, switch, backend):
     """Callers assign ``fabric`` after construction. Rows a deferred normalizer recorded while its fabric was None
     (or a world of one) enter the next sync like any other: were they merged untracked, each rank would keep its
-    own as the shared base and the ranks would differ after the sync. Covers normalize-then-record and rewards."""
+    own as the shared base and the ranks would differ after the sync. Switched to per-call meanwhile, its per-call
+    records cannot reach the other ranks either and join those rows: none is lost to the stale synced base when the
+    fabric arrives, whether its first use is a per-call record (``switch="per_call"``) or a sync after switching back
+    to deferred. Covers normalize-then-record and rewards (whose per-call records take the direct calls)."""
 
     def run(fabric, rank, world=2):
         ranks = range(world) if fabric is None else [rank]
@@ -790,9 +794,13 @@ def test_deferred_rows_recorded_before_the_fabric_is_assigned_are_synced(before,
         kind = "per_call" if fabric is None else "deferred"
         obs = RunningMeanStd(local, shape=(D_OBS,), device="cpu", backend=backend, sync=kind)
         reward = RewardRunningMeanStd(local, (1,), 0.99, device="cpu", backend=backend, sync=kind)
-        for step in range(3):
-            if step == 2:
+        for step in range(4):
+            if step == 1 and switch and fabric is not None:
+                obs.sync = reward.sync = "per_call"
+            if step == 3:
                 obs.fabric = reward.fabric = fabric
+                if switch and fabric is not None:
+                    obs.sync = reward.sync = switch
             batch = torch.cat([_obs_batch(r, step) for r in ranks])
             obs.normalize(batch)
             obs.record_moments(batch)
