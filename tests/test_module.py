@@ -1074,6 +1074,8 @@ def _refused_first_calls():
          lambda m: m.record_reward(torch.ones(4, 3), torch.zeros(4, dtype=torch.complex64)), TypeError, "complex64"),
         ("bool reward normalize", {"gamma": 0.9}, lambda m: m.normalize(bool_rows), TypeError, "bool"),
         ("non-finite record", {"nonfinite": "raise"}, lambda m: m.record_moments(nan_row), ValueError, "finite"),
+        ("non-finite deferred record", {"nonfinite": "raise", "sync": "deferred"},
+         lambda m: m.record_moments(nan_row), ValueError, "finite"),
         ("non-finite reward", {"gamma": 0.9, "nonfinite": "raise"},
          lambda m: m.record_reward(nan_row, torch.zeros(4)), ValueError, "finite"),
     ]
