@@ -12,6 +12,10 @@ rows only.
 """
 from __future__ import annotations
 
+import functools
+import math
+
+import torch
 import triton
 import triton.language as tl
 
@@ -96,6 +100,23 @@ def _normalize_kernel(
     tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=ok)
 
 
+def clamp_bound(clamp_value, un_norm, dtype) -> float:
+    """The bound the kernel clamps with (0.0 without a clamp). ``un_norm`` clamps a half tensor in its own precision,
+    to the bound ``torch.clamp`` rounds to that precision: rounded here, as torch rounds it (Triton's interpreter
+    truncates float32 -> bfloat16 conversions), so that the kernel's rounding of the clamped values is exact."""
+    if clamp_value is None:
+        return 0.0
+    if un_norm and dtype in (torch.float16, torch.bfloat16):
+        return _rounded_bound(float(clamp_value), dtype)
+    return clamp_value
+
+
+@functools.lru_cache(maxsize=64)
+def _rounded_bound(clamp_value: float, dtype: torch.dtype) -> float:
+    # (on the CPU whatever the default device: no device sync)
+    return torch.full((), math.inf, dtype=dtype, device="cpu").clamp(max=clamp_value).item()
+
+
 def launch_args(x, mean, var, epsilon, clamp_value, un_norm, center, out):
     num_rows, num_features = x.shape
     check_features(num_features)
@@ -105,7 +126,7 @@ def launch_args(x, mean, var, epsilon, clamp_value, un_norm, center, out):
     grid = (triton.cdiv(num_rows, block_r), triton.cdiv(num_features, block_d))
     args = (
         x, mean, var, out, num_rows, num_features, x.stride(0), out.stride(0),
-        f64_bits(epsilon), f64_bits(clamp_value if clamp_value is not None else 0.0),
+        f64_bits(epsilon), f64_bits(clamp_bound(clamp_value, un_norm, x.dtype)),
     )
     meta = dict(
         F64=compute_is_f64(x.dtype), HAS_CLAMP=clamp_value is not None, UN_NORM=bool(un_norm),

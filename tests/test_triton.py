@@ -326,7 +326,7 @@ def test_batch_without_valid_rows_leaves_statistics_bit_exact(request, tiles, em
 # ------------------------------------------------------------------------------------------ normalize
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("b,d", [(37, 1), (1, 7), (37, 33), (7, 1023), (4097, 1)])
-@pytest.mark.parametrize("clamp", [None, 0.7])
+@pytest.mark.parametrize("clamp", [None, 0.7, 0.3])  # (a half tensor is clamped to the bound rounded down, up)
 def test_normalize_matches_reference(dtype, b, d, clamp):
     x = batch(b, d, dtype, offset=0.5, scale=3.0)
     x[b // 2, 0] = float("nan")
