@@ -188,6 +188,47 @@ def test_strided_rows_and_large_offsets(small_tiles):
     np.testing.assert_allclose((m2[0] / n[0]).cpu().numpy(), xs.var(0), rtol=1e-9)
 
 
+def far_apart_rows(d, dtype=torch.float16):
+    """Three ``[3, d]`` rows ``2^30 + 64`` elements apart, the last one past 2^31 elements: a row stride under 2^31 is
+    passed as int32, so only 64-bit row offsets reach it. Views into 4 GiB (2-byte elements) of which only the rows'
+    pages are ever touched; skipped where that much cannot be allocated."""
+    stride = (1 << 30) + 64
+    try:
+        storage = torch.empty(2 * stride + d, dtype=dtype, device=DEVICE)
+    except (RuntimeError, MemoryError):
+        pytest.skip("needs 4 GiB of address space (of device memory on a GPU)")
+    x = storage.as_strided((3, d), (stride, 1))
+    x.copy_(batch(3, d, dtype, seed=11))
+    x[2, d - 1] = 1000.0  # the row past 2^31 elements stands out in the moments
+    return x
+
+
+@pytest.mark.parametrize("kernel", ["moments", "normalize", "normalize_moments", "reward_moments"])
+def test_row_offsets_past_2_31_elements_are_64_bit(kernel):
+    """Every kernel computes row index times row stride in 64 bits (the GPU test of a 2^31-element batch needs tens of
+    GB; this one reads three rows). 32-bit offsets wrap and read or write another place."""
+    d = 5
+    x = far_apart_rows(d)
+    dense = x.clone()
+    mean, var = stats(d)[:2]
+    if kernel == "moments":
+        assert_parts_close(TB.moments(x, None, {}), reference.batch_moments(dense))
+    elif kernel == "reward_moments":
+        done = torch.tensor([False, True, False], device=DEVICE)
+        got, want = batch(3, d, seed=12), batch(3, d, seed=12)
+        parts = TB.reward_moments(x, done, got, 0.99, {})
+        expected = RB.reward_moments(dense, done, want, 0.99, {})
+        assert_same(got, want)
+        assert_parts_close(parts, expected)
+    else:
+        out = torch.empty(x.shape, device=DEVICE)
+        if kernel == "normalize":
+            TB.normalize(x, mean, var, 1e-5, None, False, True, out)
+        else:
+            assert_parts_close(TB.normalize_moments(x, mean, var, 1e-5, None, out, {}), reference.batch_moments(dense))
+        assert_same(out, expected_normalize("triton", dense, mean, var, 1e-5, None))
+
+
 def test_workspace_is_reused_across_calls():
     ws = {}
     first = TB.moments(batch(64, 5), None, ws)
