@@ -865,6 +865,7 @@ def test_reward_moments_match_reference(b, d, reward_dtype, term_dtype, disc_dty
     terminated = (torch.rand(b, generator=g) < 0.3).to(term_dtype)
     if b > 10:
         terminated[10] = 1
+        reward[11], terminated[11] = -0.0, 1  # restarts at 0.0 + -0.0 = +0.0, not at the reward's -0.0
     ours, theirs = discounted.clone(), discounted.clone()
     for step in range(3):
         parts = CPP.reward_moments(reward, terminated, ours, 0.99, {})

@@ -426,6 +426,8 @@ def test_reward_moments_match_reference(b, d, reward_dtype, returns_dtype, termi
         if step == 1 and b > 1:
             reward[b // 2, 0] = float("nan")  # that environment's return is dropped until it resets
         terminated = (torch.rand(b, generator=g) < 0.3).to(terminated_dtype).to(DEVICE)
+        if step == 0 and b > 1:
+            reward[1], terminated[1] = -0.0, 1  # restarts at 0.0 + -0.0 = +0.0, not at the reward's -0.0
         parts = TB.reward_moments(reward, terminated, got, 0.99, {})
         expected = RB.reward_moments(reward, terminated, want, 0.99, {})
         assert_same(got, want)
