@@ -749,6 +749,25 @@ def test_merge_many_parts_and_strided_stats():
         assert_same(a.contiguous(), t)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 8])
+def test_merge_split_over_threads_matches_reference_bitwise(threads):
+    """Enough parts times columns (129 x 1023, over 2^17 values) to merge on several threads, each a contiguous range
+    of columns: every column is merged, bit for bit as the reference, whichever thread takes it."""
+    g = torch.Generator().manual_seed(9)
+    k, d = 129, 1023
+    n = torch.randint(1, 50, (k,), generator=g).double()
+    mean = torch.randn(k, d, generator=g, dtype=torch.float64) + 100
+    m2 = torch.rand(k, d, generator=g, dtype=torch.float64) * n[:, None]
+    parts = torch.cat([n[:, None], torch.ones(k, 1, dtype=torch.float64), mean, m2], dim=1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        for ema_decay in (None, 0.99):
+            assert_merge_as_reference(parts, [*stats(d), torch.tensor(12345), torch.tensor(3)], ema_decay)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("ema_decay", [None, 0.99])
 def test_batch_without_valid_rows_is_a_bitwise_no_op(ema_decay):
     mean, var = stats(7)
