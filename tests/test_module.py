@@ -951,6 +951,32 @@ def test_squared_deviations_beyond_float64_give_an_infinite_variance(backend_nam
     torch.testing.assert_close(m.var[1:], want.var[1:], rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("case", ["rows", "one_column", "reward"])
+def test_statistics_of_count_zero_take_a_batch_whose_mean_is_far_from_theirs(backend_name, case):
+    """Statistics loaded with a count of 0 take the next batch as it is, also where its mean (1e160) is so far from
+    theirs (0) that the squared difference overflows float64: the merge's cross term has weight 0 there, and adds 0,
+    not inf * 0 = NaN, as the reference's chan_merge. The batch's own squares stay finite (deviations of 1e145)."""
+    d = 1 if case == "one_column" else 2
+    steps = torch.arange(64, dtype=torch.float64)
+    x = torch.stack([1e160 * (1 + 2.0**-50 * (steps % 5)), steps % 7], dim=1)[:, :d]
+    if case == "reward":
+        m = RewardRunningMeanStd(None, (d,), 0.99, device="cpu", backend=backend_name)
+    else:
+        m = make((d,), backend_name)
+    state = m.state_dict()
+    state["count"] = torch.tensor(0)
+    m.load_state_dict(state)
+    mean, var = m.mean.clone(), m.var.clone()
+    if case == "reward":  # the first step: the returns are the rewards
+        m.record_reward(x, torch.zeros(64, dtype=torch.bool))
+    else:
+        m.record_moments(x)
+    reference.merge_into_running(reference.batch_moments(x), mean, var, torch.tensor(0), torch.tensor(0), None)
+    assert torch.isfinite(var).all() and int(m.count) == 64
+    torch.testing.assert_close(m.mean, mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(m.var, var, rtol=1e-9, atol=0)
+
+
 @pytest.mark.parametrize("ema", [None, 0.9])
 def test_empty_batch_is_a_noop(backend_name, ema):
     m = make((3,), backend_name, ema_decay=ema)
