@@ -410,6 +410,19 @@ def test_normalize_moments_equals_separate_calls(request, tiles, dtype):
     assert_parts_close(parts, reference.batch_moments(x))
 
 
+@pytest.mark.parametrize("layout", ["x_rows_apart", "out_rows_apart"])
+def test_normalize_moments_reads_and_writes_rows_each_with_its_own_stride(small_tiles, layout):
+    """A batch that is a slice of wider rows, normalized into a contiguous output, and the other way round."""
+    x = batch(50, 40)[:, 2:35] if layout == "x_rows_apart" else batch(50, 33)
+    mean, var = stats(33)[:2]
+    out = torch.full((50, 40), float("nan"), device=DEVICE)[:, 3:36] if layout == "out_rows_apart" else torch.empty(
+        50, 33, device=DEVICE)
+    assert x.stride(0) != out.stride(0)
+    parts = TB.normalize_moments(x, mean, var, 1e-5, 2.0, out, {})
+    assert_same(out, expected_normalize("triton", x, mean, var, 1e-5, 2.0))
+    assert_parts_close(parts, reference.batch_moments(x))
+
+
 # ------------------------------------------------------------------------------------------ reward
 @pytest.mark.parametrize("reward_dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("returns_dtype", [torch.float32, torch.float64], ids=str)
