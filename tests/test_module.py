@@ -620,6 +620,25 @@ def test_clamp_beyond_the_clamped_dtype_raises_as_upstream(backend_name, trainin
     assert_stats_equal(stats(m), before)  # nothing recorded by the refused (or any) normalize
 
 
+@pytest.mark.parametrize("dtype,clamp_value", [
+    (torch.float16, 1 + 2.0**-11), (torch.float16, 1 + 3 * 2.0**-11), (torch.float16, 2.0**-25),
+    (torch.float16, 3 * 2.0**-25), (torch.float16, 3e-6), (torch.float16, 6e4),
+    (torch.bfloat16, 1 + 2.0**-8), (torch.bfloat16, 1 + 3 * 2.0**-8), (torch.bfloat16, 0.7), (torch.bfloat16, 3e38),
+], ids=str)
+def test_un_norm_clamps_16_bit_input_at_the_bound_rounded_as_torch_rounds_it(backend_name, dtype, clamp_value):
+    """un_norm clamps a float16 / bfloat16 input in its own dtype, as torch.clamp on it does: at the bound rounded to
+    that dtype, to nearest with ties to even. Bounds halfway between two values (of either dtype), subnormal halves
+    and large ones; the inputs are the values on both sides of the bound and at it. (No subnormal bfloat16: Triton's
+    interpreter flushes them to zero as it loads them.)"""
+    bound = torch.tensor(clamp_value, dtype=torch.float32)
+    steps = torch.tensor([1 - 2.0**-7, 1 - 2.0**-9, 1 - 2.0**-11, 1.0, 1 + 2.0**-11, 1 + 2.0**-9, 1 + 2.0**-7, 2.0])
+    near = (bound * steps).to(dtype)
+    x = torch.cat([near, -near, torch.tensor([0.0, float("inf"), float("nan")], dtype=dtype)])[None, :].repeat(3, 1)
+    m = make((x.shape[1],), backend_name, clamp_value=clamp_value).eval()
+    assert_same(m.normalize(x, un_norm=True), expected_normalize(backend_name, x, m.mean, m.var, m.epsilon,
+                                                                 clamp_value, un_norm=True))
+
+
 @pytest.mark.parametrize("dtype,expected", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                             (torch.float16, torch.float32), (torch.float64, torch.float64)])
 def test_normalize_output_dtype_is_upstreams(backend_name, dtype, expected):
