@@ -424,7 +424,7 @@ class RunningMeanStd(nn.Module):
             from . import distributed
 
             synced = self._sync_state
-            if isinstance(synced, distributed._DeferredState):
+            if self._owes_rows():
                 # The records pending since the last sync go, and so do the rows they dropped: the count (which no
                 # checkpoint holds) is the last sync's again, the same on every rank, as the next sync's base needs.
                 self.nonfinite_rows.copy_(synced.dropped)
@@ -579,9 +579,9 @@ class RunningMeanStd(nn.Module):
             dropped.add_(dropped_rounding)
 
         merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
-        from . import distributed
+        if self._owes_rows():
+            from . import distributed
 
-        if isinstance(self._sync_state, distributed._DeferredState):
             # Applied alike on every rank, so it goes into the base every rank shares too; the rows this rank
             # recorded since the last sync stay owed to the others (in either mode: see fold_parts).
             distributed.merge_into_base(self, parts, merge)
