@@ -154,7 +154,10 @@ def test_anything_reaching_the_memory_keeps_it(holder):
         kept = out.view(-1)[10:]
     del out
     newer = [norm.normalize(batch(i)) for i in range(1, 4)]
-    assert all(n.data_ptr() != address for n in newer)
+    # Three live outputs evict the first storage from the cache (two slots): a weak reference alone then lets it go,
+    # and the allocator may give its freed memory to a newer output, which nothing else reaches any more.
+    freed = holder == "storage_weakref" and kept() is None
+    assert freed or all(n.data_ptr() != address for n in newer)
     if holder == "autograd":
         kept.backward()
         torch.testing.assert_close(weight.grad, snapshot.sum(0, keepdim=True).T.expand(D, 3))
