@@ -1123,6 +1123,8 @@ def _check_clamp_fits(clamp_value, dtype: torch.dtype) -> None:
 def _check_normalizable(arr: Tensor, un_norm: bool, clamp_value) -> None:
     """What ``normalize`` refuses whatever the statistics: bool and complex tensors, and a ``clamp_value`` beyond
     the range of the dtype it clamps (integer input is normalized as float32)."""
+    if not isinstance(arr, Tensor):  # (upstream's arithmetic raises TypeError for a numpy array or a list too)
+        raise TypeError(f"normalize: expected a tensor, got {type(arr).__name__}")
     if not arr.is_floating_point():
         if arr.dtype == torch.bool or arr.is_complex():
             raise TypeError(f"normalize: expected a real-valued tensor (floating point or integer), got {arr.dtype}")

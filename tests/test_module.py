@@ -1023,6 +1023,12 @@ def _bad_calls():
         ("complex record", lambda m: m.record_moments(torch.ones(4, 3, dtype=torch.complex64)), TypeError, "complex64"),
         ("bool normalize", lambda m: m.train().normalize(torch.ones(4, 3, dtype=torch.bool)), TypeError, "bool"),
         ("complex normalize", lambda m: m.normalize(torch.ones(4, 3, dtype=torch.complex64)), TypeError, "complex"),
+        ("numpy normalize", lambda m: m.train().normalize(np.ones((4, 3), np.float32)), TypeError,
+         "^normalize: expected a tensor, got ndarray$"),
+        ("list eval normalize", lambda m: m.eval().normalize([1.0, 2.0, 3.0]), TypeError,
+         "^normalize: expected a tensor, got list$"),
+        ("numpy un_norm", lambda m: m.normalize(np.ones((4, 3), np.float32), un_norm=True), TypeError,
+         "^normalize: expected a tensor, got ndarray$"),
     ]
 
 
@@ -1118,6 +1124,8 @@ def _refused_first_calls():
         ("complex terminated", {"gamma": 0.9},
          lambda m: m.record_reward(torch.ones(4, 3), torch.zeros(4, dtype=torch.complex64)), TypeError, "complex64"),
         ("bool reward normalize", {"gamma": 0.9}, lambda m: m.normalize(bool_rows), TypeError, "bool"),
+        ("numpy normalize", {}, lambda m: m.normalize(bool_rows.float().numpy()), TypeError, "got ndarray"),
+        ("list reward normalize", {"gamma": 0.9}, lambda m: m.normalize([[1.0, 2.0, 3.0]]), TypeError, "got list"),
         ("non-finite record", {"nonfinite": "raise"}, lambda m: m.record_moments(nan_row), ValueError, "finite"),
         ("non-finite deferred record", {"nonfinite": "raise", "sync": "deferred"},
          lambda m: m.record_moments(nan_row), ValueError, "finite"),
