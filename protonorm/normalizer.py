@@ -13,6 +13,7 @@ import functools
 import math
 import numbers
 import os
+import sys
 import threading
 import warnings
 import weakref
@@ -39,9 +40,19 @@ def _resolve_default_device(device):
         return torch.get_default_device()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        warnings.warn(f"protonorm: device {device!r} requested but CUDA is not available; using the CPU", stacklevel=3)
+        warnings.warn(f"protonorm: device {device!r} requested but CUDA is not available; using the CPU",
+                      stacklevel=_caller_stacklevel())
         return "cpu"
     return device
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning issued by this function's caller name the first line outside this
+    module: the user's, whichever of the constructors here (one calls the other) it passed through."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__") == __name__:
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _onnx_export_flag():

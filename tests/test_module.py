@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 
 import numpy as np
 import pytest
@@ -538,6 +539,19 @@ def test_default_cuda_device_falls_back_to_cpu_with_warning():
     with pytest.warns(UserWarning, match="CUDA is not available"):
         m = RunningMeanStd(None, (2,))
     assert m.mean.device.type == "cpu"
+
+
+@pytest.mark.parametrize("make_default", [lambda: RunningMeanStd(None, (2,)),
+                                          lambda: RewardRunningMeanStd(None, (1,), 0.99)], ids=["obs", "reward"])
+def test_cuda_fallback_warning_names_the_callers_line(make_default):
+    """The warning points at the line that built the module, not into protonorm (the reward normalizer's
+    constructor passes through its parent's)."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the fallback cannot happen")  # pragma: no cover
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_default()
+    assert [(w.filename, w.category) for w in caught] == [(__file__, UserWarning)], [str(w) for w in caught]
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])
