@@ -12,6 +12,7 @@ import copy
 import functools
 import math
 import numbers
+import operator
 import os
 import sys
 import threading
@@ -1006,12 +1007,19 @@ def _as_statistic(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _as_shape(shape) -> Tuple[int, ...]:
-    if isinstance(shape, int):
-        shape = (shape,)
+    """``shape`` as a tuple of ints; sizes must be integers, as ``torch.zeros`` takes them: ``int()`` would turn
+    ``"342"`` into ``(3, 4, 2)`` and ``2.5`` into 2."""
+    given = shape
     try:
-        shape = tuple(int(s) for s in shape)
+        shape = (operator.index(shape),)
     except TypeError:
-        raise TypeError(f"shape: expected a tuple of ints, got {shape!r}") from None
+        pass
+    try:
+        if isinstance(shape, (str, bytes)):
+            raise TypeError
+        shape = tuple(operator.index(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape: expected a tuple of ints, got {given!r}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"shape: expected non-negative sizes, got {shape}")
     return shape

@@ -1206,6 +1206,22 @@ def test_constructor_rejects_out_of_range_arguments(kwargs, pattern):
         RunningMeanStd(None, (2,), device="cpu", **kwargs)
 
 
+@pytest.mark.parametrize("shape", ["342", "1", (2.5,), 3.0, (3, "4"), b"12"], ids=str)
+def test_constructor_refuses_a_shape_of_other_than_integer_sizes(shape):
+    """A string's characters or a float are no sizes (upstream's ``torch.zeros(shape)`` refuses them); read as ints
+    they made statistics of another shape, ``"342"`` three dims (3, 4, 2)."""
+    for make in (lambda: RunningMeanStd(None, shape, device="cpu"), lambda: RewardRunningMeanStd(None, shape, 0.9)):
+        with pytest.raises(TypeError, match=r"^shape: expected a tuple of ints, got "):
+            make()
+
+
+@pytest.mark.parametrize("shape,want", [(3, (3,)), (np.int64(3), (3,)), ([2, 3], (2, 3)), (torch.Size([4]), (4,)),
+                                        ((np.int32(2), torch.tensor(5)), (2, 5)), ((), ())], ids=str)
+def test_constructor_takes_the_integer_shapes_torch_takes(shape, want):
+    m = RunningMeanStd(None, shape, device="cpu")
+    assert m.shape == want and m.mean.shape == want == torch.zeros(shape).shape
+
+
 @pytest.mark.parametrize(
     "name,bad,good",
     [
