@@ -545,6 +545,9 @@ class RunningMeanStd(nn.Module):
     @torch.no_grad()
     def update_from_moments(self, batch_mean: Tensor, batch_var: Tensor, batch_count) -> None:
         """Fold externally computed moments (population variance) of ``batch_count`` rows into the statistics."""
+        if isinstance(batch_count, numbers.Real) and not (math.isfinite(batch_count) and batch_count >= 0):
+            # (checked where it costs nothing: a number on the host; a tensor's value is not read)
+            raise ValueError(f"update_from_moments: expected batch_count >= 0 (a number of rows), got {batch_count!r}")
         mean = self.mean
         batch_mean = _on_device(batch_mean, mean.device, torch.float64)
         batch_var = _on_device(batch_var, mean.device, torch.float64)

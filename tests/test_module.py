@@ -129,6 +129,22 @@ def test_update_from_moments_adds_counts_past_float64_precision_exactly(backend_
 
 
 @pytest.mark.parametrize("sync", ["per_call", "deferred"])
+@pytest.mark.parametrize("count", [-1, -3, -0.5, float("nan"), float("inf"), np.int64(-2)], ids=repr)
+def test_update_from_moments_refuses_a_count_that_is_no_number_of_rows(backend_name, sync, count):
+    """A negative or non-finite ``batch_count`` given as a number raises and changes nothing: it left the mean and
+    variance alone but moved the count (a NaN one to -2^63 + 1), or, as upstream's merge does, turned the mean
+    into -inf."""
+    m = make((3,), backend_name, sync=sync)
+    m.record_moments(torch.randn(5, 3))
+    before = stats(m)
+    with pytest.raises(ValueError, match=r"^update_from_moments: expected batch_count >= 0 \(a number of rows\), got "):
+        m.update_from_moments(torch.zeros(3), torch.ones(3), count)
+    assert_stats_equal(stats(m), before)
+    m.update_from_moments(torch.zeros(3), torch.ones(3), 0)  # an empty batch is still taken (a no-op)
+    assert_stats_equal(stats(m), before)
+
+
+@pytest.mark.parametrize("sync", ["per_call", "deferred"])
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
 @pytest.mark.parametrize("bad", ["nan_mean", "inf_var", "neg_inf_mean_one_value"])
 def test_update_from_moments_leaves_nonfinite_moments_out(backend_name, ema, sync, bad):
