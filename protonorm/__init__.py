@@ -30,4 +30,4 @@ def sync(module, fabric=None):
     return _sync(module, fabric)
 
 
-backends.announce_fallback("cpp")
+backends.announce_at_import()

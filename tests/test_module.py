@@ -1319,6 +1319,23 @@ def test_auto_without_triton_on_cuda_says_so_once(monkeypatch, capsys):
     ]
 
 
+@pytest.mark.parametrize("env,notice", [(None, True), ("auto", True), ("", True), ("torch", False), ("cpp", False),
+                                        ("CPP", False), ("bogus", False)])
+def test_import_says_cpu_tensors_use_the_torch_path_only_where_auto_runs_them(monkeypatch, capsys, env, notice):
+    """Without the C++ extension, ``import protonorm`` says that CPU tensors take the torch path: true of
+    ``backend="auto"``, but not where ``PROTONORM_BACKEND`` names a backend (``cpp`` raises at the call instead)."""
+    monkeypatch.setitem(backends._loaded, "cpp", (None, "simulated: extension not built"))
+    monkeypatch.setattr(backends, "_announced", set())
+    if env is None:
+        monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    else:
+        monkeypatch.setenv(backends.ENV_VAR, env)
+    backends.announce_at_import()
+    backends.announce_at_import()
+    said = "protonorm: C++ CPU extension unavailable (simulated: extension not built); CPU tensors use the torch path.\n"
+    assert capsys.readouterr().err == (said if notice else "")
+
+
 @pytest.mark.parametrize("gpu,problem", [
     ("sm_61", "Triton compiles for GPUs of compute capability 7.0 or newer, and cuda:0 (Tesla P100-PCIE-16GB) is 6.1"),
     ("rocm", "the Triton kernels are written for NVIDIA GPUs, and this torch is a ROCm build (HIP 6.2.41133)"),

@@ -55,6 +55,13 @@ def announce_fallback(name: str, reason: Optional[str] = None) -> None:
         sys.stderr.write(f"protonorm: {what} unavailable ({reason}); {where} tensors use the torch path.\n")
 
 
+def announce_at_import() -> None:
+    """``import protonorm`` says at once where ``auto`` will run CPU tensors on the torch backend, unless
+    ``PROTONORM_BACKEND`` names a backend: modules then follow it, a named ``cpp`` raising at the call."""
+    if os.environ.get(ENV_VAR, "auto").strip().lower() in ("", "auto"):
+        announce_fallback("cpp")
+
+
 def check_choice(choice: Optional[str]) -> str:
     """Validate a ``backend=`` argument (None means the environment's choice or ``auto``)."""
     if choice is None or choice == "auto":
