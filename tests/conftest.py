@@ -18,6 +18,19 @@ import protonorm  # noqa: E402,F401  (imported after TRITON_INTERPRET is set)
 from protonorm import backends, reference  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first: under ``-n auto`` a worker takes the sanitizer build at once instead of at the end, when the
+    other worker would sit idle waiting for it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort keeps the rest in order
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: without it, nothing to set
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most four (each imports torch and triton, and the multi-process tests
+    start more processes of their own)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
 def _usable_backends():
     device = torch.device("cpu")
     return [name for name, reason in backends.available(device).items() if reason is None]
