@@ -230,9 +230,12 @@ def _parse_device(text: Optional[str]):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"device {text!r} requested but CUDA is not available in this torch build or machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UsageError(f"device {text!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            if device.index >= torch.cuda.device_count():
+                raise UsageError(f"device {text!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+            # The timing events record on the current device. A plain "cuda" is the current device already (and
+            # set_device refuses a device without an index).
+            torch.cuda.set_device(device)
     elif device.type != "cpu":
         raise UsageError(f"unsupported device {text!r}: protonorm bench runs on cpu or cuda")
     return device

@@ -222,6 +222,20 @@ def test_cuda_without_cuda_is_a_clean_error(capsys):
     assert err == "protonorm bench: error: device 'cuda' requested but CUDA is not available in this torch build or machine"
 
 
+@pytest.mark.parametrize("text, index", [("cuda", None), ("cuda:0", 0), ("cuda:1", 1)])
+def test_cuda_device_is_accepted_with_or_without_an_index(monkeypatch, text, index):
+    # CUDA faked at the driver calls: two devices, current device 0. "cuda" (what bench/run_gpu.sh passes) is the
+    # current device; "cuda:N" makes N the current device, on which the timing events then record.
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch._C, "_cuda_setDevice", chosen.append, raising=False)  # absent from CPU builds
+    from protonorm.cli import _parse_device
+
+    assert _parse_device(text) == torch.device(text)
+    assert chosen == ([] if index is None else [index])
+
+
 def test_unavailable_backend_is_a_clean_error(capsys, monkeypatch):
     # As on a machine where the C++ extension did not build.
     monkeypatch.setitem(backends._loaded, "cpp", (None, "ImportError: extension not built"))
