@@ -361,6 +361,25 @@ def test_host_sync_probe_counts_reads_per_call():
     assert timing.count_host_syncs(lambda: t.sum(), torch.device("cpu"), calls=4) == 0.0
 
 
+@pytest.mark.filterwarnings(COMPILE_IMPORT_WARNING)
+def test_host_sync_probe_leaves_compiled_code_compiled():
+    # torch.compile runs a function eagerly under a dispatch mode, and from then on, everywhere: the compile
+    # contender, probed before it is timed, was timed as eager code. Its host reads must still be counted.
+    eager_runs = []
+
+    def scale(x):
+        if not torch.compiler.is_compiling():
+            eager_runs.append(x)
+        return x * x.sum().item()  # the read breaks the graph and runs eagerly
+
+    compiled = torch.compile(scale, backend="eager", dynamic=False)  # dynamo alone decides what runs eagerly
+    x = torch.ones(3)
+    compiled(x)
+    assert timing.count_host_syncs(lambda: compiled(x), torch.device("cpu"), calls=2) == 1.0
+    compiled(x)
+    assert eager_runs == []
+
+
 def test_repetitions_fit_the_budget_on_a_machine_that_is_never_quiet(monkeypatch):
     # There every wait for quiet after a baseline block lasts its full limit (1 s): sized as one 10 ms window, a
     # case's repetitions could take up to 200 such waits against its share of the run's 20 s.
