@@ -333,6 +333,33 @@ def test_compiled_reference_computes_what_protonorm_computes():
     assert torch.equal(ours.count, ref.count)
 
 
+@pytest.mark.filterwarnings(COMPILE_IMPORT_WARNING)
+def test_compiled_reference_stays_compiled_past_dynamos_recompile_limit(monkeypatch):
+    # Each shape is one more graph of the same functions; past dynamo's limit they ran eagerly from then on, so a
+    # --shapes list of more entries than that timed eager code in the compile rows. The limit is lowered to 2 here
+    # so that three shapes pass it; dynamo's eager backend makes the same choices quickly.
+    import torch._dynamo
+
+    from protonorm import reference
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": "eager"}))
+    eager_runs = []
+    normalize = reference.normalize
+
+    def spy(*args, **kwargs):
+        if not torch.compiler.is_compiling():
+            eager_runs.append(args[0].shape)
+        return normalize(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "normalize", spy)
+    with torch._dynamo.config.patch(recompile_limit=2):  # (monkeypatch would delete the setting when undone)
+        contender = cases.compile_contender(torch.device("cpu"))
+        for rows in (3, 4, 5):
+            contender.obs(2, cases.EMA_DECAY).normalize(torch.ones(rows, 2))
+    assert eager_runs == []
+
+
 # ------------------------------------------------------------------------------------------------ harness
 def test_parse_shapes():
     assert parse_shapes("8192x342, 16384X1024") == [(8192, 342), (16384, 1024)]

@@ -157,7 +157,19 @@ class _CompiledReference:
             self._reward_step(self.discounted_reward, reward, terminated)
 
 
+# Graphs that the compiled functions may hold: every case's shape and mode is one more graph of the same code, and
+# past dynamo's limit (8 by default) a function runs eagerly from then on, which --compile would time as compiled.
+COMPILE_GRAPH_LIMIT = 1024
+
+
 def compile_contender(device: torch.device) -> Contender:
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    for name in ("recompile_limit", "accumulated_recompile_limit"):
+        if not hasattr(config, name):  # torch before 2.6 names them cache_size_limit, accumulated_cache_size_limit
+            name = name.replace("recompile", "cache_size")
+        setattr(config, name, max(getattr(config, name), COMPILE_GRAPH_LIMIT))
     return Contender(
         COMPILE,
         lambda features, ema_decay: _CompiledReference(features, ema_decay, device),
