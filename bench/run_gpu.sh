@@ -3,6 +3,7 @@
 # torch, triton and setuptools: nothing is fetched; the C++ extension, which serves CPU tensors only, is not built),
 # environment, the CLI benchmark of the main shapes, the GPU tests, the Triton roofline, and the Triton tests compiled
 # (no interpreter). Results go to $OUT alone (default: gpu_out; a relative path is taken from the caller's directory).
+# Where torch sees no CUDA device it stops before the first step (exit status 2).
 #
 # Every step runs even if an earlier one fails, under its own time limit and within the run's total,
 # GPU_RUN_BUDGET_S seconds (default 480): a step still running at its limit is interrupted (SIGINT, so that pytest
@@ -47,6 +48,12 @@ step() {
     echo "=== rc=$rc after $((SECONDS - t0))s$note" | tee -a "$LOG"
     if [ "$rc" -ne 0 ]; then fail "$rc"; fi
 }
+
+# Without a CUDA device every step fails, or runs for minutes in Triton's CPU interpreter (the Triton tests): stop.
+if ! timeout -k 5 120 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >>"$LOG" 2>&1; then
+    echo "=== no CUDA device: torch.cuda.is_available() is not True for $PY; nothing was run" | tee -a "$LOG"
+    exit 2
+fi
 
 # protonorm.kernels exists only once installed (setup.py maps kernels/ to it). Should the install fail, the tree
 # itself is put on the path with kernels/ linked in, so that the steps after it still measure something.

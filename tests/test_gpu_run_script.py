@@ -95,6 +95,15 @@ def test_a_hung_step_is_stopped_within_the_budget_and_keeps_its_output(tmp_path)
     assert not any("tests/test_triton.py" in line for line in calls(tmp_path))
 
 
+def test_without_a_cuda_device_it_stops_before_any_step(tmp_path):
+    # On a machine without one every step failed in turn, the Triton tests only after minutes in the interpreter.
+    done = run_script(tmp_path, FAKE_FAIL="torch.cuda.is_available")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "=== no CUDA device" in done.stdout
+    assert "=== no CUDA device" in (tmp_path / "out" / "steps.log").read_text()
+    assert [line for line in calls(tmp_path) if "torch.cuda.is_available" not in line] == []
+
+
 # ------------------------------------------------------------------------------------------ roofline
 @pytest.fixture
 def roofline(monkeypatch):
