@@ -101,7 +101,9 @@ def _compiled_reference():
         disc.copy_(reference.discounted_return_update(disc, r, done.reshape(-1, 1), 0.99))
         reference.merge_into_running(reference.batch_moments(disc), mean, var, count, dropped, None)
 
-    return {name: torch.compile(fn) for name, fn in
+    # dynamic=False: one graph per size, as a model of fixed shapes gets (by default the second size of a function
+    # would compile it again for any size, and the sizes after it would time that graph).
+    return {name: torch.compile(fn, dynamic=False) for name, fn in
             (("record", record), ("normalize", normalize), ("fused", fused), ("reward", reward))}
 
 

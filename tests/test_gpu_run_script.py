@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "run_gpu.sh"
@@ -106,10 +107,16 @@ def test_without_a_cuda_device_it_stops_before_any_step(tmp_path):
 
 # ------------------------------------------------------------------------------------------ roofline
 @pytest.fixture
-def roofline(monkeypatch):
+def roofline_module():
     spec = importlib.util.spec_from_file_location("triton_roofline", ROOT / "bench" / "triton_roofline.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def roofline(roofline_module, monkeypatch):
+    module = roofline_module
     monkeypatch.setattr(module.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(module.torch.cuda, "get_device_name", lambda *a: "stand-in")
     return module
@@ -139,6 +146,23 @@ def test_roofline_exit_status_counts_protonorms_failed_measurements(roofline, mo
     assert roofline.main(["--json", str(path)]) == status
     assert json.loads(path.read_text())["rows"] == rows
     assert path.with_suffix(".md").read_text().count("| obs 8x4 |") == 2
+
+
+def test_roofline_compiles_one_graph_per_size(roofline_module, monkeypatch):
+    # The compile rows must time what a model of fixed shapes runs, not a graph compiled for any size (what
+    # torch.compile makes of a function by default once it has seen a second size).
+    compile_, dynamic = torch.compile, []
+
+    def backend(graph, inputs):
+        sizes = [n for t in inputs for n in (t.shape if isinstance(t, torch.Tensor) else [t])]
+        dynamic.append(any(isinstance(n, torch.SymInt) for n in sizes))
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": backend}))
+    normalize = roofline_module._compiled_reference()["normalize"]  # run on the CPU, where dynamo decides alike
+    for rows in (3, 4, 5):
+        normalize(torch.ones(rows, 2), torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
+    assert dynamic == [False, False, False]
 
 
 def test_roofline_keeps_the_rows_measured_before_it_was_stopped(roofline, monkeypatch, tmp_path):
