@@ -145,7 +145,9 @@ def bench_normalize_record(batch: int, features: int, ema_decay, rounds: int, co
         "alloc+copy": lambda: torch.empty_like(x).copy_(x),
     }
     if compile_too:
-        compiled, compiled_norm = torch.compile(baseline_step), baseline()
+        # dynamic=False: one graph per shape, as a model of fixed shapes gets (by default the second shape would
+        # compile baseline_step again for any shape, and the shapes after it would time that graph).
+        compiled, compiled_norm = torch.compile(baseline_step, dynamic=False), baseline()
         contenders["compiled"] = lambda: compiled(compiled_norm, x)
     times = interleaved(contenders, rounds, between=between)
     mode = "Welford" if ema_decay is None else f"EMA {ema_decay}"

@@ -63,6 +63,21 @@ def assert_same(a, b):
         f"{b.reshape(-1)[differ][:4].tolist()}"
 
 
+@pytest.fixture
+def compiled_graphs_dynamic(monkeypatch):
+    """``torch.compile`` made to compile with a backend that runs the traced graph as it is and records, per graph,
+    whether it takes symbolic sizes (a graph for any size); the list of those records."""
+    compile_, dynamic = torch.compile, []
+
+    def backend(graph, inputs):
+        sizes = [n for t in inputs for n in (t.shape if isinstance(t, torch.Tensor) else [t])]
+        dynamic.append(any(isinstance(n, torch.SymInt) for n in sizes))
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": backend}))
+    return dynamic
+
+
 def _correctly_rounded_sqrt(t):
     return torch.from_numpy(np.sqrt(t.numpy()))  # numpy's float32 root is IEEE's, correctly rounded
 

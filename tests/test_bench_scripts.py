@@ -48,6 +48,17 @@ def test_bench_cpu_without_compile(between):
     assert "compiled" not in out
 
 
+def test_bench_cpu_compiles_one_graph_per_shape(compiled_graphs_dynamic, monkeypatch):
+    # The compiled contender must time what a model of fixed shapes runs, not a graph compiled for any shape (what
+    # torch.compile makes of a function by default once it has seen a second shape).
+    monkeypatch.syspath_prepend(str(BENCH))
+    import bench_cpu
+
+    for rows in (5, 6):
+        bench_cpu.bench_normalize_record(rows, 3, None, 1, True, "none")
+    assert compiled_graphs_dynamic and not any(compiled_graphs_dynamic), compiled_graphs_dynamic
+
+
 def test_bench_cpu_step_prints_both_ratios():
     out = run_script("bench_cpu_step.py", "--iters", "3", "--shapes", "64x7,5x3")
     for shape in ("64x7", "5x3"):

@@ -148,21 +148,13 @@ def test_roofline_exit_status_counts_protonorms_failed_measurements(roofline, mo
     assert path.with_suffix(".md").read_text().count("| obs 8x4 |") == 2
 
 
-def test_roofline_compiles_one_graph_per_size(roofline_module, monkeypatch):
+def test_roofline_compiles_one_graph_per_size(roofline_module, compiled_graphs_dynamic):
     # The compile rows must time what a model of fixed shapes runs, not a graph compiled for any size (what
     # torch.compile makes of a function by default once it has seen a second size).
-    compile_, dynamic = torch.compile, []
-
-    def backend(graph, inputs):
-        sizes = [n for t in inputs for n in (t.shape if isinstance(t, torch.Tensor) else [t])]
-        dynamic.append(any(isinstance(n, torch.SymInt) for n in sizes))
-        return graph.forward
-
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, **{**kw, "backend": backend}))
     normalize = roofline_module._compiled_reference()["normalize"]  # run on the CPU, where dynamo decides alike
     for rows in (3, 4, 5):
         normalize(torch.ones(rows, 2), torch.zeros(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64))
-    assert dynamic == [False, False, False]
+    assert compiled_graphs_dynamic == [False, False, False]
 
 
 def test_roofline_keeps_the_rows_measured_before_it_was_stopped(roofline, monkeypatch, tmp_path):
