@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from protonorm import backends, distributed
-from protonorm.benchmark.baseline import BaselineRunningMeanStd, pairwise_merge
+from protonorm.benchmark.baseline import BaselineRunningMeanStd, combine_moments
 from protonorm.benchmark.timing import percentile
 from protonorm.normalizer import RunningMeanStd
 
@@ -52,7 +52,7 @@ class UpstreamPatternSync:
         variances = self._gather(batch_var)
         counts = self._gather(torch.tensor(batch_count))
         if self.rank == 0:
-            self.stats.update_from_moments(*pairwise_merge(means, variances, counts))
+            self.stats.update_from_moments(*combine_moments(means, variances, counts))
         s = self.stats
         for buffer in (s.mean, s.var, s.count):
             box = [buffer]

@@ -469,6 +469,42 @@ def upstream():
     return upstream_locator.load()
 
 
+def _calls(method, *args):
+    """The names of the Python functions and of the C functions (torch's ops among them) that ``method(*args)``
+    calls, in order."""
+    names = []
+
+    def profile(frame, event, arg):
+        if event == "call":
+            names.append(frame.f_code.co_name)
+        elif event == "c_call":
+            names.append(getattr(arg, "__qualname__", repr(arg)))
+
+    sys.setprofile(profile)
+    try:
+        method(*args)
+    finally:
+        sys.setprofile(None)
+    return names[:-1]  # the last is setprofile's own
+
+
+@pytest.mark.parametrize("ema_decay", [None, 0.99])
+def test_baseline_makes_upstreams_calls(upstream, ema_decay):
+    """The same ops and the same Python calls (the module's buffer lookups, its checks) per call as upstream's
+    module: the same cost per call, which on small batches is most of it. The baseline's lookups were plain
+    attributes and its merge took other ops, which made it faster than upstream's module by up to a fifth."""
+    x = torch.randn(6, 5)
+    ours = BaselineRunningMeanStd((5,), 1e-5, "cpu", 5.0, ema_decay)
+    theirs = upstream.RunningMeanStd(None, (5,), 1e-5, "cpu", 5.0, ema_decay)
+    for name, args in (("record_moments", (x,)), ("normalize", (x,)), ("normalize", (x, True))):
+        assert _calls(getattr(ours, name), *args) == _calls(getattr(theirs, name), *args), name
+    reward, terminated = torch.randn(7), torch.rand(7) < 0.3
+    ours = BaselineRewardRunningMeanStd((1,), 0.99, 1e-5, 5.0, "cpu", ema_decay)
+    theirs = upstream.RewardRunningMeanStd(None, (1,), 0.99, 1e-5, 5.0, "cpu", ema_decay)
+    for name, args in (("record_reward", (reward, terminated)),) * 2 + (("normalize", (reward,)),):
+        assert _calls(getattr(ours, name), *args) == _calls(getattr(theirs, name), *args), name
+
+
 @pytest.mark.parametrize("ema_decay", [None, 0.99])
 def test_baseline_repeats_upstream_bit_for_bit(upstream, ema_decay):
     """The baseline is only a fair yardstick if it computes exactly what upstream computes."""

@@ -1,7 +1,8 @@
 """The baseline every benchmark compares against: the upstream module's operation sequence, re-implemented.
 
-It reproduces what ProtoMotions' normalizer does per call, op for op, so that its cost (kernels, the host sync,
-the float32 count) is what the speedups are measured against:
+It reproduces what ProtoMotions' normalizer does per call, op for op and Python call for Python call, so that its
+cost (kernels, the host sync, the float32 count, the module's attribute lookups) is what the speedups are measured
+against:
 
 * ``record_moments``: ``torch.mean`` and ``torch.var(unbiased=False)`` of the batch in its own dtype, then either
   an EMA update or a pairwise merge whose counts are gathered with ``torch.tensor([count, n])`` (a blocking
@@ -9,41 +10,45 @@ the float32 count) is what the speedups are measured against:
 * ``normalize``: ``(x - mean.float()) / torch.sqrt(var.float() + eps)``, then the clamp.
 * ``record_reward``: ``discounted * gamma * (1 - terminated.float()) + reward.clone()``, then ``record_moments``.
 
-It is a benchmark fixture, not an implementation to use: it keeps upstream's weaknesses on purpose.
+Like upstream's, the modules are ``nn.Module``s whose statistics are buffers (each read goes through
+``nn.Module.__getattr__``) and whose calls check for lazy initialization and a Fabric. It is a benchmark fixture,
+not an implementation to use: it keeps upstream's weaknesses on purpose.
 """
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
-def pairwise_merge(means, variances, counts) -> Tuple[Tensor, Tensor, Tensor]:
+def combine_moments(means, vars, counts) -> Tuple[Tensor, Tensor, Tensor]:
     """Upstream's merge of lists of moments: counts become one float32 tensor, pairs merge in tree order."""
     if not isinstance(counts, Tensor):
         counts = torch.tensor(counts)  # reads a device-resident count on the host
     counts = counts.float()
-    means, variances, counts = list(means), list(variances), list(counts)
     while len(means) > 1:
-        merged_means, merged_vars, merged_counts = [], [], []
-        for i in range(0, len(means) - 1, 2):
-            n_a, n_b = counts[i], counts[i + 1]
-            total = n_a + n_b
-            delta = means[i + 1] - means[i]
-            merged_means.append(means[i] + delta * (n_b / total))
-            m2 = variances[i] * n_a + variances[i + 1] * n_b + delta**2 * (n_a * n_b / total)
-            merged_vars.append(m2 / total)
-            merged_counts.append(total)
-        if len(means) % 2:
-            merged_means.append(means[-1])
-            merged_vars.append(variances[-1])
-            merged_counts.append(counts[-1])
-        means, variances, counts = merged_means, merged_vars, merged_counts
-    return means[0], torch.clamp(variances[0], min=0.0), counts[0].long()
+        new_means, new_vars, new_counts = [], [], []
+        for i in range(0, len(means), 2):
+            if i + 1 < len(means):
+                mean_a, var_a, count_a = means[i], vars[i], counts[i]
+                mean_b, var_b, count_b = means[i + 1], vars[i + 1], counts[i + 1]
+                total_count = count_a + count_b
+                delta = mean_b - mean_a
+                combined_mean = mean_a + delta * (count_b / total_count)
+                m_2_combined = var_a * count_a + var_b * count_b + (delta**2) * (count_a * count_b / total_count)
+                new_means.append(combined_mean)
+                new_vars.append(m_2_combined / total_count)
+                new_counts.append(total_count)
+            else:
+                new_means.append(means[i])
+                new_vars.append(vars[i])
+                new_counts.append(counts[i])
+        means, vars, counts = new_means, new_vars, new_counts
+    return means[0], torch.clamp(vars[0], min=0.0), counts[0].long()
 
 
-class BaselineRunningMeanStd:
+class BaselineRunningMeanStd(nn.Module):
     """Observation normalizer with upstream's per-call operation sequence (same method names)."""
 
     def __init__(
@@ -54,23 +59,26 @@ class BaselineRunningMeanStd:
         clamp_value: Optional[float] = None,
         ema_decay: Optional[float] = None,
     ):
+        super().__init__()
+        self.fabric = None
         self.epsilon = epsilon
         self.clamp_value = clamp_value
         self.ema_decay = ema_decay
-        self.mean = torch.zeros(shape, dtype=torch.float64, device=device)
-        self.var = torch.ones(shape, dtype=torch.float64, device=device)
-        self.count = torch.ones((), dtype=torch.long, device=device)
-        self.training = True
+        self.shape = shape
+        self.device = device
+        self.register_buffer("mean", torch.zeros(shape, dtype=torch.float64, device=device))
+        self.register_buffer("var", torch.ones(shape, dtype=torch.float64, device=device))
+        self.register_buffer("count", torch.ones((), dtype=torch.long, device=device))
+        self._initialized = True
 
-    def train(self, mode: bool = True):
-        self.training = mode
-        return self
-
-    def eval(self):
-        return self.train(False)
+    def _lazy_init(self, x: Tensor) -> None:
+        if not self._initialized:  # upstream's per-call check; the shape is always given here
+            raise AssertionError("the baseline is built with its shape")
 
     def maybe_clamp(self, x: Tensor) -> Tensor:
-        return x if self.clamp_value is None else torch.clamp(x, -self.clamp_value, self.clamp_value)
+        if self.clamp_value is None:
+            return x
+        return torch.clamp(x, -self.clamp_value, self.clamp_value)
 
     @torch.no_grad()
     def update_from_moments(self, batch_mean: Tensor, batch_var: Tensor, batch_count: int) -> None:
@@ -79,22 +87,32 @@ class BaselineRunningMeanStd:
             self.mean[:] = d * self.mean + (1 - d) * batch_mean
             self.var[:] = d * self.var + (1 - d) * batch_var
             return
-        mean, var, count = pairwise_merge([self.mean, batch_mean], [self.var, batch_var], [self.count, batch_count])
-        self.mean[:] = mean
-        self.var[:] = var
-        self.count.fill_(count)
+        new_mean, new_var, new_count = combine_moments(
+            [self.mean, batch_mean], [self.var, batch_var], [self.count, batch_count]
+        )
+        self.mean[:] = new_mean
+        self.var[:] = new_var
+        self.count.fill_(new_count)
+
+    def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:
+        self._lazy_init(arr)
+        if not un_norm:
+            result = (arr - self.mean.float()) / torch.sqrt(self.var.float() + self.epsilon)
+            result = self.maybe_clamp(result)
+        else:
+            arr = self.maybe_clamp(arr)
+            result = arr * torch.sqrt(self.var.float() + self.epsilon) + self.mean.float()
+        return result
 
     @torch.no_grad()
     def record_moments(self, arr: Tensor) -> None:
+        self._lazy_init(arr)
         batch_mean = torch.mean(arr, dim=0)
         batch_var = torch.var(arr, dim=0, unbiased=False)
-        self.update_from_moments(batch_mean, batch_var, arr.shape[0])
-
-    def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:
-        std = torch.sqrt(self.var.float() + self.epsilon)
-        if not un_norm:
-            return self.maybe_clamp((arr - self.mean.float()) / std)
-        return self.maybe_clamp(arr) * std + self.mean.float()
+        batch_count = arr.shape[0]
+        if self.fabric is not None and self.fabric.world_size > 1:
+            raise NotImplementedError("the baseline times one process")
+        self.update_from_moments(batch_mean, batch_var, batch_count)
 
 
 class BaselineRewardRunningMeanStd(BaselineRunningMeanStd):
@@ -113,7 +131,6 @@ class BaselineRewardRunningMeanStd(BaselineRunningMeanStd):
         self.gamma = gamma
         self.discounted_reward: Optional[Tensor] = None
 
-    @torch.no_grad()
     def record_reward(self, reward: Tensor, terminated: Tensor) -> None:
         if self.discounted_reward is None:
             self.discounted_reward = reward.clone()
@@ -122,7 +139,10 @@ class BaselineRewardRunningMeanStd(BaselineRunningMeanStd):
         self.record_moments(self.discounted_reward)
 
     def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:
-        std = torch.sqrt(self.var.float() + self.epsilon)
         if not un_norm:
-            return self.maybe_clamp(arr / std)
-        return self.maybe_clamp(arr) * std
+            result = arr / torch.sqrt(self.var.float() + self.epsilon)
+            result = self.maybe_clamp(result)
+        else:
+            arr = self.maybe_clamp(arr)
+            result = arr * torch.sqrt(self.var.float() + self.epsilon)
+        return result
