@@ -21,7 +21,8 @@ unset TRITON_INTERPRET
 export PYTHONUNBUFFERED=1  # a step stopped at its limit keeps what it printed
 export PROTONORM_NO_EXTENSION=1
 LOG="$OUT/steps.log"
-: >"$LOG"
+# The date the figures are from (the GPU's name and the versions are printed by the steps).
+echo "=== $(date -u '+%Y-%m-%d %H:%M:%S UTC')" | tee "$LOG"
 status=0
 started=$SECONDS
 

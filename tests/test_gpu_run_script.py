@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -65,7 +66,7 @@ def test_results_go_under_out_from_the_callers_directory_and_the_benchmark_runs_
     done = run_script(tmp_path, out="results")
     assert done.returncode == 0, done.stdout + done.stderr
     out = (tmp_path / "results").resolve()
-    assert (out / "steps.log").is_file()
+    assert re.match(r"=== \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", (out / "steps.log").read_text())  # when measured
     assert not (ROOT / "results").exists()
     lines = calls(tmp_path)
     written = [arg for line in lines for arg in line.split() if arg.endswith((".json", ".md", ".log", ".xml"))]
