@@ -66,13 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     bench.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the observation and reward batches")
-    # --shapes, --cases and --obs-dims default to None so that one given where it does not apply is refused.
+    # --shapes, --envs, --cases and --obs-dims default to None so that one given where it does not apply is refused.
     bench.add_argument(
         "--shapes",
         help="observation batches, comma-separated ROWSxFEATURES (default: "
         + ",".join(f"{r}x{d}" for r, d in DEFAULT_SHAPES) + ")",
     )
-    bench.add_argument("--envs", type=_positive_int, default=DEFAULT_ENVS, help="environments of the reward case and of --workload")
+    bench.add_argument(
+        "--envs", type=_positive_int, help=f"environments of the reward case and of --workload (default: {DEFAULT_ENVS})"
+    )
     bench.add_argument(
         "--cases", help=f"comma-separated, from: {', '.join(CASE_HELP)} (default: {','.join(DEFAULT_CASES)})"
     )
@@ -138,6 +140,7 @@ def _bench(args) -> int:
     from .benchmark import cases as case_defs
     from .benchmark import report, suite, workload
 
+    envs = args.envs or case_defs.DEFAULT_ENVS
     if requested is None or "auto" in requested:
         _check_auto(device, case_defs.auto_backend)
     names, skipped = case_defs.backend_names(device, requested)
@@ -151,7 +154,7 @@ def _bench(args) -> int:
 
     if args.workload:
         obs_dims = args.obs_dims or workload.PPOWorkload.obs_dims
-        spec = workload.PPOWorkload(envs=args.envs, obs_dims=obs_dims, dtype=dtype, device=device)
+        spec = workload.PPOWorkload(envs=envs, obs_dims=obs_dims, dtype=dtype, device=device)
         repetitions = args.iters or workload.default_repetitions(device)
         with _progress(not args.no_progress, repetitions) as advance:
             records = workload.run_workload(spec, contenders, repetitions, advance)
@@ -170,7 +173,7 @@ def _bench(args) -> int:
                 raise UsageError(str(exc)) from None
         if args.cases is not None:
             case_names = _parse_cases(args.cases, case_defs.CASE_KINDS)
-        cases = case_defs.build_cases(case_names, shapes, args.envs, dtype, device)
+        cases = case_defs.build_cases(case_names, shapes, envs, dtype, device)
         with _case_progress(not args.no_progress and len(cases) > 1) as progress:
             records = suite.run_suite(cases, contenders, args.iters, suite.default_budget_s(device), progress)
         repetitions = sorted({r["repetitions"] for r in records})
@@ -197,6 +200,16 @@ def _check_applicable(args) -> None:
                              "--obs-dims")
     elif args.obs_dims is not None:
         raise UsageError("--obs-dims: used only by --workload; single calls are sized by --shapes and --envs")
+    else:
+        from .benchmark.cases import CASE_KINDS, DEFAULT_CASES
+
+        names = DEFAULT_CASES if args.cases is None else _parse_cases(args.cases, CASE_KINDS)
+        kinds = {CASE_KINDS[name][0] for name in names}
+        if args.shapes is not None and kinds == {"reward"}:
+            raise UsageError("--shapes: not used by the reward case, which is sized by --envs")
+        if args.envs is not None and "reward" not in kinds:
+            raise UsageError(f"--envs: used only by the reward case and --workload; {','.join(names)} "
+                             "are sized by --shapes")
 
 
 def _check_output_path(flag: str, path: str) -> None:

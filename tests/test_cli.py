@@ -190,6 +190,9 @@ def test_unusable_environment_backend_is_a_clean_error(capsys, monkeypatch, valu
         (["--workload", "ppo", "--envs", "4", "--obs-dims", "2,2,2", "--iters", "1", "--cases", "reward",
           "--shapes", "4x3"], "--shapes and --cases: not used by --workload"),
         (["--obs-dims", "3,4,5", "--cases", "reward", "--envs", "4", "--iters", "1"], "--obs-dims: used only by --workload"),
+        (["--cases", "reward", "--shapes", "4x3", "--envs", "4", "--iters", "1"], "--shapes: not used by the reward case"),
+        (["--cases", "record_ema,normalize", "--envs", "4", "--shapes", "4x3", "--iters", "1"],
+         "--envs: used only by the reward case and --workload; record_ema,normalize are sized by --shapes"),
     ],
 )
 def test_bad_input_is_one_clean_line_and_exit_2(capsys, extra, message):
