@@ -1043,6 +1043,16 @@ def test_direct_normalize_declines_what_it_does_not_take():
         "mean float32": dict(mean=mean.float()),
         "var of another size": dict(var=var[:6]),
         "mean 2-D": dict(mean=mean.view(1, 7)),
+        # (each condition of the ops' separate checks, as the direct way's one pass over each tensor tests it)
+        "x negated": dict(x=torch._neg_view(x)),
+        "x misaligned": dict(x=_misaligned(x)),
+        "out negated": dict(out=torch._neg_view(out)),
+        "out rows overlapping": dict(out=torch.zeros(33 * 6 + 1).as_strided((33, 7), (6, 1))),
+        "out rows in one place": dict(out=torch.zeros(1, 7).expand(33, 7)),
+        "out on meta": dict(out=torch.empty(33, 7, device="meta")),
+        "mean in one place": dict(mean=torch.zeros(1, dtype=torch.float64).expand(7)),
+        "var negated": dict(var=torch._neg_view(var)),
+        "var on meta": dict(var=var.to("meta")),
         "epsilon negative": dict(epsilon=-1.0),
         "epsilon NaN": dict(epsilon=float("nan")),
         "clamp zero": dict(clamp_value=0.0),
@@ -1073,7 +1083,11 @@ def test_direct_normalize_declines_what_it_does_not_take():
         "no parts": dict(parts=parts[:0]),
         "count int32": dict(count=state[2].int()),
         "dropped not 0-d": dict(dropped=state[3].view(1)),
+        "count on meta": dict(count=state[2].to("meta")),
         "mean float32": dict(mean=state[0].float()),
+        "var in one place": dict(var=torch.ones(1, dtype=torch.float64).expand(7)),
+        "mean negated": dict(mean=torch._neg_view(state[0])),
+        "parts misaligned": dict(parts=_misaligned(parts, 4)),
     }
     kept = [t.clone() for t in state]
     for name, change in bad_merge.items():

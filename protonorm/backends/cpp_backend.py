@@ -143,9 +143,14 @@ def _is_separate(t: Tensor) -> bool:
 
 def _is_writable_rows(t: Tensor, shape, dtype: torch.dtype) -> bool:
     """``t`` of that shape and dtype on the CPU, with unit column stride where it has two dimensions, and
-    separate elements."""
-    return (t.is_cpu and t.shape == shape and t.dtype == dtype and (len(shape) < 2 or shape[1] <= 1 or t.stride(1) == 1)
-            and _is_separate(t))
+    separate elements (``_is_separate``, written out for rows: the hot calls test their output or returns so)."""
+    if not (t.dtype is dtype and t.is_cpu and t.shape == shape and not t.is_neg()):
+        return False
+    if len(shape) != 2:
+        return (len(shape) < 2 or shape[1] <= 1 or t.stride(1) == 1) and elements_apart(t)
+    rows, cols = shape
+    row_stride, col_stride = t.stride()
+    return (cols <= 1 or col_stride == 1) and (t.is_contiguous() or rows <= 1 or row_stride >= max(1, cols))
 
 
 def _check_separate(name: str, t: Tensor) -> None:
@@ -166,7 +171,10 @@ def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> Non
 
 
 def _is_stat(t: Tensor, cols: int) -> bool:
-    return t.is_cpu and t.dtype is _F64 and t.dim() == 1 and t.shape[0] == cols and _is_separate(t)
+    """A float64 ``[cols]`` CPU tensor holding its values, no two elements in one place (``_is_separate`` for 1-D,
+    written out: every hot call tests two of these)."""
+    return (t.dtype is _F64 and t.is_cpu and t.dim() == 1 and t.shape[0] == cols and not t.is_neg()
+            and (t.is_contiguous() or cols <= 1 or t.stride()[0] >= 1))
 
 
 def _check_stats(mean: Tensor, var: Tensor, cols: int) -> None:
@@ -178,14 +186,18 @@ def _check_stats(mean: Tensor, var: Tensor, cols: int) -> None:
             _check_separate(name, t)
 
 
-def _is_counter(t: Tensor) -> bool:
-    return t.is_cpu and t.dtype is _I64 and t.dim() == 0
+def _are_counters(count: Tensor, dropped: Tensor) -> bool:
+    """Both 0-d int64 CPU tensors."""
+    return (count.dtype is _I64 and dropped.dtype is _I64 and count.is_cpu and dropped.is_cpu and count.dim() == 0
+            and dropped.dim() == 0)
 
 
 def _check_counters(count: Tensor, dropped: Tensor) -> None:
+    if _are_counters(count, dropped):
+        return
     for name, t in (("count", count), ("dropped", dropped)):
-        if not _is_counter(t):
-            _check_cpu(name, t)
+        _check_cpu(name, t)
+        if t.dtype is not _I64 or t.dim() != 0:
             raise ValueError(f"{name}: expected a 0-d int64 tensor, got {t.dtype} {tuple(t.shape)}")
 
 
@@ -302,13 +314,14 @@ def _float32_stats(mean: Tensor, var: Tensor, epsilon: float) -> Tuple[Tensor, T
         if len(buffers) >= _MAX_SCRATCH_SIZES:
             buffers.clear()
         block = outside_inference_mode(lambda: torch.empty((3, cols), dtype=torch.float32, device="cpu"))
-        # mean32, std32, the radicand std32 is the root of, whether that pair is set; the views are kept because
-        # indexing costs about 1.4 us a call.
-        entry = buffers[cols] = [block[0], block[1], block[2], False]
-    mean32, std32, radicand, primed = entry
+        # mean32, std32, the radicand std32 is the root of, whether that pair is set, and the three addresses; the
+        # views and addresses are kept because indexing costs about 1.4 us a call, and each address read 0.05 us.
+        entry = buffers[cols] = [block[0], block[1], block[2], False, block[0].data_ptr(), block[1].data_ptr(),
+                                 block[2].data_ptr()]
+    mean32, std32, radicand, primed, mean32_address, std32_address, radicand_address = entry
     root = _torch_sqrt if _torch_sqrt is not None else _torch_sqrt_address()
-    held = _C.float32_stats(mean.data_ptr(), mean.stride(0), var.data_ptr(), var.stride(0), cols, float(epsilon),
-                            mean32.data_ptr(), std32.data_ptr(), radicand.data_ptr(), primed, root, _VML_MODE)
+    held = _C.float32_stats(mean.data_ptr(), mean.stride()[0], var.data_ptr(), var.stride()[0], cols, float(epsilon),
+                            mean32_address, std32_address, radicand_address, primed, root, _VML_MODE)
     if held == _ROOTS_WANTED:
         entry[3] = False  # std32 holds a radicand until the root is taken
         std32.sqrt_()
@@ -406,8 +419,9 @@ def _merge_kernel(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropp
 
 def _run_merge(parts: Tensor, num_parts: int, cols: int, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor,
                ema_decay: Optional[float]) -> None:
-    _C.merge(parts.data_ptr(), num_parts, cols, parts.stride(0), mean.data_ptr(), mean.stride(0),
-             var.data_ptr(), var.stride(0), count.data_ptr(), dropped.data_ptr(), ema_decay is not None,
+    # (``stride()[0]``: ``stride(0)`` takes torch's argument parser twice as long)
+    _C.merge(parts.data_ptr(), num_parts, cols, parts.stride()[0], mean.data_ptr(), mean.stride()[0],
+             var.data_ptr(), var.stride()[0], count.data_ptr(), dropped.data_ptr(), ema_decay is not None,
              0.0 if ema_decay is None else float(ema_decay), _threads())
 
 
@@ -445,16 +459,26 @@ def _normalize_kernel(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clam
     _check_normalize(x, mean, var, epsilon, clamp_value, out)
     x = _unit_columns(x)
     check_in_place_or_apart("out", out, x)
-    _run_normalize(x, mean, var, epsilon, clamp_value, un_norm, center, out)
+    _run_normalize(_batch_of(x), mean, var, epsilon, clamp_value, un_norm, center, out)
 
 
-def _run_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float], un_norm: bool,
-                   center: bool, out: Tensor) -> None:
+# What the kernels take of the rows they read: ``(address, rows, cols, row stride, dtype code)``.
+_Batch = Tuple[int, int, int, int, int]
+
+
+def _batch_of(x: Tensor) -> _Batch:
+    """The ``_Batch`` of ``[B, D]`` rows the kernels read as they are."""
     rows, cols = x.shape
+    return x.data_ptr(), rows, cols, x.stride()[0], _DTYPE_CODES[x.dtype]
+
+
+def _run_normalize(batch: _Batch, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
+                   un_norm: bool, center: bool, out: Tensor) -> None:
+    address, rows, cols, row_stride, code = batch
     mean32, std32 = _float32_stats(mean, var, epsilon)
-    _C.normalize(x.data_ptr(), rows, cols, x.stride(0), _DTYPE_CODES[x.dtype], out.data_ptr(), out.stride(0),
-                 mean32.data_ptr(), std32.data_ptr(), clamp_value is not None,
-                 0.0 if clamp_value is None else float(clamp_value), bool(un_norm), bool(center), _threads())
+    _C.normalize(address, rows, cols, row_stride, code, out.data_ptr(), out.stride()[0], mean32.data_ptr(),
+                 std32.data_ptr(), clamp_value is not None, 0.0 if clamp_value is None else float(clamp_value),
+                 bool(un_norm), bool(center), _threads())
 
 
 @_define("cpp_normalize_moments", "(Tensor x, Tensor mean, Tensor var, float epsilon, float? clamp_value, "
@@ -464,19 +488,18 @@ def _normalize_moments_kernel(x: Tensor, mean: Tensor, var: Tensor, epsilon: flo
     _check_normalize(x, mean, var, epsilon, clamp_value, out)
     check_not_sharing("out", out, x)
     x = _unit_columns(x)
-    _parts_out(parts, x.shape[0], x.shape[1])
-    _run_normalize_moments(x, mean, var, epsilon, clamp_value, out, parts)
+    batch = _batch_of(x)
+    _run_normalize_moments(batch, mean, var, epsilon, clamp_value, out, parts, _parts_out(parts, batch[1], batch[2]))
 
 
-def _run_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
-                           out: Tensor, parts: Tensor) -> None:
-    rows, cols = x.shape
-    num_parts, rows_per_part = _cached_parts_layout(rows, cols)
+def _run_normalize_moments(batch: _Batch, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
+                           out: Tensor, parts: Tensor, parts_layout: Tuple[int, int]) -> None:
+    address, rows, cols, row_stride, code = batch
     mean32, std32 = _float32_stats(mean, var, epsilon)
-    _C.normalize_moments(x.data_ptr(), rows, cols, x.stride(0), _DTYPE_CODES[x.dtype], out.data_ptr(),
-                         out.stride(0), mean32.data_ptr(), std32.data_ptr(), clamp_value is not None,
-                         0.0 if clamp_value is None else float(clamp_value), parts.data_ptr(), num_parts,
-                         rows_per_part, _threads())
+    _C.normalize_moments(address, rows, cols, row_stride, code, out.data_ptr(), out.stride()[0],
+                         mean32.data_ptr(), std32.data_ptr(), clamp_value is not None,
+                         0.0 if clamp_value is None else float(clamp_value), parts.data_ptr(), parts_layout[0],
+                         parts_layout[1], _threads())
 
 
 def _is_returns(discounted: Tensor, shape) -> bool:
@@ -530,21 +553,22 @@ def _reward_moments_kernel(reward: Tensor, terminated: Tensor, discounted: Tenso
 def _reward_record_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float, mean: Tensor,
                           var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]) -> None:
     reward, terminated = _check_reward_inputs(reward, terminated, discounted)
-    rows, cols = reward.shape
-    _check_stats(mean, var, cols)
+    batch = _batch_of(reward)
+    _check_stats(mean, var, batch[2])
     _check_counters(count, dropped)
-    _run_reward_record(reward, rows, cols, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
+    _run_reward_record(batch, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
 
 
-def _run_reward_record(reward: Tensor, rows: int, cols: int, terminated: Tensor, discounted: Tensor, gamma: float,
-                       mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]) -> None:
-    """``reward`` and ``discounted``: ``rows`` rows of ``cols`` features, as ``[rows, cols]`` or, for one feature,
-    ``[rows]`` (the kernel takes their row strides, ``stride(0)`` either way)."""
+def _run_reward_record(reward: _Batch, terminated: Tensor, discounted: Tensor, gamma: float, mean: Tensor,
+                       var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]) -> None:
+    """``reward`` and ``discounted``: rows of ``cols`` features, as ``[rows, cols]`` or, for one feature, ``[rows]``
+    (the kernel takes their row strides, ``stride(0)`` either way)."""
+    address, rows, cols, row_stride, code = reward
     num_parts, rows_per_part = _cached_parts_layout(rows, cols)
-    _C.reward_record(reward.data_ptr(), rows, cols, reward.stride(0), _DTYPE_CODES[reward.dtype],
-                     terminated.data_ptr(), terminated.stride(0), _DTYPE_CODES[terminated.dtype],
-                     discounted.data_ptr(), discounted.stride(0), _DTYPE_CODES[discounted.dtype], float(gamma),
-                     num_parts, rows_per_part, mean.data_ptr(), mean.stride(0), var.data_ptr(), var.stride(0),
+    _C.reward_record(address, rows, cols, row_stride, code,
+                     terminated.data_ptr(), terminated.stride()[0], _DTYPE_CODES[terminated.dtype],
+                     discounted.data_ptr(), discounted.stride()[0], _DTYPE_CODES[discounted.dtype], float(gamma),
+                     num_parts, rows_per_part, mean.data_ptr(), mean.stride()[0], var.data_ptr(), var.stride()[0],
                      count.data_ptr(), dropped.data_ptr(), ema_decay is not None,
                      0.0 if ema_decay is None else float(ema_decay), _threads())
 
@@ -554,46 +578,63 @@ def _run_reward_record(reward: Tensor, rows: int, cols: int, terminated: Tensor,
 # the module's checks, then the backend method, ``eager_plain`` and the op's own checks, layer after layer of small
 # Python functions. These take a call only when each argument meets, in one flat test, every condition that the
 # op's checks and ``eager_plain`` would impose (on ``[B]`` reward vectors as well, which the kernel reads as one
-# feature without the view the general way makes), and then run the very code the op runs. Measured against the
-# general way (bench/RESULTS.md): 7-12 us less per normalize + record of 256 x 342 with warm caches, 30-60 us less
-# after other work has emptied them, and the reward record of a few thousand environments in about half the time.
-def _takes_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
-                     out: Tensor) -> bool:
-    return (eager_plain(x, mean, var, out) and _is_normalize_args(x, mean, var, epsilon, clamp_value, out)
-            and _is_direct_rows(x))
+# feature without the view the general way makes), and then run the very code the op runs. Each tensor attribute
+# the test reads is read once and what the kernel needs of it is handed on: at a few hundred rows each read
+# (0.05-0.15 us warm, microseconds cold) is a visible share of the call. Measured against the general way
+# (bench/RESULTS.md): 7-12 us less per normalize + record of 256 x 342 with warm caches, 30-60 us less after other
+# work has emptied them, and the reward record of a few thousand environments in about half the time.
+
+# The dtypes of the rows the kernels read: their code, their size in bytes and what they normalize to.
+_ROW_DTYPES = {dtype: (_DTYPE_CODES[dtype], dtype.itemsize, normalized_dtype(dtype)) for dtype in _FLOAT_DTYPES}
+
+
+def _direct_normalize_args(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
+                           out: Tensor) -> Optional[_Batch]:
+    """``_batch_of(x)`` when the normalize ops would take these arguments as they are (``_is_normalize_args``) and
+    call the kernel on them (``eager_plain``; no strided columns to copy, no empty batch, no negated or misaligned
+    rows), else None."""
+    if not eager_plain(x, mean, var, out):
+        return None
+    found = _ROW_DTYPES.get(x.dtype)
+    if found is None or not x.is_cpu or x.dim() != 2 or x.is_neg():
+        return None
+    rows, cols = x.shape
+    row_stride, col_stride = x.stride()
+    address = x.data_ptr()
+    if (rows > 0 and cols > 0 and (cols == 1 or col_stride == 1) and address % found[1] == 0
+            and _is_stat(mean, cols) and _is_stat(var, cols) and _is_writable_rows(out, (rows, cols), found[2])
+            and epsilon >= 0.0 and (clamp_value is None or clamp_value > 0.0)):
+        return address, rows, cols, row_stride, found[0]
+    return None
 
 
 def _direct_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
                               out: Tensor, workspace: dict) -> Optional[Tensor]:
-    if not _takes_normalize(x, mean, var, epsilon, clamp_value, out):
+    batch = _direct_normalize_args(x, mean, var, epsilon, clamp_value, out)
+    if batch is None:
         return None
-    parts = _parts_buffer(workspace, x)
-    _run_normalize_moments(x, mean, var, epsilon, clamp_value, out, parts)
+    parts, parts_layout = _workspace_parts(workspace, batch[1], batch[2])
+    _run_normalize_moments(batch, mean, var, epsilon, clamp_value, out, parts, parts_layout)
     return parts
 
 
 def _direct_normalize(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
                       out: Tensor) -> bool:
-    if not _takes_normalize(x, mean, var, epsilon, clamp_value, out):
+    batch = _direct_normalize_args(x, mean, var, epsilon, clamp_value, out)
+    if batch is None:
         return False
-    _run_normalize(x, mean, var, epsilon, clamp_value, False, True, out)
+    _run_normalize(batch, mean, var, epsilon, clamp_value, False, True, out)
     return True
-
-
-def _is_direct_rows(x: Tensor) -> bool:
-    """What the op would copy or pass on to the general way's early return: strided columns, no rows or columns."""
-    rows, cols = x.shape
-    return rows > 0 and cols > 0 and (cols == 1 or x.stride(1) == 1) and not x.is_neg() and _is_aligned(x)
 
 
 def _direct_merge(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor,
                   ema_decay: Optional[float]) -> bool:
-    if not (eager_plain(parts, mean, var, count, dropped) and _is_parts(parts) and parts.stride(1) == 1
-            and _is_aligned(parts)):
+    if not (eager_plain(parts, mean, var, count, dropped) and _is_parts(parts)):
         return False
     num_parts, width = parts.shape
     cols = (width - 2) // 2
-    if not (_is_stat(mean, cols) and _is_stat(var, cols) and _is_counter(count) and _is_counter(dropped)):
+    if not (parts.stride()[1] == 1 and parts.data_ptr() % 8 == 0 and _is_stat(mean, cols) and _is_stat(var, cols)
+            and _are_counters(count, dropped)):  # (float64 parts: aligned at 8 bytes)
         return False
     _run_merge(parts, num_parts, cols, mean, var, count, dropped, ema_decay)
     return True
@@ -604,31 +645,38 @@ def _direct_reward_record(reward: Tensor, terminated: Tensor, discounted: Tensor
     """Also takes ``[B]`` rewards and returns (one feature), which the op would need as ``[B, 1]`` views."""
     if not eager_plain(reward, terminated, discounted, mean, var, count, dropped):
         return False
-    dim = reward.dim()
-    if dim == 1:
-        rows, cols = reward.shape[0], 1
-    elif dim == 2:
-        rows, cols = reward.shape
+    found = _ROW_DTYPES.get(reward.dtype)
+    if found is None or not reward.is_cpu or reward.is_neg():
+        return False
+    shape = reward.shape
+    strides = reward.stride()
+    if len(shape) == 1:
+        rows, cols = shape[0], 1
+    elif len(shape) == 2:
+        rows, cols = shape
+        if cols != 1 and strides[1] != 1:
+            return False
     else:
         return False
+    address = reward.data_ptr()
+    flags = _DTYPE_CODES.get(terminated.dtype)
     if not (
         rows > 0
         and cols > 0
-        and reward.is_cpu
-        and reward.dtype in _FLOAT_DTYPES
-        and (cols == 1 or reward.stride(1) == 1)
-        and not reward.is_neg()
-        and _is_aligned(reward)
-        and _is_returns(discounted, reward.shape)
-        and _is_flags(terminated, rows)
-        and _is_aligned(terminated)
+        and address % found[1] == 0
+        and _is_returns(discounted, shape)
+        and flags is not None
+        and terminated.is_cpu
+        and terminated.dim() == 1
+        and terminated.shape[0] == rows
+        and terminated.data_ptr() % terminated.dtype.itemsize == 0
         and _is_stat(mean, cols)
         and _is_stat(var, cols)
-        and _is_counter(count)
-        and _is_counter(dropped)
+        and _are_counters(count, dropped)
     ):
         return False
-    _run_reward_record(reward, rows, cols, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
+    _run_reward_record((address, rows, cols, strides[0], found[0]), terminated, discounted, gamma, mean, var, count,
+                       dropped, ema_decay)
     return True
 
 
@@ -674,15 +722,24 @@ def _parts_buffer(workspace: dict, x: Tensor) -> Tensor:
     if torch.compiler.is_compiling():  # a traced graph allocates its own; no cache side effects in the graph
         shape = (parts_layout(rows, cols)[0], parts_width(cols))
         return torch.empty(shape, dtype=torch.float64, device=x.device)
+    if not x.is_cpu:  # refused by the op it goes to next
+        shape = (_cached_parts_layout(rows, cols)[0], parts_width(cols))
+        return torch.empty(shape, dtype=torch.float64, device=x.device)
+    return _workspace_parts(workspace, rows, cols)[0]
+
+
+def _workspace_parts(workspace: dict, rows: int, cols: int) -> Tuple[Tensor, Tuple[int, int]]:
+    """The workspace's parts buffer for an eager call on ``rows`` CPU rows of ``cols`` features, and its
+    ``parts_layout``."""
+    layout = _cached_parts_layout(rows, cols)
     # Kept with the (rows, cols) it was made for: two ints compare faster than a buffer's shape and dtype read.
     found = workspace.get("cpp_parts")
-    if found is not None and found[0] == rows and found[1] == cols and x.is_cpu:
-        return found[2]
-    shape = (_cached_parts_layout(rows, cols)[0], parts_width(cols))
-    buf = outside_inference_mode(lambda: torch.empty(shape, dtype=torch.float64, device=x.device))
-    if x.is_cpu:  # any other input is refused by the op it goes to next
-        workspace["cpp_parts"] = (rows, cols, buf)
-    return buf
+    if found is not None and found[0] == rows and found[1] == cols:
+        return found[2], layout
+    buf = outside_inference_mode(lambda: torch.empty((layout[0], parts_width(cols)), dtype=torch.float64,
+                                                     device="cpu"))
+    workspace["cpp_parts"] = (rows, cols, buf)
+    return buf, layout
 
 
 class CppBackend(Backend):
