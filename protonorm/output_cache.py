@@ -31,6 +31,7 @@ so that they are inference tensors, as any tensor made there would be.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 import sys
@@ -162,12 +163,10 @@ class OutputCache:
     def empty(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
         """An uninitialized contiguous tensor of ``shape`` and ``dtype`` on ``device``; recycled when it is a CPU
         tensor of at least ``MIN_BYTES``."""
-        if device.type != "cpu" or not self._enabled:
+        # (``device.type`` makes a new string, about 0.2 us; comparing devices takes a tenth of that)
+        if (device != _CPU and device.type != "cpu") or not self._enabled:
             return torch.empty(shape, dtype=dtype, device=device)
-        numel = 1
-        for size in shape:
-            numel *= size
-        nbytes = numel * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MIN_BYTES:
             # Sizes as separate arguments: a torch.Size argument takes torch's argument parser about 1 us longer.
             if shape:

@@ -1059,6 +1059,9 @@ def _bad_calls():
          "^normalize: expected a tensor, got list$"),
         ("numpy un_norm", lambda m: m.normalize(np.ones((4, 3), np.float32), un_norm=True), TypeError,
          "^normalize: expected a tensor, got ndarray$"),
+        # (the backends' direct calls decline a device or dtype their kernels do not take; the module leaves it to them)
+        ("normalize device", lambda m: m.train().normalize(torch.ones(4, 3, device="meta")), ValueError,
+         "normalize: the input is on meta but the statistics are on cpu"),
     ]
 
 
