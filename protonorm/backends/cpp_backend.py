@@ -173,7 +173,7 @@ def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> Non
 def _is_stat(t: Tensor, cols: int) -> bool:
     """A float64 ``[cols]`` CPU tensor holding its values, no two elements in one place (``_is_separate`` for 1-D,
     written out: every hot call tests two of these)."""
-    return (t.dtype is _F64 and t.is_cpu and t.dim() == 1 and t.shape[0] == cols and not t.is_neg()
+    return (t.dtype is _F64 and t.is_cpu and t.shape == (cols,) and not t.is_neg()
             and (t.is_contiguous() or cols <= 1 or t.stride()[0] >= 1))
 
 
