@@ -15,6 +15,7 @@ from .moments import (
     device_guard,
     f64_bits,
     fold_block,
+    kernel_for,
     take_shift,
     num_warps_for,
     rows_finite,
@@ -25,8 +26,7 @@ from .moments import (
 from .normalize import load_scale, normalize_values
 
 
-@triton.jit(do_not_specialize=["eps_bits", "clamp_bits"])
-def _normalize_moments_kernel(
+def _normalize_moments(
     x_ptr, mean_ptr, var_ptr, out_ptr, parts_ptr,
     B, D, stride_x, stride_out, stride_p, rows_per_split, blocks_per_split,
     eps_bits: tl.int64, clamp_bits: tl.int64,
@@ -59,6 +59,14 @@ def _normalize_moments_kernel(
     store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift)
 
 
+# As moments: 16-bit inputs take a build that assumes neither ``x`` nor ``out`` aligned (vectorized, it needs ~180
+# registers on sm_90).
+_normalize_moments_kernel = triton.jit(do_not_specialize=["eps_bits", "clamp_bits"])(_normalize_moments)
+_normalize_moments_kernel_16bit = triton.jit(do_not_specialize=["x_ptr", "out_ptr", "eps_bits", "clamp_bits"])(
+    _normalize_moments
+)
+
+
 def launch_args(x, mean, var, epsilon, clamp_value, out, parts):
     num_rows, num_features = x.shape
     plan = tile_plan(num_rows, num_features, x.device)
@@ -75,7 +83,7 @@ def launch_args(x, mean, var, epsilon, clamp_value, out, parts):
         BLOCK_R=plan.block_r, BLOCK_D=plan.block_d, num_warps=num_warps_for(plan.block_r * plan.block_d),
         enable_fp_fusion=False,
     )
-    return _normalize_moments_kernel, grid, args, meta
+    return kernel_for(x, _normalize_moments_kernel, _normalize_moments_kernel_16bit), grid, args, meta
 
 
 def launch(x, mean, var, epsilon, clamp_value, out, parts) -> None:

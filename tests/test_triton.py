@@ -545,9 +545,11 @@ def test_launches_per_entry_point(monkeypatch):
     launches = []
     for kernel in (
         moment_kernels._moments_kernel,
+        moment_kernels._moments_kernel_16bit,
         merge_kernels._merge_kernel,
         normalize_kernels._normalize_kernel,
         triton_backend._normalize_moments._normalize_moments_kernel,
+        triton_backend._normalize_moments._normalize_moments_kernel_16bit,
         triton_backend._reward._reward_moments_kernel,
     ):
         original = kernel.run
@@ -865,9 +867,10 @@ def test_returns_the_kernel_cannot_update_in_place_are_refused():
 
 COMPILE_CHECK = textwrap.dedent(
     """
-    import torch, triton
+    import contextlib, io, re, torch, triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
     from protonorm.kernels import merge, moments, normalize, normalize_moments, reward
 
     for mod in (moments, merge, normalize):
@@ -875,34 +878,43 @@ COMPILE_CHECK = textwrap.dedent(
     for mod in (moments, merge):
         mod.sm_count = lambda device: 132
 
-    def check(kernel, grid, args, meta):
-        sig, consts, it = {}, {}, iter(args)
-        for p in kernel.params:
-            if p.is_constexpr:
-                sig[p.name], consts[p.name] = "constexpr", meta[p.name]
-                continue
-            a = next(it)
-            if isinstance(a, torch.Tensor):
-                sig[p.name] = "*i1" if a.dtype == torch.bool else "*" + triton._utils.canonicalize_dtype(a.dtype)
-            elif p.annotation_type:
-                sig[p.name] = p.annotation_type
-            else:
-                sig[p.name] = "i32" if -2**31 <= a < 2**31 else "i64"
-        opts = {k: v for k, v in meta.items() if k not in consts}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=TARGET, options=opts)
+    def check(kernel, grid, args, meta, max_registers=None):
+        # Specialized as a launch would be (16-byte aligned pointers and sizes divisible by 16 are what let Triton
+        # vectorize, and vectorized layouts need the most registers).
+        backend = make_backend(TARGET)
+        bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **meta)
+        options, sig, consts, attrs = kernel._pack_args(backend, meta, bound, spec, options)
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=TARGET, options=options.__dict__)
         # No contraction anywhere: a fused multiply-add rounds differently from the reference's two roundings,
         # and from the same helpers compiled without it (moments and normalize_moments must give equal parts).
         assert "fma." not in compiled.asm["ptx"], f"{kernel.__name__} contracts multiply-adds into FMA"
+        report = log.getvalue()
+        regs = re.search(r"Used (\\d+) registers", report)
+        spills = re.search(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", report)
+        key = (kernel.__name__, str(sig), str(consts), str(attrs), str(options))
+        if regs is None or spills is None:
+            assert key in built, f"{kernel.__name__} {meta}: no ptxas report: {report[-500:]}"
+            return  # built earlier in this run, so taken from the cache
+        built.add(key)
+        assert spills.groups() == ("0", "0"), f"{kernel.__name__} {meta}: ptxas spills ({spills.group(0)})"
+        if max_registers is not None:
+            assert int(regs.group(1)) <= max_registers, f"{kernel.__name__} {meta}: {regs.group(0)}"
 
     TARGET = GPUTarget("cuda", 90, 32)
+    built = set()
     e = torch.empty
     f64 = torch.float64
-    for b, d, dt in ((8192, 342, torch.float32), (4096, 4096, torch.bfloat16), (64, 7, torch.float64)):
+    # At observation sizes, two 8-warp programs per SM (moments.PROGRAMS_PER_SM) must fit its 64K registers: 128 each.
+    shapes = ((8192, 342, torch.float32, 128), (16384, 512, torch.bfloat16, 128), (4096, 4096, torch.bfloat16, None),
+              (64, 7, torch.float64, None))
+    for b, d, dt, max_registers in shapes:
         x = e(b, d, dtype=dt)
         parts = e(moments.tile_plan(b, d, x.device).splits, 2 + 2 * d, dtype=f64)
         mean, var, out = e(d, dtype=f64), e(d, dtype=f64), e(b, d, dtype=torch.promote_types(dt, torch.float32))
-        check(*moments.launch_args(x, e(b, dtype=torch.bool), parts))
-        check(*normalize_moments.launch_args(x, mean, var, 1e-5, 5.0, out, parts))
+        check(*moments.launch_args(x, e(b, dtype=torch.bool), parts), max_registers)
+        check(*normalize_moments.launch_args(x, mean, var, 1e-5, 5.0, out, parts), max_registers)
         check(*normalize.launch_args(x, mean, var, 1e-5, 5.0, True, True, out))
         check(*merge.launch_args(parts, mean, var, e((), dtype=torch.int64), e((), dtype=torch.int64), 0.99, e(1, dtype=torch.int32)))
         check(*merge.launch_args(parts, None, None, None, None, None, None, out=e(1, 2 + 2 * d, dtype=f64)))
@@ -912,9 +924,13 @@ COMPILE_CHECK = textwrap.dedent(
 )
 
 
-def test_kernels_compile_for_sm90_without_a_gpu():
-    """The interpreter does not type-check like the compiler: build every kernel family to a cubin for sm_90."""
+def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
+    """The interpreter does not type-check like the compiler: build every kernel family to a cubin for sm_90, as a
+    launch would specialize it, and read ptxas's report: no spills, and at observation sizes the moments kernels
+    within the registers that let two programs share an SM."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["TRITON_DUMP_PTXAS_LOG"] = "1"
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # so that ptxas runs and reports
     result = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
