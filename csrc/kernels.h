@@ -116,38 +116,58 @@ inline int64_t prefetch_distance(int64_t row_bytes, int64_t bytes_ahead) {
 constexpr int64_t kMomentsPrefetchBytes = 8192;
 constexpr int64_t kNormalizePrefetchBytes = 4096;
 
-// The caller's floating-point control state (on x86-64 the MXCSR: flush-to-zero, denormals-are-zero, rounding), put
-// in force on a thread of a parallel region for as long as the region runs there. OpenMP workers keep their own
-// state, so without it a caller's torch.set_flush_denormal(True) would hold for the rows its own thread takes and not
-// for the others: results would depend on the thread count and on which thread claimed which rows.
-struct CallerFloatState {
+// The caller's floating-point control state (on x86-64 the MXCSR: flush-to-zero, denormals-are-zero, rounding; on
+// aarch64 the FPCR: flush-to-zero, which torch.set_flush_denormal sets there, and rounding), put in force on a thread
+// of a parallel region for as long as the region runs there. OpenMP workers keep their own state, so without it a
+// caller's torch.set_flush_denormal(True) would hold for the rows its own thread takes and not for the others: results
+// would depend on the thread count and on which thread claimed which rows.
+// (Macros on x86-64: wrapping the intrinsics in functions changes g++'s inlining decisions in the AVX builds.)
 #if defined(__x86_64__) && defined(__GNUC__)
-  unsigned int csr = _mm_getcsr();
+#define PROTONORM_FLOAT_CONTROL 1
+using FloatControl = unsigned int;
+#define PROTONORM_GET_FLOAT_CONTROL() _mm_getcsr()
+#define PROTONORM_SET_FLOAT_CONTROL(state) _mm_setcsr(state)
+#elif defined(__aarch64__) && defined(__GNUC__)
+#define PROTONORM_FLOAT_CONTROL 1
+using FloatControl = uint64_t;
+inline FloatControl get_fpcr() {
+  uint64_t state;
+  __asm__ __volatile__("mrs %0, fpcr" : "=r"(state));
+  return state;
+}
+inline void set_fpcr(FloatControl state) { __asm__ __volatile__("msr fpcr, %0" : : "r"(state) : "memory"); }
+#define PROTONORM_GET_FLOAT_CONTROL() get_fpcr()
+#define PROTONORM_SET_FLOAT_CONTROL(state) set_fpcr(state)
+#endif
+
+struct CallerFloatState {
+#ifdef PROTONORM_FLOAT_CONTROL
+  FloatControl state = PROTONORM_GET_FLOAT_CONTROL();
 #endif
 };
 
 class AdoptFloatState {
  public:
   explicit AdoptFloatState(const CallerFloatState& caller) {
-#if defined(__x86_64__) && defined(__GNUC__)
-    own_ = _mm_getcsr();
-    wanted_ = caller.csr;
-    if (own_ != wanted_) _mm_setcsr(wanted_);
+#ifdef PROTONORM_FLOAT_CONTROL
+    own_ = PROTONORM_GET_FLOAT_CONTROL();
+    wanted_ = caller.state;
+    if (own_ != wanted_) PROTONORM_SET_FLOAT_CONTROL(wanted_);
 #else
     (void)caller;
 #endif
   }
   ~AdoptFloatState() {
-#if defined(__x86_64__) && defined(__GNUC__)
-    if (own_ != wanted_) _mm_setcsr(own_);
+#ifdef PROTONORM_FLOAT_CONTROL
+    if (own_ != wanted_) PROTONORM_SET_FLOAT_CONTROL(own_);
 #endif
   }
   AdoptFloatState(const AdoptFloatState&) = delete;
   AdoptFloatState& operator=(const AdoptFloatState&) = delete;
 
  private:
-#if defined(__x86_64__) && defined(__GNUC__)
-  unsigned int own_ = 0, wanted_ = 0;
+#ifdef PROTONORM_FLOAT_CONTROL
+  FloatControl own_ = 0, wanted_ = 0;
 #endif
 };
 

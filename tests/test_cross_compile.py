@@ -6,6 +6,7 @@ headers; the flags are setup.py's for that platform. Objects only: nothing is li
 hand), so this shows that the sources compile there and what the compiler made of them, not that the results are
 right. About 35 s of compiler time, spread over the cores."""
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -35,7 +36,8 @@ OMP_H = "extern \"C\" int omp_get_thread_num(void);\nextern \"C\" int omp_get_nu
 
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory):
-    """``{(target, source): (return code, stderr, object path)}``, compiled side by side, one per core."""
+    """``{(target, source): (return code, stderr, output path)}``, compiled side by side, one per core. The aarch64
+    Linux kernels are compiled to assembly (the test of their parallel regions reads it), the rest to objects."""
     out = tmp_path_factory.mktemp("cross")
     (out / "omp.h").write_text(OMP_H, encoding="ascii")
     includes = [f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
@@ -44,9 +46,10 @@ def builds(tmp_path_factory):
     def compile_one(job):
         target, source = job
         openmp = ["-fopenmp", f"-I{out}"] if TARGETS[target][0] else []
-        path = out / f"{target}-{source}.o"
+        assembly = (target, source) == ("aarch64-linux-gnu", "kernels_baseline.cpp")
+        path = out / f"{target}-{source}.{'s' if assembly else 'o'}"
         command = [sys.executable, "-m", "ziglang", "c++", "-target", target, *FLAGS, *openmp, *includes,
-                   "-c", "-o", str(path), str(CSRC / source)]
+                   "-S" if assembly else "-c", "-o", str(path), str(CSRC / source)]
         done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=out)
         return job, (done.returncode, done.stderr, path)
 
@@ -62,3 +65,17 @@ def test_sources_compile(builds, target):
         code, errors, path = builds[(target, source)]
         assert code == 0 and path.stat().st_size > 0, f"{source} for {target}:\n{errors}"
 
+
+def test_aarch64_parallel_regions_take_the_callers_fpcr(builds):
+    """On aarch64 torch.set_flush_denormal sets the calling thread's FPCR; as with the MXCSR on x86-64, every
+    parallel region of the kernels puts the caller's FPCR in force on its threads, or subnormal rows would be read
+    as zero on the caller's thread only (results depending on the thread count). Read from the OpenMP build's
+    assembly: each outlined parallel region writes the FPCR."""
+    code, errors, path = builds[("aarch64-linux-gnu", "kernels_baseline.cpp")]
+    assert code == 0, errors
+    assembly = path.read_text(encoding="utf-8")
+    functions = re.split(r"^.*-- Begin function ", assembly, flags=re.MULTILINE)
+    regions = [body for body in functions if body.split("\n", 1)[0].endswith(".omp_outlined")]
+    assert len(regions) >= 10, "no OpenMP parallel regions in the aarch64 build"
+    missing = [body.split("\n", 1)[0] for body in regions if not re.search(r"\bmsr\s+fpcr,", body, re.IGNORECASE)]
+    assert missing == [], missing
