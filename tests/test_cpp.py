@@ -948,6 +948,42 @@ def test_reward_record_through_module_matches_torch():
     torch.testing.assert_close(a.var, b.var, rtol=1e-12, atol=0)
 
 
+
+@pytest.mark.parametrize("nonfinite", ["drop", "raise"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "general"])
+@pytest.mark.parametrize("shape,shift", [((1,), -1), ((1,), 2), ((1,), 0), ((3,), -1), ((3,), -3), ((3,), 4),
+                                         ((3,), 0)])
+def test_reward_sharing_memory_with_the_returns_is_read_as_it_was(shape, shift, direct, nonfinite, monkeypatch):
+    """A reward whose memory overlaps the discounted returns it advances (``shift`` elements from them in one
+    buffer; 0: the returns themselves) is the reward as it was before the step, as for upstream's out-of-place
+    arithmetic and the torch backend: the kernel, which writes the returns row by row, must not read rows it has
+    already advanced. Compared bit for bit with the same step given a copy of the reward."""
+    if not direct:
+        _general_way(monkeypatch)
+    envs, width = 37, shape[0]
+    g = torch.Generator().manual_seed(width + shift)
+    first = torch.randn((envs,) if width == 1 else (envs, width), generator=g)  # as the direct way takes them
+    terminated = torch.rand(envs, generator=g) < 0.2
+    buffer = torch.randn(envs * width + 8, generator=g)
+    start = 4  # room for shifts either way
+    returns = buffer[start:start + envs * width].view(first.shape)
+    reward = buffer[start + shift:start + shift + envs * width].view(first.shape)
+    modules = [protonorm.RewardRunningMeanStd(None, shape, gamma=0.9, device="cpu", nonfinite=nonfinite,
+                                              backend="cpp") for _ in range(2)]
+    for m in modules:
+        m.record_reward(first, terminated)
+    copy = returns.clone()
+    modules[0].discounted_reward = copy
+    modules[1].discounted_reward = returns.copy_(modules[0].discounted_reward)
+    expected_reward = reward.clone()
+    modules[0].record_reward(expected_reward, ~terminated)
+    modules[1].record_reward(reward, ~terminated)
+    for a, b in zip(modules[1].state_dict().values(), modules[0].state_dict().values()):
+        assert_same(a, b)
+    assert_same(modules[1].discounted_reward, modules[0].discounted_reward)
+    assert_same(modules[1].nonfinite_rows, modules[0].nonfinite_rows)
+
+
 # ------------------------------------------------------------------------------------------------ direct calls
 # The module offers its hot calls to the backend's try_ methods (protonorm/backends/base.py), which take them
 # straight to the kernels or decline. Taken or not, the results must be the general way's, bit for bit.
@@ -1185,6 +1221,7 @@ def test_direct_reward_record_declines_what_it_does_not_take():
     good = dict(reward=reward, terminated=terminated, discounted=discounted, gamma=0.9, mean=mean, var=var,
                 count=count, dropped=dropped, ema_decay=None)
     wide = torch.randn(64, 3, generator=g)
+    shared = torch.randn(65, generator=g)
     bad = {
         "reward not a tensor": dict(reward=reward.tolist()),
         "terminated a list": dict(terminated=terminated.tolist()),
@@ -1203,6 +1240,7 @@ def test_direct_reward_record_declines_what_it_does_not_take():
         "int32 count": dict(count=count.int()),
         "count not 0-d": dict(count=count.view(1)),
         "meta reward": dict(reward=torch.empty(64, device="meta")),
+        "reward sharing the returns' memory": dict(reward=shared[:64], discounted=shared[1:]),
     }
     before = {k: v.clone() for k, v in good.items() if isinstance(v, torch.Tensor)}
     for name, change in bad.items():

@@ -207,18 +207,25 @@ def _byte_span(t: Tensor) -> Tuple[int, int]:
     return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
 
 
-def check_in_place_or_apart(name: str, out: Tensor, x: Tensor) -> None:
-    """Raise unless ``out`` is ``x`` itself or lies apart from x's memory: a plain normalize may write over its input
-    (each element is read before it is written), but an output anywhere else within the batch's memory would be
-    written over rows and elements still to be read (torch's own ops refuse such a partial overlap). Not checked
-    inside a trace, which has no memory to compare."""
-    if torch.compiler.is_compiling() or out.numel() == 0 or x.numel() == 0:
-        return
+def in_place_or_apart(out: Tensor, x: Tensor) -> bool:
+    """Whether ``out`` (of ``x``'s shape) is ``x`` itself or lies apart from x's memory: a kernel that reads each
+    element of ``x`` before it writes that element of ``out`` may write over its input, but an output anywhere else
+    within x's memory would be written over rows and elements still to be read."""
+    if out.numel() == 0 or x.numel() == 0:
+        return True
     if out.data_ptr() == x.data_ptr() and out.dtype == x.dtype and out.stride() == x.stride():
-        return
+        return True
     (x_start, x_end), (out_start, out_end) = _byte_span(x), _byte_span(out)
-    if out_end <= x_start or x_end <= out_start:
+    return out_end <= x_start or x_end <= out_start
+
+
+def check_in_place_or_apart(name: str, out: Tensor, x: Tensor) -> None:
+    """Raise unless :func:`in_place_or_apart`: a plain normalize may write over its input, but not over elements
+    still to be read (torch's own ops refuse such a partial overlap). Not checked inside a trace, which has no
+    memory to compare."""
+    if torch.compiler.is_compiling() or in_place_or_apart(out, x):
         return
+    (x_start, _), (out_start, _) = _byte_span(x), _byte_span(out)
     raise ValueError(f"{name}: expected x itself or memory apart from x's, got a tensor at offset "
                      f"{out_start - x_start} bytes from x with strides {out.stride()} (x: {x.stride()}); clone() x")
 

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from ..reference import parts_width
 from .base import (Backend, as_reset_flags, check_elements_apart, check_in_place_or_apart, check_not_sharing,
-                   eager_plain, elements_apart, normalized_dtype, outside_inference_mode)
+                   eager_plain, elements_apart, in_place_or_apart, normalized_dtype, outside_inference_mode)
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -516,7 +516,8 @@ def _is_flags(terminated: Tensor, rows: int) -> bool:
 
 def _check_reward_inputs(reward: Tensor, terminated: Tensor, discounted: Tensor) -> Tuple[Tensor, Tensor]:
     """``reward`` with unit column stride and ``terminated``, both aligned to their elements, once they and
-    ``discounted`` are known to fit the reward kernel."""
+    ``discounted`` are known to fit the reward kernel; ``reward`` apart from ``discounted`` or ``discounted``
+    itself."""
     _check_float_rows("reward", reward)
     reward = _unit_columns(reward)
     rows, cols = reward.shape
@@ -524,6 +525,10 @@ def _check_reward_inputs(reward: Tensor, terminated: Tensor, discounted: Tensor)
         if discounted.dtype not in (torch.float32, torch.float64):
             raise TypeError(f"discounted: expected float32 or float64, got {discounted.dtype}")
         _check_writable_rows("discounted", discounted, (rows, cols), discounted.dtype)
+    if not in_place_or_apart(discounted, reward):
+        # The kernel writes the returns row by row and would read rows of the reward it had already advanced: the
+        # step takes the reward as it was, as upstream's out-of-place arithmetic does.
+        reward = reward.clone(memory_format=torch.contiguous_format)
     if not _is_flags(terminated, rows):
         _check_cpu("terminated", terminated)
         if terminated.dim() != 1 or terminated.shape[0] != rows or terminated.is_complex():
@@ -556,18 +561,20 @@ def _reward_record_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor
     batch = _batch_of(reward)
     _check_stats(mean, var, batch[2])
     _check_counters(count, dropped)
-    _run_reward_record(batch, terminated, discounted, gamma, mean, var, count, dropped, ema_decay)
+    returns = (discounted.data_ptr(), discounted.stride()[0], _DTYPE_CODES[discounted.dtype])
+    _run_reward_record(batch, terminated, returns, gamma, mean, var, count, dropped, ema_decay)
 
 
-def _run_reward_record(reward: _Batch, terminated: Tensor, discounted: Tensor, gamma: float, mean: Tensor,
-                       var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]) -> None:
-    """``reward`` and ``discounted``: rows of ``cols`` features, as ``[rows, cols]`` or, for one feature, ``[rows]``
-    (the kernel takes their row strides, ``stride(0)`` either way)."""
+def _run_reward_record(reward: _Batch, terminated: Tensor, returns: Tuple[int, int, int], gamma: float,
+                       mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor, ema_decay: Optional[float]) -> None:
+    """``reward`` and the discounted returns (``returns``: their address, row stride and dtype code): rows of
+    ``cols`` features, as ``[rows, cols]`` or, for one feature, ``[rows]`` (the kernel takes their row strides,
+    ``stride(0)`` either way)."""
     address, rows, cols, row_stride, code = reward
     num_parts, rows_per_part = _cached_parts_layout(rows, cols)
     _C.reward_record(address, rows, cols, row_stride, code,
                      terminated.data_ptr(), terminated.stride()[0], _DTYPE_CODES[terminated.dtype],
-                     discounted.data_ptr(), discounted.stride()[0], _DTYPE_CODES[discounted.dtype], float(gamma),
+                     *returns, float(gamma),
                      num_parts, rows_per_part, mean.data_ptr(), mean.stride()[0], var.data_ptr(), var.stride()[0],
                      count.data_ptr(), dropped.data_ptr(), ema_decay is not None,
                      0.0 if ema_decay is None else float(ema_decay), _threads())
@@ -586,6 +593,8 @@ def _run_reward_record(reward: _Batch, terminated: Tensor, discounted: Tensor, g
 
 # The dtypes of the rows the kernels read: their code, their size in bytes and what they normalize to.
 _ROW_DTYPES = {dtype: (_DTYPE_CODES[dtype], dtype.itemsize, normalized_dtype(dtype)) for dtype in _FLOAT_DTYPES}
+# The dtypes of the discounted returns the reward kernel updates: their code and size in bytes.
+_RETURNS_DTYPES = {dtype: (_DTYPE_CODES[dtype], dtype.itemsize) for dtype in (_F32, _F64)}
 
 
 def _direct_normalize_args(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value: Optional[float],
@@ -660,11 +669,14 @@ def _direct_reward_record(reward: Tensor, terminated: Tensor, discounted: Tensor
         return False
     address = reward.data_ptr()
     flags = _DTYPE_CODES.get(terminated.dtype)
+    returns_dtype = discounted.dtype
+    returns = _RETURNS_DTYPES.get(returns_dtype)
     if not (
         rows > 0
         and cols > 0
         and address % found[1] == 0
-        and _is_returns(discounted, shape)
+        and returns is not None  # (``_is_returns``, its dtype read once)
+        and _is_writable_rows(discounted, shape, returns_dtype)
         and flags is not None
         and terminated.is_cpu
         and terminated.dim() == 1
@@ -675,8 +687,12 @@ def _direct_reward_record(reward: Tensor, terminated: Tensor, discounted: Tensor
         and _are_counters(count, dropped)
     ):
         return False
-    _run_reward_record((address, rows, cols, strides[0], found[0]), terminated, discounted, gamma, mean, var, count,
-                       dropped, ema_decay)
+    returns_address, returns_stride = discounted.data_ptr(), discounted.stride()[0]
+    if not (returns_address + ((rows - 1) * returns_stride + cols) * returns[1] <= address
+            or address + ((rows - 1) * strides[0] + cols) * found[1] <= returns_address):
+        return False  # the reward shares memory with the returns: the general way reads it from a copy
+    _run_reward_record((address, rows, cols, strides[0], found[0]), terminated,
+                       (returns_address, returns_stride, returns[0]), gamma, mean, var, count, dropped, ema_decay)
     return True
 
 
