@@ -1637,9 +1637,11 @@ def test_written_tensors_not_aligned_to_their_elements_are_refused(stream_everyt
             assert_same(a, e)
 
 
-def test_tensors_without_memory_are_refused():
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "general"])
+def test_tensors_without_memory_are_refused(direct, monkeypatch):
     """torch's ZeroTensor passes every shape, dtype and stride check but has a null data pointer: the kernels must
-    refuse it, whichever argument it is, rather than read or write address 0 (which crashed the process)."""
+    refuse it, whichever argument it is, rather than read or write address 0 (which crashed the process); the
+    module's direct calls and its general way say so alike."""
     zero = torch._efficientzerotensor
     x = data(8, 4, torch.float32)
     mean, var = stats(4)
@@ -1652,6 +1654,10 @@ def test_tensors_without_memory_are_refused():
         CPP.normalize(zero(8, 4), mean, var, 1e-5, None, False, True, torch.empty(8, 4))
     with pytest.raises(ValueError, match="out: expected a tensor with memory"):
         CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, zero(8, 4))
+    with pytest.raises(ValueError, match="x: expected a tensor with memory"):
+        CPP.normalize_moments(zero(8, 4), mean, var, 1e-5, None, torch.empty(8, 4), {})
+    with pytest.raises(ValueError, match="out: expected a tensor with memory"):
+        CPP.normalize_moments(x, mean, var, 1e-5, None, zero(8, 4), {})
     with pytest.raises(ValueError, match="mean: expected a tensor with memory"):
         CPP.normalize(x, zero(4, dtype=torch.float64), var, 1e-5, None, False, True, torch.empty(8, 4))
     with pytest.raises(ValueError, match="terminated: expected a tensor with memory"):
@@ -1662,12 +1668,21 @@ def test_tensors_without_memory_are_refused():
         CPP.merge(zero(2, 10, dtype=torch.float64), mean, var, *counters, None)
     with pytest.raises(ValueError, match="var: expected a tensor with memory"):
         CPP.merge(CPP.moments(x, None, {}), mean, zero(4, dtype=torch.float64), *counters, None)
-    # Through the module's direct calls as well.
+    # Through the module, in training (the fused kernel) and evaluation, the direct way or the general one.
+    if not direct:
+        _general_way(monkeypatch)
     module = protonorm.RunningMeanStd(shape=(4,), device="cpu", backend="cpp")
     module.record_moments(x)
     module.normalize(x)
-    with pytest.raises(ValueError, match="x: expected a tensor with memory"):
-        module.normalize(zero(8, 4))
+    kept = [t.clone() for t in module.state_dict().values()]
+    for training in (True, False):
+        module.train(training)
+        with pytest.raises(ValueError, match="x: expected a tensor with memory"):
+            module.normalize(zero(8, 4))
+        with pytest.raises(ValueError, match="x: expected a tensor with memory"):
+            module.record_moments(zero(8, 4))
+    for a, b in zip(module.state_dict().values(), kept):
+        assert_same(a, b)
 
 
 def test_bad_input_is_rejected_before_any_write():

@@ -178,10 +178,12 @@ def is_negated_view(t: Tensor) -> bool:
 
 def check_not_sharing(name: str, out: Tensor, x: Tensor) -> None:
     """Raise unless ``out`` and ``x`` live in different storages: a fused normalize + moments reads the batch's
-    moments after it has written the output. (Not checked inside a trace, which has no storages to compare.)"""
-    if torch.compiler.is_compiling():
+    moments after it has written the output. (Not checked inside a trace, which has no storages to compare, nor for
+    a tensor without memory, a ZeroTensor, whose storage cannot be read: the kernel's own checks refuse it, saying
+    so.)"""
+    if torch.compiler.is_compiling() or not (out.numel() and x.numel() and out.data_ptr() and x.data_ptr()):
         return
-    if out.numel() and x.numel() and out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+    if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
         raise ValueError(f"{name}: expected a tensor that shares no memory with x (the moments are taken of x)")
 
 
