@@ -1136,6 +1136,51 @@ def test_direct_normalize_declines_what_it_does_not_take():
     assert int(state[2]) == 3 + 33
 
 
+def _error_of(call):
+    try:
+        call()
+    except Exception as exc:  # noqa: BLE001 (the error itself is what is compared)
+        return type(exc), str(exc)
+    return None
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("layout", ["sparse_coo", "sparse_csr", "mkldnn"])
+@pytest.mark.parametrize("d", [1, 5])
+def test_tensors_without_strided_memory_get_the_general_ways_error(layout, d, monkeypatch):
+    """A batch or reward with no strided memory of its own (sparse, MKL-DNN) is refused, on the direct way with the
+    general way's very error (the direct way read its data pointer first, which raised torch's own error), and
+    leaves the statistics and returns as they were."""
+    if layout == "mkldnn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch built without MKL-DNN")
+    convert = {"sparse_coo": torch.Tensor.to_sparse, "sparse_csr": torch.Tensor.to_sparse_csr,
+               "mkldnn": torch.Tensor.to_mkldnn}[layout]
+    g = torch.Generator().manual_seed(d)
+    x, reward = torch.randn(6, d, generator=g), torch.randn(6, d, generator=g)
+    terminated = torch.tensor([True, False] * 3)
+
+    def errors():
+        m = protonorm.RunningMeanStd(None, (d,), device="cpu", backend="cpp")
+        r = protonorm.RewardRunningMeanStd(None, (d,), gamma=0.9, device="cpu", backend="cpp")
+        m.normalize(x)
+        m.record_moments(x)
+        r.record_reward(reward.view(6) if d == 1 else reward, terminated)
+        kept = [t.clone() for t in (*m.state_dict().values(), *r.state_dict().values(), r.discounted_reward)]
+        found = []
+        for training in (True, False):
+            m.train(training)
+            found.append(_error_of(lambda: m.normalize(convert(x))))
+        found.append(_error_of(lambda: r.record_reward(convert(reward.view(6) if d == 1 else reward), terminated)))
+        for a, b in zip((*m.state_dict().values(), *r.state_dict().values(), r.discounted_reward), kept):
+            assert_same(a, b)
+        return found
+
+    direct = errors()
+    assert all(found is not None for found in direct), direct
+    _general_way(monkeypatch)
+    assert errors() == direct
+
+
 def test_direct_calls_read_no_tensor_value(direct_calls):
     """No host read on the direct way either. A dispatch mode would make it decline, so this watches with the
     profiler (which records every aten op without one) and checks that the direct way was the one taken."""

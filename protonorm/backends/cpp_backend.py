@@ -609,7 +609,10 @@ def _direct_normalize_args(x: Tensor, mean: Tensor, var: Tensor, epsilon: float,
         return None
     rows, cols = x.shape
     row_stride, col_stride = x.stride()
-    address = x.data_ptr()
+    try:
+        address = x.data_ptr()
+    except RuntimeError:  # no memory of its own (sparse, MKL-DNN): the general way raises what it raises for it
+        return None
     if (rows > 0 and cols > 0 and (cols == 1 or col_stride == 1) and address % found[1] == 0
             and _is_stat(mean, cols) and _is_stat(var, cols) and _is_writable_rows(out, (rows, cols), found[2])
             and epsilon >= 0.0 and (clamp_value is None or clamp_value > 0.0)):
@@ -667,7 +670,10 @@ def _direct_reward_record(reward: Tensor, terminated: Tensor, discounted: Tensor
             return False
     else:
         return False
-    address = reward.data_ptr()
+    try:
+        address = reward.data_ptr()
+    except RuntimeError:  # no memory of its own (sparse, MKL-DNN): the general way raises what it raises for it
+        return False
     flags = _DTYPE_CODES.get(terminated.dtype)
     returns_dtype = discounted.dtype
     returns = _RETURNS_DTYPES.get(returns_dtype)
