@@ -1864,3 +1864,54 @@ def test_any_call_sequence_gives_the_general_ways_results(backend_name):
         _call_sequences_match(backend_name, steps, d, dtype, ema, seed)
 
     check()
+
+
+def test_kernels_writing_in_place_move_the_version_counters(backend_name):
+    """The C++ and Triton kernels write the statistics and the discounted returns through data pointers, which
+    torch cannot see: the backends move the tensors' version counters as torch's own in-place ops do. Without that,
+    a tensor saved for backward and then recorded into gave gradients of the new values silently, and a batch that
+    changed under a kernel between normalize and record_moments was taken for the batch normalized."""
+    torch.manual_seed(0)
+    rms = RunningMeanStd(None, (5,), device="cpu", backend=backend_name).train()
+    rms.record_moments(torch.randn(8, 5))
+    versions = [t._version for t in (rms.mean, rms.var, rms.count)]
+    weight = torch.ones(5, dtype=torch.float64, requires_grad=True)
+    loss = (weight * rms.mean).sum()  # saves rms.mean for weight's gradient
+    rms.normalize(torch.randn(8, 5))
+    rms.record_moments(torch.randn(8, 5))
+    assert all(t._version > v for t, v in zip((rms.mean, rms.var, rms.count), versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+    rms.update_from_moments(torch.zeros(5), torch.ones(5), 4)
+    assert rms.mean._version > versions[0] + 1
+
+    # One module normalizes another's discounted returns, which that module's record_reward then advances in place:
+    # the moments kept from the normalize are of the returns before the step, and must not be merged.
+    rewards = RewardRunningMeanStd(None, (1,), device="cpu", backend=backend_name, gamma=0.9)
+    flags = torch.zeros(64, dtype=torch.bool)
+    rewards.record_reward(torch.randn(64), flags)
+    returns = rewards.discounted_reward
+    before = returns._version
+    other = RunningMeanStd(None, (1,), device="cpu", backend=backend_name).train()
+    expected = RunningMeanStd(None, (1,), device="cpu", backend="torch")
+    for module in (other, expected):
+        module.record_moments(torch.randn(64, 1, generator=torch.Generator().manual_seed(1)))
+    other.normalize(returns.unsqueeze(1))
+    rewards.record_reward(torch.randn(64) + 3.0, flags)
+    assert returns._version > before
+    other.record_moments(returns.unsqueeze(1))
+    expected.record_moments(returns.unsqueeze(1).clone())
+    torch.testing.assert_close(other.mean, expected.mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(other.var, expected.var, rtol=1e-6, atol=1e-7)
+
+
+def test_version_counters_of_inference_tensors_are_left_alone():
+    """Tensors made under inference_mode have no version counter: marking them written skips them, and marks the
+    others."""
+    from protonorm.backends.base import mark_written
+
+    plain = torch.zeros(3)
+    with torch.inference_mode():
+        frozen = torch.zeros(3)
+    mark_written((frozen, plain))
+    assert plain._version == 1

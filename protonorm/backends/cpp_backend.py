@@ -32,7 +32,8 @@ from torch import Tensor
 
 from ..reference import parts_width
 from .base import (Backend, as_reset_flags, check_elements_apart, check_in_place_or_apart, check_not_sharing,
-                   eager_plain, elements_apart, in_place_or_apart, normalized_dtype, outside_inference_mode)
+                   eager_plain, elements_apart, in_place_or_apart, mark_written, normalized_dtype,
+                   outside_inference_mode)
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -423,6 +424,7 @@ def _run_merge(parts: Tensor, num_parts: int, cols: int, mean: Tensor, var: Tens
     _C.merge(parts.data_ptr(), num_parts, cols, parts.stride()[0], mean.data_ptr(), mean.stride()[0],
              var.data_ptr(), var.stride()[0], count.data_ptr(), dropped.data_ptr(), ema_decay is not None,
              0.0 if ema_decay is None else float(ema_decay), _threads())
+    mark_written((mean, var, count, dropped))
 
 
 @_define("cpp_combine", "(Tensor parts) -> Tensor")
@@ -551,6 +553,7 @@ def _reward_moments_kernel(reward: Tensor, terminated: Tensor, discounted: Tenso
                       terminated.data_ptr(), terminated.stride(0), _DTYPE_CODES[terminated.dtype],
                       discounted.data_ptr(), discounted.stride(0), _DTYPE_CODES[discounted.dtype], float(gamma),
                       parts.data_ptr(), num_parts, rows_per_part, _threads())
+    mark_written((discounted,))
 
 
 @_define("cpp_reward_record", "(Tensor reward, Tensor terminated, Tensor(a!) discounted, float gamma, "
@@ -563,6 +566,7 @@ def _reward_record_kernel(reward: Tensor, terminated: Tensor, discounted: Tensor
     _check_counters(count, dropped)
     returns = (discounted.data_ptr(), discounted.stride()[0], _DTYPE_CODES[discounted.dtype])
     _run_reward_record(batch, terminated, returns, gamma, mean, var, count, dropped, ema_decay)
+    mark_written((discounted, mean, var, count, dropped))
 
 
 def _run_reward_record(reward: _Batch, terminated: Tensor, returns: Tuple[int, int, int], gamma: float,
@@ -699,6 +703,7 @@ def _direct_reward_record(reward: Tensor, terminated: Tensor, discounted: Tensor
         return False  # the reward shares memory with the returns: the general way reads it from a copy
     _run_reward_record((address, rows, cols, strides[0], found[0]), terminated,
                        (returns_address, returns_stride, returns[0]), gamma, mean, var, count, dropped, ema_decay)
+    mark_written((discounted, mean, var, count, dropped))
     return True
 
 

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from .. import reference
 from .base import (FLAG_DTYPES, Backend, as_reset_flags, check_elements_apart, check_in_place_or_apart,
-                   check_not_sharing, eager_plain, elements_apart, is_negated_view, normalized_dtype, workspace_buffer)
+                   check_not_sharing, eager_plain, elements_apart, is_negated_view, mark_written, normalized_dtype,
+                   workspace_buffer)
 
 try:
     import triton  # noqa: F401
@@ -83,6 +84,7 @@ def _merge_impl(parts: Tensor, mean: Tensor, var: Tensor, count: Tensor, dropped
                 ema_decay: Optional[float]) -> None:
     ticket = _ticket_for(count) if _merge.needs_ticket(parts) else None
     _merge.launch_fold(parts, mean, var, count, dropped, ema_decay, ticket)
+    mark_written((mean, var, count, dropped))
 
 
 def _combine_impl(parts: Tensor) -> Tensor:
@@ -110,6 +112,7 @@ def _reward_moments_impl(reward: Tensor, terminated: Tensor, discounted: Tensor,
         _moments.launch(discounted, None, parts)
         return
     _reward.launch(reward, terminated, discounted, gamma, parts)
+    mark_written((discounted,))
 
 
 if UNAVAILABLE_REASON is None:
