@@ -604,6 +604,36 @@ def test_direct_reward_record_matches_the_general_way(shape, step_shape, ema, mo
     assert int(direct.nonfinite_rows) >= 1
 
 
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "general"])
+@pytest.mark.parametrize("width,shift", [(1, -1), (1, 2), (1, 0), (3, -3), (3, -1), (3, 4), (3, 0)])
+def test_reward_sharing_memory_with_the_returns_is_read_as_it_was(width, shift, direct, small_tiles):
+    """A reward whose memory overlaps the discounted returns it advances (``shift`` elements from them in one
+    buffer; 0: the returns themselves) is the reward as it was before the step, as for upstream's out-of-place
+    arithmetic: the kernel's programs, each advancing its rows, must not read rows another one has already
+    advanced (small tiles: several programs). Compared bit for bit with the same step given a copy of the
+    reward."""
+    envs = 150
+    g = torch.Generator().manual_seed(width + shift)
+    first = torch.randn((envs,) if width == 1 else (envs, width), generator=g).to(DEVICE)
+    terminated = (torch.rand(envs, generator=g) < 0.2).to(DEVICE)
+    buffer = torch.randn(envs * width + 8, generator=g).to(DEVICE)
+    start = 4  # room for shifts either way
+    returns = buffer[start:start + envs * width].view(first.shape)
+    reward = buffer[start + shift:start + shift + envs * width].view(first.shape)
+    modules = [protonorm.RewardRunningMeanStd(None, (width,), gamma=0.9, device=DEVICE, backend="triton")
+               for _ in range(2)]
+    for m in modules:
+        m.record_reward(first, terminated)
+    modules[0].discounted_reward = returns.clone()
+    modules[1].discounted_reward = returns.copy_(modules[0].discounted_reward)
+    expected_reward = reward.clone()
+    for m, r in ((modules[0], expected_reward), (modules[1], reward)):
+        (m.record_reward if direct else m._record_reward)(r, ~terminated)
+    for a, b in zip(modules[1].state_dict().values(), modules[0].state_dict().values()):
+        assert_same(a, b)
+    assert_same(modules[1].discounted_reward, modules[0].discounted_reward)
+
+
 def test_direct_calls_decline_what_they_do_not_take():
     d = 5
     x = batch(20, d)

@@ -23,8 +23,8 @@ from torch import Tensor
 
 from .. import reference
 from .base import (FLAG_DTYPES, Backend, as_reset_flags, check_elements_apart, check_in_place_or_apart,
-                   check_not_sharing, eager_plain, elements_apart, is_negated_view, mark_written, normalized_dtype,
-                   workspace_buffer)
+                   check_not_sharing, eager_plain, elements_apart, in_place_or_apart, is_negated_view, mark_written,
+                   normalized_dtype, workspace_buffer)
 
 try:
     import triton  # noqa: F401
@@ -111,6 +111,10 @@ def _reward_moments_impl(reward: Tensor, terminated: Tensor, discounted: Tensor,
         discounted.copy_(reference.discounted_return_update(discounted, reward, terminated.unsqueeze(1), gamma))
         _moments.launch(discounted, None, parts)
         return
+    if not in_place_or_apart(discounted, reward):
+        # Each program advances its rows of the returns and would read rows of the reward that another had already
+        # advanced: the step takes the reward as it was, as upstream's out-of-place arithmetic does.
+        reward = reward.clone(memory_format=torch.contiguous_format)
     _reward.launch(reward, terminated, discounted, gamma, parts)
     mark_written((discounted,))
 
