@@ -361,7 +361,12 @@ class RunningMeanStd(nn.Module):
         # model.half()/.double()/.to(dtype) on a parent must not round the float64 statistics or the int64
         # count: every buffer keeps its dtype and follows only the device change. Nor may
         # .to(memory_format=...) restride 4-D/5-D statistics: the backends work on their flat views.
+        # A move under torch.inference_mode() (``.to(device)``, ``to_empty``) must not make inference tensors of
+        # buffers that are updated in place.
         def keep_dtype(t):
+            return outside_inference_mode(lambda: _keep_dtype(t))
+
+        def _keep_dtype(t):
             out = fn(t)
             out = out if out.dtype == t.dtype else t.to(device=out.device)
             return out.contiguous()
@@ -379,7 +384,7 @@ class RunningMeanStd(nn.Module):
             self.nonfinite_rows.zero_()
         returns = self.__dict__.get("discounted_reward")
         if isinstance(returns, Tensor):  # a reward normalizer's returns follow the statistics, in their dtype
-            moved = fn(returns)
+            moved = outside_inference_mode(lambda: fn(returns))
             self.discounted_reward = moved if moved.dtype == returns.dtype else returns.to(device=moved.device)
         backends.preload(self.backend, self.mean.device if self._initialized else self._lazy_device)
         return result
@@ -1003,7 +1008,11 @@ _STATISTIC_DTYPES = {"mean": torch.float64, "var": torch.float64, "count": torch
 
 def _as_statistic(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` as a statistic the kernels update in place: of ``dtype`` (float64 or int64), contiguous (separate
-    elements) and holding its values (not a lazily negated view); ``t`` itself when it is so already."""
+    elements), holding its values (not a lazily negated view) and a normal tensor (torch refuses in-place updates of
+    one made under ``torch.inference_mode()`` outside it, after writing some statistics already); ``t`` itself when
+    it is so already."""
+    if t.is_inference() and not _is_compiling():
+        return outside_inference_mode(lambda: t.resolve_neg().to(dtype).clone(memory_format=torch.contiguous_format))
     if t.dtype != dtype or not t.is_contiguous() or t.is_neg():
         return t.resolve_neg().to(dtype).contiguous()
     return t

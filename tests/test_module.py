@@ -1915,3 +1915,65 @@ def test_version_counters_of_inference_tensors_are_left_alone():
         frozen = torch.zeros(3)
     mark_written((frozen, plain))
     assert plain._version == 1
+
+
+def _inference_statistics(module, how):
+    """Give ``module`` statistics made under torch.inference_mode() the way ``how`` names (an assignment, a load of
+    a checkpoint's tensors, a move); their values stay the same."""
+    with torch.inference_mode():
+        frozen = {key: value.clone() for key, value in module.state_dict().items()}
+    if how in ("mean", "var", "count"):
+        setattr(module, how, frozen[how])
+    elif how == "load_assign":
+        module.load_state_dict(frozen, assign=True)
+    else:  # moved under inference mode: to meta and back, the values put back by a load (the returns by a copy)
+        returns = module.__dict__.get("discounted_reward")
+        returns = None if returns is None else returns.clone()
+        with torch.inference_mode():
+            module.to("meta")
+            module.to_empty(device="cpu")
+        module.load_state_dict(frozen)
+        if returns is not None:
+            module.discounted_reward.copy_(returns)
+
+
+@pytest.mark.parametrize("how", ["mean", "var", "count", "load_assign", "to_empty"])
+@pytest.mark.parametrize("call", ["record", "normalize_record", "update_from_moments", "record_reward"])
+def test_statistics_made_under_inference_mode_are_updated(backend_name, how, call):
+    """Statistics assigned, loaded or moved under torch.inference_mode() are inference tensors, which torch refuses
+    to update in place outside it, and only after writing some of them (the count before the mean): they are taken
+    as normal tensors, and every call then gives what it gives a module whose statistics are normal, on every
+    backend."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 3, generator=g) * 2 + 1
+    done = torch.arange(40) % 7 == 0
+
+    def build():
+        if call == "record_reward":
+            m = RewardRunningMeanStd(None, (3,), 0.9, device="cpu", backend=backend_name)
+            m.record_reward(x, done)
+        else:
+            m = make((3,), backend_name).train()
+            m.record_moments(x)
+        return m
+
+    def step(m):
+        if call == "record":
+            m.record_moments(x * 3)
+        elif call == "normalize_record":
+            m.normalize(x * 3)
+            m.record_moments(x * 3)
+        elif call == "update_from_moments":
+            m.update_from_moments(x.mean(0), x.var(0, unbiased=False), 40)
+        else:
+            m.record_reward(x * 3, done)
+
+    got, want = build(), build()
+    _inference_statistics(got, how)
+    step(got)
+    step(want)
+    step(got)
+    step(want)
+    for key in ("mean", "var", "count", "nonfinite_rows"):
+        assert not getattr(got, key).is_inference(), key
+        assert_same(getattr(got, key), getattr(want, key))
