@@ -1977,3 +1977,26 @@ def test_statistics_made_under_inference_mode_are_updated(backend_name, how, cal
     for key in ("mean", "var", "count", "nonfinite_rows"):
         assert not getattr(got, key).is_inference(), key
         assert_same(getattr(got, key), getattr(want, key))
+
+
+@pytest.mark.parametrize("shape,reward_shape", [((1,), (24,)), ((3,), (24, 3)), ((2, 3), (24, 2, 3))])
+@pytest.mark.parametrize("step_in_inference", [False, True])
+def test_returns_assigned_under_inference_mode_advance(backend_name, shape, reward_shape, step_in_inference):
+    """Discounted returns assigned as a tensor made under torch.inference_mode() advance as normal ones do, on every
+    backend and in either mode (the torch backend's in-place update of them raised outside inference mode, after
+    writing them)."""
+    g = torch.Generator().manual_seed(6)
+    rewards = [torch.randn(reward_shape, generator=g) for _ in range(3)]
+    done = torch.arange(24) % 5 == 0
+    got, want = (RewardRunningMeanStd(None, shape, 0.9, device="cpu", backend=backend_name) for _ in range(2))
+    for m in (got, want):
+        m.record_reward(rewards[0], done)
+    with torch.inference_mode():
+        got.discounted_reward = want.discounted_reward.clone()
+    for reward in rewards[1:]:
+        with torch.inference_mode() if step_in_inference else torch.no_grad():
+            got.record_reward(reward, done)
+        want.record_reward(reward, done)
+    assert_same(got.discounted_reward, want.discounted_reward)
+    for key in ("mean", "var", "count", "nonfinite_rows"):
+        assert_same(getattr(got, key), getattr(want, key))
