@@ -554,7 +554,14 @@ class RunningMeanStd(nn.Module):
         mean = self.mean
         batch_mean = _on_device(batch_mean, mean.device, torch.float64)
         batch_var = _on_device(batch_var, mean.device, torch.float64)
-        exact = _on_device(batch_count, mean.device)
+        try:
+            exact = _on_device(batch_count, mean.device)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            raise TypeError(f"update_from_moments: expected batch_count as a number of rows (an int or a one-element "
+                            f"tensor), got {batch_count!r:.80}") from None
+        if exact.numel() != 1 or exact.is_complex():
+            raise ValueError(f"update_from_moments: expected batch_count as one real number of rows, got a "
+                             f"{exact.dtype} tensor of shape {tuple(exact.shape)}")
         n = exact.to(torch.float64)
         # Shapes that broadcast to the statistics' are taken, as upstream's arithmetic and its copy into the
         # statistics (which drops leading 1s) take them: moments kept with their reduced dim, one value for all.

@@ -144,6 +144,25 @@ def test_update_from_moments_refuses_a_count_that_is_no_number_of_rows(backend_n
     assert_stats_equal(stats(m), before)
 
 
+@pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
+@pytest.mark.parametrize("count,error,message", [
+    (torch.tensor([2, 3]), ValueError, r"as one real number of rows, got a torch.int64 tensor of shape \(2,\)"),
+    (torch.tensor([2, 3, 4]), ValueError, r"as one real number of rows, got a torch.int64 tensor of shape \(3,\)"),
+    (torch.tensor(2 + 0j), ValueError, r"as one real number of rows, got a torch.complex64 tensor of shape \(\)"),
+    (None, TypeError, r"as a number of rows \(an int or a one-element tensor\), got None"),
+    ("5", TypeError, r"as a number of rows \(an int or a one-element tensor\), got '5'"),
+], ids=["two", "one_per_feature", "complex", "none", "str"])
+def test_update_from_moments_refuses_a_count_that_is_not_one_number(backend_name, ema, count, error, message):
+    """A ``batch_count`` that is not one real number raises saying what was expected, and changes nothing: torch's
+    own errors (a size mismatch, "Could not infer dtype of NoneType") or none at all (complex counts) came instead."""
+    m = make((3,), backend_name, ema_decay=ema)
+    m.record_moments(torch.randn(5, 3))
+    before = stats(m)
+    with pytest.raises(error, match=r"^update_from_moments: expected batch_count " + message):
+        m.update_from_moments(torch.zeros(3), torch.ones(3), count)
+    assert_stats_equal(stats(m), before)
+
+
 @pytest.mark.parametrize("sync", ["per_call", "deferred"])
 @pytest.mark.parametrize("ema", [None, 0.9], ids=["welford", "ema"])
 @pytest.mark.parametrize("bad", ["nan_mean", "inf_var", "neg_inf_mean_one_value"])
