@@ -135,7 +135,12 @@ def _all_gather(fabric, tensor: Tensor, world: int) -> Tensor:
             f"fabric.all_gather: expected a [{world}, *{tuple(tensor.shape)}] tensor or a list of {world} tensors, "
             f"got {type(gathered).__name__} {tuple(getattr(gathered, 'shape', ()))}"
         )
-    return gathered.reshape((world,) + tuple(tensor.shape))
+    if gathered.dtype != tensor.dtype:
+        # Checked before anything is merged: moments rounded on the way would be merged silently by some backends
+        # and refused by others halfway through a merge.
+        raise TypeError(f"fabric.all_gather: expected the gathered tensor in {tensor.dtype} like the one sent, "
+                        f"got {gathered.dtype}")
+    return gathered.reshape((world,) + tuple(tensor.shape)).to(tensor.device)
 
 
 def _all_reduce_sum(fabric, tensor: Tensor, world: int) -> Tensor:

@@ -31,6 +31,7 @@ from protonorm import backends, distributed
 from protonorm.diagnostics import HostSyncCounter, OpCounter
 from protonorm.normalizer import RewardRunningMeanStd, RunningMeanStd
 
+from conftest import assert_same
 from hard_data import MEAN_RTOL, STREAMS, VAR_RTOL, make_stream
 
 D_OBS = 7
@@ -1152,3 +1153,71 @@ def test_switching_sync_modes_keeps_every_row(monkeypatch, method):
     for step in range(6):
         single.record_moments(torch.cat([_obs_batch(r, step) for r in range(2)]))
     assert_matches_truth(results[0], _stats(single))
+
+
+# --------------------------------------------------------------------------------------------- failed collectives
+class _FailingFabric:
+    """Two ranks whose collective echoes this rank's tensor, or fails on demand: ``"raise"`` (the collective
+    itself errs) or ``"float32"`` (a gather that comes back rounded)."""
+
+    world_size, global_rank = 2, 0
+
+    def __init__(self):
+        self.failure = None
+
+    def all_gather(self, tensor):
+        if self.failure == "raise":
+            raise RuntimeError("collective failed")
+        gathered = torch.stack([tensor, tensor])
+        return gathered.float() if self.failure == "float32" else gathered
+
+
+def _everything(m):
+    """Every statistic a call could write: the buffers, the discounted returns and the deferred-sync state."""
+    seen = {name: t.clone() for name, t in m.named_buffers()}
+    if isinstance(m, RewardRunningMeanStd) and m.discounted_reward is not None:
+        seen["discounted_reward"] = m.discounted_reward.clone()
+    state = m._sync_state
+    if isinstance(state, distributed._DeferredState):
+        for name in ("mean", "var", "count", "dropped", "pending"):
+            seen[f"state.{name}"] = getattr(state, name).clone()
+        for i, t in enumerate(state.own or ()):
+            seen[f"state.own{i}"] = t.clone()
+    elif isinstance(state, distributed._PerCallState):
+        seen["state.shift"] = state.shift.clone()
+    return seen
+
+
+def _assert_unchanged(before, m):
+    after = _everything(m)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert_same(before[name], after[name])
+
+
+@pytest.mark.parametrize("failure", ["raise", "float32"])
+@pytest.mark.parametrize("call", ["per_call", "per_call owing rows", "sync"])
+@pytest.mark.parametrize("ema_decay", [None, 0.9])
+@pytest.mark.parametrize("method", REDUCE_METHODS)
+def test_failed_collective_leaves_statistics_untouched(monkeypatch, backend_name, method, ema_decay, call, failure):
+    """A record or sync whose collective fails, or gathers moments rounded to float32 (which some backends merged
+    silently and others refused halfway through the merge, after the statistics were reset to the synced base and
+    the rows owed to the other ranks dropped), raises and changes nothing."""
+    monkeypatch.setenv(distributed.REDUCE_ENV_VAR, method)
+    gen = torch.Generator().manual_seed(1)
+    m = RunningMeanStd(_FailingFabric(), (3,), device="cpu", backend=backend_name, ema_decay=ema_decay,
+                       sync="per_call" if call == "per_call" else "deferred")
+    m.record_moments(torch.randn(4, 3, generator=gen))
+    if call != "per_call":
+        protonorm.sync(m)
+        m.record_moments(torch.randn(5, 3, generator=gen) + 2.0)  # rows owed to the other ranks
+    if call == "per_call owing rows":
+        m.sync = "per_call"
+    before = _everything(m)
+    m.fabric.failure = failure
+    with pytest.raises(RuntimeError if failure == "raise" else TypeError, match="collective failed|float32"):
+        if call == "sync":
+            protonorm.sync(m)
+        else:
+            m.record_moments(torch.randn(6, 3, generator=gen))
+    _assert_unchanged(before, m)
