@@ -908,19 +908,20 @@ class RewardRunningMeanStd(RunningMeanStd):
                 backend.reward_record(rows, flags, discounted, float(self.gamma), layout.flat_mean, layout.flat_var,
                                       layout.count, layout.dropped, self.ema_decay, self._workspace_record)
                 return
-            # nonfinite="raise" may refuse the step after the returns were advanced in place: keep them to put back.
-            kept = previous.clone() if self.nonfinite == "raise" else None
+            # The merge may raise after the returns were advanced in place (nonfinite="raise" refusing the step, a
+            # collective failing): keep them to put back.
+            kept = previous.clone() if self.nonfinite == "raise" or self.fabric is not None else None
             parts = backend.reward_moments(rows, flags, discounted, float(self.gamma), self._workspace_record)
             if write_back:  # before the merge: a write refused (an inference tensor) leaves the statistics as they were
                 previous.copy_(discounted.view(previous.shape))
         try:
             self._fold(parts, backend, layout)
-        except ValueError:
-            if self.nonfinite == "raise":  # the step did not happen: the returns are as before it
-                if previous is None:
-                    self.discounted_reward = None
-                else:
-                    previous.copy_(kept)
+        except BaseException:
+            # The step did not happen: the returns are as before it.
+            if previous is None:
+                self.discounted_reward = None
+            elif kept is not None:
+                previous.copy_(kept)
             raise
 
     def normalize(self, arr: Tensor, un_norm: bool = False) -> Tensor:

@@ -1221,3 +1221,35 @@ def test_failed_collective_leaves_statistics_untouched(monkeypatch, backend_name
         else:
             m.record_moments(torch.randn(6, 3, generator=gen))
     _assert_unchanged(before, m)
+
+
+@pytest.mark.parametrize("failure", ["raise", "float32"])
+@pytest.mark.parametrize("steps_before", [0, 2])
+@pytest.mark.parametrize("nonfinite", ["drop", "raise"])
+@pytest.mark.parametrize("method", REDUCE_METHODS)
+def test_failed_collective_leaves_reward_untouched(monkeypatch, backend_name, method, nonfinite, steps_before, failure):
+    """A record_reward whose collective fails (or returns what cannot be merged) raises with the discounted returns
+    as before the step, like every statistic, and the step made again once the collective works gives what it
+    would have given the first time. (steps_before=0: the step that makes the returns.)"""
+    monkeypatch.setenv(distributed.REDUCE_ENV_VAR, method)
+    rewards = torch.tensor([[0.5, -1.0, 2.0, 0.25], [1.5, 0.0, -0.5, 3.0], [2.0, 1.0, -1.0, 0.5]])
+    done = torch.tensor([False, True, False, False])
+
+    def make():
+        m = RewardRunningMeanStd(_FailingFabric(), (1,), gamma=0.9, device="cpu", backend=backend_name,
+                                 nonfinite=nonfinite)
+        m.record_moments(torch.randn(3, 1, generator=torch.Generator().manual_seed(0)))  # initialized, shift set
+        for step in range(steps_before):
+            m.record_reward(rewards[step], done)
+        return m
+
+    m, clean = make(), make()
+    before = _everything(m)
+    m.fabric.failure = failure
+    with pytest.raises((RuntimeError, TypeError)):
+        m.record_reward(rewards[steps_before], done)
+    _assert_unchanged(before, m)
+    m.fabric.failure = None
+    m.record_reward(rewards[steps_before], done)
+    clean.record_reward(rewards[steps_before], done)
+    _assert_unchanged(_everything(clean), m)
