@@ -872,10 +872,12 @@ class RewardRunningMeanStd(RunningMeanStd):
             )
         if previous is not None and not previous.is_complex() and (previous.dtype not in _RETURNS_DTYPES
                                                                    or _shares_elements(previous)
-                                                                   or previous.is_inference()):
+                                                                   or (not _is_compiling()
+                                                                       and previous.is_inference())):
             # Returns assigned in a dtype that cannot hold them (integer, bool, half precision), whose elements
             # share memory (an expand()) so that no step can be written into them, or made under inference mode
-            # (which torch refuses to update in place outside it, after writing them): go on in a copy of the dtype
+            # (which torch refuses to update in place outside it, after writing them; not asked while compiling, which
+            # cannot trace the question): go on in a copy of the dtype
             # upstream's arithmetic gives the next step, instead of rounding every step into them.
             assigned = previous
             previous = self.discounted_reward = outside_inference_mode(
