@@ -911,8 +911,9 @@ class RewardRunningMeanStd(RunningMeanStd):
                                       layout.count, layout.dropped, self.ema_decay, self._workspace_record)
                 return
             # The merge may raise after the returns were advanced in place (nonfinite="raise" refusing the step, a
-            # collective failing): keep them to put back.
-            kept = previous.clone() if self.nonfinite == "raise" or self.fabric is not None else None
+            # per-call collective failing; deferred records make none): keep them to put back.
+            may_raise = self.nonfinite == "raise" or (self.fabric is not None and self.sync != "deferred")
+            kept = previous.clone() if may_raise else None
             parts = backend.reward_moments(rows, flags, discounted, float(self.gamma), self._workspace_record)
             if write_back:  # before the merge: a write refused (an inference tensor) leaves the statistics as they were
                 previous.copy_(discounted.view(previous.shape))
