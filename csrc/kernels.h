@@ -210,10 +210,13 @@ class RegionError {
 // (the machine is busy, or its core is shared) takes fewer ranges instead of holding up the others; what each item
 // computes does not depend on which thread takes it.
 //
-// A body allocates its scratch before its first call to next, and the first call waits until every thread has got
-// that far: if any thread failed to allocate, no range is handed out at all, so a kernel that updates a buffer in
-// place (the discounted returns) either runs whole or not at all. The exception is then rethrown here.
-template <class Body>
+// A body allocates its scratch before its first call to next. With kAllOrNothing, for a kernel that updates a buffer
+// in place (the discounted returns), that first call waits until every thread has got that far: if any thread
+// failed to allocate, no range is handed out at all, so the kernel runs whole or not at all. Otherwise each thread
+// starts on its ranges at once: a kernel writing only its own outputs does not wait for an OpenMP worker that is
+// still waking up (after an idle spell, a few hundred microseconds on the VMs measured: bench/RESULTS.md), and a
+// thread's failure stops the others at their next range. Either way the exception is rethrown here.
+template <bool kAllOrNothing = false, class Body>
 inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& body) {
   if (grain < 1) grain = 1;
 #ifdef _OPENMP
@@ -226,7 +229,7 @@ inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& 
       const AdoptFloatState adopt(caller);
       bool waited = false;
       const auto wait_for_all = [&] {
-        if (waited) return;
+        if (!kAllOrNothing || waited) return;
         waited = true;
 #pragma omp barrier
       };
@@ -249,7 +252,7 @@ inline void parallel_dynamic(int64_t n, int64_t grain, int threads, const Body& 
       } catch (...) {
         error.keep();
       }
-      wait_for_all();  // every thread passes the barrier exactly once, whether or not its body got to next
+      wait_for_all();  // (kAllOrNothing) every thread passes the barrier once, whether or not its body got to next
     }
     error.rethrow();
     return;
@@ -549,15 +552,16 @@ inline void finish_part(RowAccumulator& acc, double* __restrict part) {
 }
 
 // Runs `row_step(acc, r)` over the rows of every part, threads splitting the parts; row_step must end each row
-// with add_valid_row, a dropped count, or nothing (ignored row).
-template <class T, class RowStep>
+// with add_valid_row, a dropped count, or nothing (ignored row). kAllOrNothing as in parallel_dynamic, for a row_step
+// that writes in place.
+template <class T, bool kAllOrNothing = false, class RowStep>
 inline void moments_by_rows(int64_t rows, int64_t cols, const PartsOut& parts, int threads, const Matrix& source,
                             const RowStep& row_step) {
   const int64_t width = 2 + 2 * cols;
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
   const int64_t ahead = prefetch_distance(row_bytes, kMomentsPrefetchBytes);
   const int64_t source_bytes = cols * element_size(source.dtype);
-  parallel_dynamic(parts.num_parts, 1, threads, [&](const auto& next) {
+  parallel_dynamic<kAllOrNothing>(parts.num_parts, 1, threads, [&](const auto& next) {
     RowAccumulator acc = row_accumulator(cols);
     int64_t p_begin, p_end;
     while (next(p_begin, p_end)) {
@@ -643,10 +647,11 @@ inline void finish_column_part(double* __restrict values, const uint8_t* __restr
   part[3] = shifted_m2(s2, s1 * centered);
 }
 
-// Runs `fill(r_begin, r_end, values, status)` for each part, then reduces it.
-template <class Fill>
+// Runs `fill(r_begin, r_end, values, status)` for each part, then reduces it. kAllOrNothing as in parallel_dynamic,
+// for a fill that writes in place.
+template <bool kAllOrNothing = false, class Fill>
 inline void moments_by_column(int64_t rows, const PartsOut& parts, int threads, const Fill& fill) {
-  parallel_dynamic(parts.num_parts, 1, threads, [&](const auto& next) {
+  parallel_dynamic<kAllOrNothing>(parts.num_parts, 1, threads, [&](const auto& next) {
     // The longest part there is: a small batch in one big part must not allocate (and fault in) a buffer sized
     // for the part's nominal length.
     const int64_t longest = parts.rows_per_part < rows ? parts.rows_per_part : rows;
@@ -1050,7 +1055,7 @@ void reward_moments_typed(const RewardArgs& a) {
     D* dbase = static_cast<D*>(disc.data);
     const int64_t rstride = rew.row_stride;
     const int64_t dstride = disc.row_stride;
-    moments_by_column(disc.rows, a.parts, a.threads,
+    moments_by_column<true>(disc.rows, a.parts, a.threads,
                       [&](int64_t r_begin, int64_t r_end, double* __restrict values, uint8_t* __restrict status) {
                         if (rstride == 1 && dstride == 1) {  // the usual [num_envs] vectors: a loop that vectorizes
                           const R* __restrict x = rbase + r_begin;
@@ -1075,7 +1080,7 @@ void reward_moments_typed(const RewardArgs& a) {
     return;
   }
   const int64_t cols = disc.cols;
-  moments_by_rows<D>(disc.rows, cols, a.parts, a.threads, disc, [&](RowAccumulator& acc, int64_t r) {
+  moments_by_rows<D, true>(disc.rows, cols, a.parts, a.threads, disc, [&](RowAccumulator& acc, int64_t r) {
     D* __restrict d = row_ptr<D>(disc, r);
     const R* __restrict x = row_ptr<const R>(rew, r);
     const bool restart = reset[r] != 0;
