@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -84,6 +85,18 @@ const KernelTable* g_kernels = nullptr;
 
 const KernelTable& kernels() { return *g_kernels; }
 
+std::vector<std::string> isas() {
+  std::vector<std::string> names;
+  for (const KernelTable* t : supported_tables()) names.emplace_back(t->isa);
+  return names;
+}
+
+std::string isa_names() {
+  std::string text;
+  for (const std::string& name : isas()) text += (text.empty() ? "" : ", ") + name;
+  return text;
+}
+
 void set_isa(const std::string& name) {
   for (const KernelTable* t : supported_tables()) {
     if (name == t->isa) {
@@ -91,13 +104,32 @@ void set_isa(const std::string& name) {
       return;
     }
   }
-  throw std::invalid_argument("instruction set '" + name + "' is not supported by this CPU or build");
+  throw std::invalid_argument("instruction set '" + name + "' is not one this CPU and build run (" + isa_names() +
+                              ")");
 }
 
-std::vector<std::string> isas() {
-  std::vector<std::string> names;
-  for (const KernelTable* t : supported_tables()) names.emplace_back(t->isa);
-  return names;
+// An environment variable's value without the white space around it, in lower case ("" where unset), so that
+// " AVX2" or "False" mean what they say.
+std::string env_setting(const char* name) {
+  const char* value = std::getenv(name);
+  std::string text = value == nullptr ? "" : value;
+  const size_t begin = text.find_first_not_of(" \t\n\r\f\v");
+  text = begin == std::string::npos ? "" : text.substr(begin, text.find_last_not_of(" \t\n\r\f\v") + 1 - begin);
+  for (char& c : text) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return text;
+}
+
+// The instruction set PROTONORM_CPU_ISA names (unset or empty: the widest this CPU runs). A name the CPU or the
+// build cannot run fails the import: the variable pins the kernels (for measurements and tests), which must not
+// quietly run others.
+void set_isa_from_environment() {
+  const std::string wanted = env_setting("PROTONORM_CPU_ISA");
+  if (wanted.empty()) return;
+  for (const std::string& name : isas()) {
+    if (name == wanted) return set_isa(name);
+  }
+  throw std::invalid_argument("environment variable PROTONORM_CPU_ISA must name an instruction set this CPU and "
+                              "build run (" + isa_names() + "), got '" + std::getenv("PROTONORM_CPU_ISA") + "'");
 }
 
 // GNU OpenMP keeps each thread's pool of workers across fork(), but the workers themselves do not survive it: in a
@@ -286,9 +318,19 @@ int64_t last_level_cache_bytes() {
   return best_bytes;
 }
 
+// An on/off environment variable, as protonorm/output_cache.py's env_switch reads one: unset, empty, 1, true, yes
+// or on is on; 0, false, no or off is off (any case, white space around); anything else raises, naming it.
+bool env_switch(const char* name) {
+  const std::string setting = env_setting(name);
+  if (setting.empty() || setting == "1" || setting == "true" || setting == "yes" || setting == "on") return true;
+  if (setting == "0" || setting == "false" || setting == "no" || setting == "off") return false;
+  throw std::invalid_argument(std::string("environment variable ") + name +
+                              " must be 1, true, yes, on (the default) or 0, false, no, off, got '" +
+                              std::getenv(name) + "'");
+}
+
 int64_t default_stream_threshold() {
-  const char* setting = std::getenv("PROTONORM_STREAM_STORES");
-  if (setting != nullptr && std::strcmp(setting, "0") == 0) return kNeverStream;
+  if (!env_switch("PROTONORM_STREAM_STORES")) return kNeverStream;
   const int64_t cache = last_level_cache_bytes();
   return cache > 0 ? cache : kNeverStream;
 }
@@ -471,9 +513,7 @@ PYBIND11_MODULE(_C, m) {
 #endif
   const std::vector<const KernelTable*> tables = supported_tables();
   g_kernels = tables.back();
-  if (const char* wanted = std::getenv("PROTONORM_CPU_ISA")) {
-    if (*wanted) set_isa(wanted);
-  }
+  set_isa_from_environment();
   const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("moments", &moments, nogil);
   m.def("normalize", &normalize, nogil);

@@ -1954,3 +1954,88 @@ def test_missing_or_stale_extension_falls_back_to_torch(simulation, phrase):
     assert phrase in proc.stdout
     announcements = [line for line in proc.stderr.splitlines() if "C++ CPU extension unavailable" in line]
     assert len(announcements) == 1 and phrase in announcements[0], proc.stderr
+
+
+# ------------------------------------------------------------------------------------------------ environment
+# Loads the extension file alone (no torch: a fraction of a second) and says what its import made of the
+# environment: the instruction set and the streaming threshold, or the import's error.
+_LOAD_EXTENSION = """
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("protonorm._C", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+try:
+    spec.loader.exec_module(module)
+except ImportError as exc:
+    print("ImportError:", exc)
+else:
+    print(module.isa(), module.stream_threshold())
+"""
+_NEVER_STREAM = 2**63 - 1
+
+
+def _extension_under(**settings) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("PROTONORM_CPU_ISA", "PROTONORM_STREAM_STORES")}
+    env.update(settings)
+    proc = subprocess.run([sys.executable, "-c", _LOAD_EXTENSION, _C.__file__], capture_output=True, text=True,
+                          env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip()
+
+
+@pytest.mark.parametrize("value", ["baseline", "AVX2", " avx2\n", "\tAvx512 ", "", "  "])
+def test_cpu_isa_variable_takes_any_case_and_white_space(value):
+    wanted = value.strip().lower() or ISAS[-1]  # unset or empty: the widest the CPU runs
+    if wanted not in ISAS:
+        pytest.skip(f"this CPU does not run {wanted}")
+    assert _extension_under(PROTONORM_CPU_ISA=value).split()[0] == wanted
+
+
+@pytest.mark.parametrize("value", ["bogus", "avx", "sse4", "avx2,avx512", "0"])
+def test_unknown_cpu_isa_fails_the_import_naming_the_variable_and_the_choices(value):
+    said = _extension_under(PROTONORM_CPU_ISA=value)
+    assert said.startswith("ImportError: environment variable PROTONORM_CPU_ISA must name an instruction set"), said
+    assert f"({', '.join(ISAS)}), got {value!r}" in said
+
+
+def test_set_isa_lists_the_choices():
+    with pytest.raises(ValueError, match=rf"'AVX2' is not one this CPU and build run \({', '.join(ISAS)}\)"):
+        _C.set_isa("AVX2")
+
+
+@pytest.mark.parametrize("value", ["0", "false", "FALSE", " off ", "No"])
+def test_stream_stores_off_in_any_usual_spelling(value):
+    assert _extension_under(PROTONORM_STREAM_STORES=value).split()[1] == str(_NEVER_STREAM)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "Yes", " ON", ""])
+def test_stream_stores_on_in_any_usual_spelling(value):
+    assert _extension_under(PROTONORM_STREAM_STORES=value) == _extension_under()
+
+
+@pytest.mark.parametrize("value", ["2", "disable", "0 0", "-1"])
+def test_bad_stream_stores_fails_the_import_naming_the_variable(value):
+    said = _extension_under(PROTONORM_STREAM_STORES=value)
+    assert said == ("ImportError: environment variable PROTONORM_STREAM_STORES must be 1, true, yes, on (the "
+                    f"default) or 0, false, no, off, got {value!r}"), said
+
+
+def test_bad_cpu_isa_is_announced_and_refused_by_name():
+    """Through protonorm: ``auto`` says in its one line why the extension is missing; ``backend="cpp"`` raises
+    saying it."""
+    script = textwrap.dedent(
+        """
+        import torch, protonorm
+        protonorm.RunningMeanStd(None, (3,), device="cpu").record_moments(torch.randn(5, 3))
+        try:
+            protonorm.RunningMeanStd(None, (3,), device="cpu", backend="cpp").record_moments(torch.randn(5, 3))
+        except RuntimeError as exc:
+            print(exc)
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), PROTONORM_CPU_ISA="AVX-2")
+    env.pop("PROTONORM_BACKEND", None)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    expected = "environment variable PROTONORM_CPU_ISA must name an instruction set"
+    assert proc.stdout.startswith("backend 'cpp' is not available") and expected in proc.stdout, proc.stdout
+    assert expected in proc.stderr and "CPU tensors use the torch path" in proc.stderr, proc.stderr
