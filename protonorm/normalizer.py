@@ -443,7 +443,8 @@ class RunningMeanStd(nn.Module):
                 # The records pending since the last sync go, and so do the rows they dropped: the count (which no
                 # checkpoint holds) is the last sync's again, the same on every rank, as the next sync's base needs.
                 self.nonfinite_rows.copy_(synced.dropped)
-            self._reset_transient_state()
+            self._reset_derived_state()
+            self._outputs.clear()  # (not a new cache, which would read the environment again and might raise)
             if isinstance(synced, distributed._PerCallState):
                 # The shift the per-call all_reduce sums around stays (any value the ranks share will do): without it
                 # the next record gathers, and a load on some ranks only (a checkpoint loaded on rank 0 alone) would

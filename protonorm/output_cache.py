@@ -80,10 +80,25 @@ def _madvise():
 _madvise_function = _madvise()
 
 
+_SWITCH_ON = ("", "1", "true", "yes", "on")
+_SWITCH_OFF = ("0", "false", "no", "off")
+
+
+def env_switch(name: str) -> bool:
+    """An on/off environment variable, read as csrc/bindings.cpp reads one: unset, empty, 1, true, yes or on is on;
+    0, false, no or off is off (any case, white space around); anything else raises, naming it."""
+    value = os.environ.get(name, "")
+    setting = value.strip().lower()
+    if setting in _SWITCH_ON or setting in _SWITCH_OFF:
+        return setting in _SWITCH_ON
+    raise ValueError(f"environment variable {name} must be 1, true, yes, on (the default) or 0, false, no, off, "
+                     f"got {value!r}")
+
+
 def advise_huge_pages(address: int, nbytes: int) -> bool:
     """Ask for transparent huge pages on the whole 2 MB pages inside ``[address, address + nbytes)``; whether the
     advice was given (a kernel without transparent huge pages refuses it, which changes nothing)."""
-    if _madvise_function is None or os.environ.get("PROTONORM_HUGE_PAGES", "1") == "0":
+    if _madvise_function is None:
         return False
     start = -(-address // HUGE_PAGE) * HUGE_PAGE
     end = (address + nbytes) // HUGE_PAGE * HUGE_PAGE
@@ -91,8 +106,8 @@ def advise_huge_pages(address: int, nbytes: int) -> bool:
 
 
 def enabled() -> bool:
-    """Recycling is on unless ``PROTONORM_REUSE_OUTPUTS=0``, and needs torch's storage reference count."""
-    return _storage_use_count is not None and os.environ.get("PROTONORM_REUSE_OUTPUTS", "1") != "0"
+    """Recycling is on unless ``PROTONORM_REUSE_OUTPUTS`` is off, and needs torch's storage reference count."""
+    return env_switch("PROTONORM_REUSE_OUTPUTS") and _storage_use_count is not None
 
 
 class _Slot:
@@ -102,10 +117,10 @@ class _Slot:
     __slots__ = ("storage", "cdata", "address", "nbytes", "template", "template_key", "idle_uses", "idle_refs",
                  "claimed")
 
-    def __init__(self, nbytes: int, shape: Tuple[int, ...], dtype: torch.dtype):
+    def __init__(self, nbytes: int, shape: Tuple[int, ...], dtype: torch.dtype, huge_pages: bool):
         self.storage = torch.UntypedStorage(nbytes)
         self.address = self.storage.data_ptr()
-        if nbytes >= MIN_HUGE_PAGE_BYTES:
+        if huge_pages and nbytes >= MIN_HUGE_PAGE_BYTES:
             advise_huge_pages(self.address, nbytes)  # before the first write faults the pages in
         self.cdata = self.storage._cdata
         self.nbytes = nbytes
@@ -152,12 +167,14 @@ class _Slot:
 class OutputCache:
     """Up to ``MAX_SLOTS`` CPU storages, handed out again as new tensors once their previous tensor is gone."""
 
-    __slots__ = ("_slots", "_lock", "_enabled", "__weakref__")
+    __slots__ = ("_slots", "_lock", "_enabled", "_huge_pages", "__weakref__")
 
     def __init__(self):
         self._slots: List[_Slot] = []
         self._lock = threading.Lock()  # two threads must not both claim the same idle storage
+        # Both settings are read here, when the module is made: a bad value raises before it holds any statistics.
         self._enabled = enabled()
+        self._huge_pages = env_switch("PROTONORM_HUGE_PAGES")
         _caches.add(self)
 
     def empty(self, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -182,7 +199,7 @@ class OutputCache:
                         taken = slot
                     break
             if taken is None:
-                taken = _Slot(nbytes, shape, dtype)
+                taken = _Slot(nbytes, shape, dtype, self._huge_pages)
                 if len(slots) >= MAX_SLOTS:
                     del slots[0]  # only forgotten here: its tensor, if still alive, keeps its memory
             taken.claimed = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import pickle
+import re
 import threading
 import weakref
 
@@ -188,6 +189,51 @@ def test_small_outputs_and_a_disabled_cache_keep_nothing(monkeypatch):
     first = off.normalize(batch(0))
     assert off._outputs._slots == []
     torch.testing.assert_close(first, expected(off, batch(0)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["0", "false", "FALSE", " off ", "No"])
+@pytest.mark.parametrize("variable", ["PROTONORM_REUSE_OUTPUTS", "PROTONORM_HUGE_PAGES"])
+def test_settings_turn_off_in_any_usual_spelling(variable, value, monkeypatch):
+    calls = []
+    monkeypatch.setattr(output_cache, "_madvise_function", lambda *args: calls.append(args) or 0)
+    monkeypatch.setenv(variable, value)
+    norm = make()
+    out = norm.normalize(batch(0, rows=output_cache.MIN_HUGE_PAGE_BYTES // (4 * D) + 8))
+    assert calls == []
+    assert (norm._outputs._slots == []) == (variable == "PROTONORM_REUSE_OUTPUTS")
+    torch.testing.assert_close(out, expected(norm, batch(0, rows=out.shape[0])), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("value", ["1", "true", "Yes", " ON", ""])
+def test_settings_stay_on_in_any_usual_spelling(value, monkeypatch):
+    calls = []
+    monkeypatch.setattr(output_cache, "_madvise_function", lambda *args: calls.append(args) or 0)
+    monkeypatch.setenv("PROTONORM_REUSE_OUTPUTS", value)
+    monkeypatch.setenv("PROTONORM_HUGE_PAGES", value)
+    norm = make()
+    norm.normalize(batch(0, rows=output_cache.MIN_HUGE_PAGE_BYTES // (4 * D) + 8))
+    assert len(calls) == 1 and len(norm._outputs._slots) == 1
+
+
+@pytest.mark.parametrize("value", ["2", "disable", "0 0", "-1"])
+@pytest.mark.parametrize("variable", ["PROTONORM_REUSE_OUTPUTS", "PROTONORM_HUGE_PAGES"])
+def test_a_bad_setting_raises_when_the_module_is_made(variable, value, monkeypatch):
+    monkeypatch.setenv(variable, value)
+    message = (f"environment variable {variable} must be 1, true, yes, on (the default) or 0, false, no, off, "
+               f"got {value!r}")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
+
+
+def test_a_bad_setting_made_later_does_not_stop_a_checkpoint_loading(monkeypatch):
+    """The settings are read when the module is made: a load, which drops the kept outputs, reads none."""
+    norm = make()
+    state = copy.deepcopy(norm.state_dict())
+    norm.record_moments(batch(1))
+    monkeypatch.setenv("PROTONORM_REUSE_OUTPUTS", "bogus")
+    norm.load_state_dict(state)
+    assert all(torch.equal(norm.state_dict()[k], v) for k, v in state.items())
+    torch.testing.assert_close(norm.normalize(batch(2)), expected(norm, batch(2)), rtol=0, atol=0)
 
 
 def test_inference_mode_and_grad_mode_get_their_own_kind_of_tensor():
