@@ -1,6 +1,7 @@
 """What the packaging files make of the project, read from setuptools' own metadata step (``setup.py egg_info``, about
 a second; no build, no install): the version, the metadata, and the files a source distribution carries."""
 import ast
+import os
 import re
 import shutil
 import subprocess
@@ -93,3 +94,57 @@ def test_extension_sources_compile_with_clang():
     for check in checks:
         _, errors = check.communicate(timeout=120)
         assert check.returncode == 0, errors
+
+
+# Runs setup.py with setuptools' setup() and pybind11's ParallelCompile replaced by recorders: what the build would
+# compile, and on how many parallel jobs, or the message it stops with. No compiler runs.
+_SETUP_PLAN = """
+import sys, setuptools, pybind11.setup_helpers as helpers
+plan = {}
+setuptools.setup = lambda **kwargs: plan.update(extensions=len(kwargs["ext_modules"]))
+class Recorder:
+    def __init__(self, envvar=None, default=0, **kwargs):
+        plan.update(jobs=default, envvar=envvar)
+    def install(self):
+        return self
+helpers.ParallelCompile = Recorder
+sys.argv = ["setup.py", "build_ext"]
+try:
+    exec(compile(open("setup.py").read(), "setup.py", "exec"), {"__name__": "__main__"})
+except SystemExit as exc:
+    plan = {"exit": str(exc)}
+print(plan)
+"""
+
+
+def _setup_plan(**settings):
+    env = {k: v for k, v in os.environ.items() if k not in ("PROTONORM_NO_EXTENSION", "PROTONORM_BUILD_JOBS")}
+    env.update(settings)
+    done = subprocess.run([sys.executable, "-c", _SETUP_PLAN], cwd=ROOT, capture_output=True, text=True, env=env,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return ast.literal_eval(done.stdout.strip())
+
+
+@pytest.mark.parametrize("value,built", [("", 1), ("0", 1), ("False", 1), (" off ", 1), ("no", 1),
+                                         ("1", 0), ("TRUE", 0), (" yes\n", 0), ("On", 0)])
+def test_no_extension_takes_the_usual_spellings(value, built):
+    assert _setup_plan(PROTONORM_NO_EXTENSION=value)["extensions"] == built
+
+
+@pytest.mark.parametrize("value,jobs", [("", 0), ("0", 0), ("3", 3), (" 2\n", 2)])
+def test_build_jobs_sets_the_parallel_compiles(value, jobs):
+    plan = _setup_plan(PROTONORM_BUILD_JOBS=value)
+    assert plan["extensions"] == 1 and plan["jobs"] == jobs and plan["envvar"] is None  # (never read again later)
+
+
+@pytest.mark.parametrize("variable,value,expected", [
+    ("PROTONORM_NO_EXTENSION", "2", "1, true, yes, on or 0, false, no, off"),
+    ("PROTONORM_NO_EXTENSION", "skip", "1, true, yes, on or 0, false, no, off"),
+    ("PROTONORM_BUILD_JOBS", "four", "a number of parallel compiles (0 or empty: one per core)"),
+    ("PROTONORM_BUILD_JOBS", "-1", "a number of parallel compiles (0 or empty: one per core)"),
+    ("PROTONORM_BUILD_JOBS", "1.5", "a number of parallel compiles (0 or empty: one per core)"),
+])
+def test_a_bad_build_setting_stops_the_build_naming_it(variable, value, expected):
+    assert _setup_plan(**{variable: value}) == {
+        "exit": f"protonorm: environment variable {variable} must be {expected}, got {value!r}"}
