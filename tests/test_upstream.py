@@ -545,3 +545,37 @@ def test_negative_variance_merges_to_zero_as_upstream(upstream, backend_name, fu
         m.record_moments(x)
     assert torch.equal(ours.var[:2], torch.zeros(2, dtype=torch.float64)) and not ours.var.signbit().any()
     _assert_stats_close(ours, up, rtol=1e-7)
+
+
+# ------------------------------------------------------------------------------------------------ locating it
+def _locate():
+    """``(what load() did: "loaded", "skip" or "fail", the module or its message)``."""
+    try:
+        return "loaded", upstream_locator.load()
+    except pytest.skip.Exception as exc:
+        return "skip", str(exc)
+    except pytest.fail.Exception as exc:
+        return "fail", str(exc)
+
+
+def test_a_named_upstream_folder_is_the_only_one_looked_in(tmp_path, monkeypatch):
+    """A folder named in PROTONORM_UPSTREAM_DIR that lacks the module fails, rather than testing against another copy
+    found elsewhere; one that has it is the one loaded."""
+    monkeypatch.setenv("PROTONORM_UPSTREAM_DIR", str(tmp_path))
+    missing = f"upstream {upstream_locator.FILENAME} not found in PROTONORM_UPSTREAM_DIR='{tmp_path}'"
+    assert _locate() == ("fail", missing)
+    (tmp_path / upstream_locator.FILENAME).write_text("WHERE = 'named'\n")
+    outcome, module = _locate()
+    assert outcome == "loaded" and module.WHERE == "named"
+
+
+@pytest.mark.parametrize("value,outcome", [("", "skip"), ("0", "skip"), ("False", "skip"), ("1", "fail"),
+                                           ("true", "fail"), (" YES ", "fail"), ("2", "bad"), ("required", "bad")])
+def test_require_upstream_takes_the_usual_spellings(tmp_path, monkeypatch, value, outcome):
+    monkeypatch.delenv("PROTONORM_UPSTREAM_DIR", raising=False)
+    monkeypatch.setattr(upstream_locator, "_candidates", lambda: [tmp_path])  # where nothing is found
+    monkeypatch.setenv("PROTONORM_REQUIRE_UPSTREAM", value)
+    did, said = _locate()
+    assert did == ("skip" if outcome == "skip" else "fail"), said
+    bad = "environment variable PROTONORM_REQUIRE_UPSTREAM must be 1, true, yes, on or 0, false, no, off"
+    assert (said.startswith(bad) and said.endswith(f"got {value!r}")) == (outcome == "bad"), said

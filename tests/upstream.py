@@ -1,8 +1,9 @@
 """Locates ProtoMotions' normalization module (the specification protonorm is checked against).
 
-It is not part of protonorm: tests look for it in ``$PROTONORM_UPSTREAM_DIR`` or in ``shared/upstream`` beside
-the repository. Without it the parity tests are skipped, unless ``PROTONORM_REQUIRE_UPSTREAM=1`` (as in CI)
-turns the absence into a failure.
+It is not part of protonorm: tests look for it in ``$PROTONORM_UPSTREAM_DIR`` where that is set (and nowhere
+else: a folder named there that lacks it fails the tests that need it), otherwise in ``shared/upstream`` beside
+the repository or in it. Without it the parity tests are skipped, unless ``PROTONORM_REQUIRE_UPSTREAM=1`` (as in
+CI; also ``true``, ``yes``, ``on``) turns the absence into a failure.
 """
 import importlib.util
 import os
@@ -14,23 +15,35 @@ FILENAME = "protomotions_normalization.py"
 
 
 def _candidates():
-    env = os.environ.get("PROTONORM_UPSTREAM_DIR")
-    if env:
-        yield Path(env)
+    named = os.environ.get("PROTONORM_UPSTREAM_DIR", "")
+    if named.strip():
+        return [Path(named)]  # not another copy found elsewhere: the one asked for
     repo = Path(__file__).resolve().parent.parent
-    yield repo.parent / "shared" / "upstream"
-    yield repo / "shared" / "upstream"
+    return [repo.parent / "shared" / "upstream", repo / "shared" / "upstream"]
+
+
+def _required() -> bool:
+    value = os.environ.get("PROTONORM_REQUIRE_UPSTREAM", "")
+    setting = value.strip().lower()
+    if setting not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
+        pytest.fail(f"environment variable PROTONORM_REQUIRE_UPSTREAM must be 1, true, yes, on or 0, false, no, off "
+                    f"(the default), got {value!r}")
+    return setting in ("1", "true", "yes", "on")
 
 
 def load():
-    for folder in _candidates():
+    required = _required()
+    folders = _candidates()
+    for folder in folders:
         path = folder / FILENAME
         if path.is_file():
             spec = importlib.util.spec_from_file_location("protomotions_normalization", path)
             module = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(module)
             return module
+    if os.environ.get("PROTONORM_UPSTREAM_DIR", "").strip():
+        pytest.fail(f"upstream {FILENAME} not found in PROTONORM_UPSTREAM_DIR={str(folders[0])!r}")
     message = f"upstream {FILENAME} not found (set PROTONORM_UPSTREAM_DIR)"
-    if os.environ.get("PROTONORM_REQUIRE_UPSTREAM") == "1":
+    if required:
         pytest.fail(message)
     pytest.skip(message)
