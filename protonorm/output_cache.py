@@ -80,19 +80,22 @@ def _madvise():
 _madvise_function = _madvise()
 
 
-_SWITCH_ON = ("", "1", "true", "yes", "on")
+_SWITCH_ON = ("1", "true", "yes", "on")
 _SWITCH_OFF = ("0", "false", "no", "off")
 
 
-def env_switch(name: str) -> bool:
-    """An on/off environment variable, read as csrc/bindings.cpp reads one: unset, empty, 1, true, yes or on is on;
-    0, false, no or off is off (any case, white space around); anything else raises, naming it."""
+def env_switch(name: str, default: bool = True) -> bool:
+    """An on/off environment variable, read as csrc/bindings.cpp reads one: 1, true, yes or on is on; 0, false, no
+    or off is off (any case, white space around); unset or empty is ``default``; anything else raises, naming it."""
     value = os.environ.get(name, "")
     setting = value.strip().lower()
+    if setting == "":
+        return default
     if setting in _SWITCH_ON or setting in _SWITCH_OFF:
         return setting in _SWITCH_ON
-    raise ValueError(f"environment variable {name} must be 1, true, yes, on (the default) or 0, false, no, off, "
-                     f"got {value!r}")
+    on, off = ", ".join(_SWITCH_ON), ", ".join(_SWITCH_OFF)
+    raise ValueError(f"environment variable {name} must be {on}{' (the default)' if default else ''} or {off}"
+                     f"{'' if default else ' (the default)'}, got {value!r}")
 
 
 def advise_huge_pages(address: int, nbytes: int) -> bool:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from protonorm.output_cache import env_switch
+
 FILENAME = "protomotions_normalization.py"
 
 
@@ -23,12 +25,10 @@ def _candidates():
 
 
 def _required() -> bool:
-    value = os.environ.get("PROTONORM_REQUIRE_UPSTREAM", "")
-    setting = value.strip().lower()
-    if setting not in ("", "0", "false", "no", "off", "1", "true", "yes", "on"):
-        pytest.fail(f"environment variable PROTONORM_REQUIRE_UPSTREAM must be 1, true, yes, on or 0, false, no, off "
-                    f"(the default), got {value!r}")
-    return setting in ("1", "true", "yes", "on")
+    try:
+        return env_switch("PROTONORM_REQUIRE_UPSTREAM", default=False)
+    except ValueError as error:
+        pytest.fail(str(error))
 
 
 def load():
