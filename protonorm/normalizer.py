@@ -325,6 +325,10 @@ class RunningMeanStd(nn.Module):
         layout = self._layout()
         return layout.flat_mean, layout.flat_var, layout.count, layout.dropped
 
+    # torch.jit.script compiles every property of a submodule, even of one its forward never calls: a model that
+    # only holds a normalizer must script, as it does with upstream's.
+    __jit_unused_properties__ = ["num_features"]
+
     @property
     def num_features(self) -> int:
         return self._layout().num_features

@@ -579,3 +579,46 @@ def test_require_upstream_takes_the_usual_spellings(tmp_path, monkeypatch, value
     assert did == ("skip" if outcome == "skip" else "fail"), said
     bad = "environment variable PROTONORM_REQUIRE_UPSTREAM must be 1, true, yes, on or 0, false, no, off"
     assert (said.startswith(bad) and said.endswith(f"got {value!r}")) == (outcome == "bad"), said
+
+
+# ------------------------------------------------------------------------------------------------ program transforms
+def _normalizer(lib, reward, shape=(3,), **kwargs):
+    if reward:
+        return lib.RewardRunningMeanStd(None, shape, 0.9, device="cpu", **kwargs)
+    return lib.RunningMeanStd(None, shape, device="cpu", **kwargs)
+
+
+class _Holder(nn.Module):
+    """A model that keeps a normalizer for its rollouts but whose forward does not call it."""
+
+    def __init__(self, norm):
+        super().__init__()
+        self.norm = norm
+        self.linear = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("reward, lazy", [(False, False), (False, True), (True, False)], ids=["obs", "lazy", "reward"])
+def test_jit_script_of_a_model_holding_a_normalizer_works_as_upstream(upstream, reward, lazy):
+    """torch.jit.script compiles the properties of every submodule; upstream's module has none, so a model that merely
+    holds one scripts. Ours must too, and the scripted model must carry the statistics in its state_dict."""
+    x = torch.randn(4, 3)
+    scripted = {}
+    for lib in (upstream, protonorm):
+        torch.manual_seed(0)
+        norm = _normalizer(lib, reward, shape=None if lazy else (3,))
+        if not lazy:
+            norm.record_moments(torch.randn(8, 3) * 2 + 1)
+        scripted[lib] = torch.jit.script(_Holder(norm))
+    torch.testing.assert_close(scripted[protonorm](x), scripted[upstream](x), rtol=0, atol=0)
+    buffer = io.BytesIO()
+    torch.jit.save(scripted[protonorm], buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    want, got = scripted[upstream].state_dict(), loaded.state_dict()
+    # (TorchScript keeps non-persistent buffers in a scripted state_dict: nonfinite_rows comes along)
+    assert set(got) - set(want) <= {"norm.nonfinite_rows"} and set(want) <= set(got)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)  # upstream's moments are float32's
