@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 import torch
 import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor, nn
+from torch.fx import Proxy
 
 from . import backends, reference
 from .backends.base import Backend, normalized_dtype, outside_inference_mode
@@ -672,6 +673,10 @@ class RunningMeanStd(nn.Module):
         return None
 
     def _normalize(self, arr: Tensor, un_norm: bool, center: bool) -> Tensor:
+        if isinstance(arr, Proxy):
+            # torch.fx.symbolic_trace: the reference math goes into the graph, with the statistics taken as they are
+            # now (as constants, as upstream's arithmetic records them).
+            return reference.normalize(arr, self.mean, self.var, self.epsilon, self.clamp_value, un_norm, center)
         _check_normalizable(arr, un_norm, self.clamp_value)
         compiling = _is_compiling()
         if (arr.requires_grad and torch.is_grad_enabled()) or _is_exporting(compiling) or (
@@ -1172,6 +1177,9 @@ def _check_clamp_fits(clamp_value, dtype: torch.dtype) -> None:
 def _check_normalizable(arr: Tensor, un_norm: bool, clamp_value) -> None:
     """What ``normalize`` refuses whatever the statistics: bool and complex tensors, and a ``clamp_value`` beyond
     the range of the dtype it clamps (integer input is normalized as float32)."""
+    if isinstance(arr, Proxy):  # (reached by a lazy module only)
+        raise TypeError("normalize: a lazy normalizer cannot take its shape from a torch.fx symbolic trace; "
+                        "give it a shape= or record a batch before tracing")
     if not isinstance(arr, Tensor):  # (upstream's arithmetic raises TypeError for a numpy array or a list too)
         raise TypeError(f"normalize: expected a tensor, got {type(arr).__name__}")
     if not arr.is_floating_point():

@@ -622,3 +622,38 @@ def test_jit_script_of_a_model_holding_a_normalizer_works_as_upstream(upstream, 
     assert set(got) - set(want) <= {"norm.nonfinite_rows"} and set(want) <= set(got)
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=1e-6, atol=1e-6)  # upstream's moments are float32's
+
+
+class _Normalizing(nn.Module):
+    def __init__(self, norm, un_norm):
+        super().__init__()
+        self.norm = norm
+        self.un_norm = un_norm
+
+    def forward(self, x):
+        return self.norm.normalize(x * 2, un_norm=self.un_norm) + 1
+
+
+@pytest.mark.parametrize("reward", [False, True], ids=["obs", "reward"])
+@pytest.mark.parametrize("un_norm", [False, True], ids=["normalize", "un_norm"])
+@pytest.mark.parametrize("clamp_value", [None, 1.5])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_fx_symbolic_trace_of_normalize_as_upstream(upstream, reward, un_norm, clamp_value, training):
+    """Upstream's normalize is plain tensor arithmetic, which torch.fx.symbolic_trace records; ours must trace too and
+    give upstream's graph's results, on inputs other than the one traced (same float32 operations: exact)."""
+    data = torch.randn(16, 3) * 2 + 1
+    graphs = {}
+    for lib in (upstream, protonorm):
+        norm = _normalizer(lib, reward, clamp_value=clamp_value)
+        norm.record_moments(data)
+        graphs[lib] = torch.fx.symbolic_trace(_Normalizing(norm, un_norm).train(training))
+    for x in (torch.randn(5, 3) * 3, torch.randn(2, 7, 3)):
+        torch.testing.assert_close(graphs[protonorm](x), graphs[upstream](x), rtol=1e-6, atol=1e-6)
+
+
+def test_fx_symbolic_trace_of_a_lazy_normalizer_says_why_it_fails():
+    """A lazy module takes its shape from its first input, which a symbolic trace does not have (upstream's fails too)."""
+    model = _Normalizing(RunningMeanStd(None, device="cpu"), un_norm=False)
+    with pytest.raises(TypeError, match="lazy normalizer cannot take its shape from a torch.fx symbolic trace"):
+        torch.fx.symbolic_trace(model)
+    assert not model.norm._initialized
