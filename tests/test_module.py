@@ -1458,6 +1458,45 @@ def test_strict_export_takes_the_statistics_as_buffers(backend_name):
     torch.testing.assert_close(program.module()(obs), want, rtol=0, atol=0)
 
 
+class _Recorder(nn.Module):
+    """ProtoMotions' training step on observations: normalize, then record the same batch."""
+
+    def __init__(self, backend):
+        super().__init__()
+        self.norm = make((6,), backend, clamp_value=5.0)
+
+    def forward(self, x):
+        y = self.norm.normalize(x)
+        self.norm.record_moments(x)
+        return y
+
+
+@pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
+def test_export_of_a_training_step_holds_for_any_batch_size(backend_name, strict):
+    """torch.export with a dynamic batch size of a forward that records. The kernels' number of parts depends on
+    the batch size through max() and ceilings: a non-strict export failed on it, and a strict one gave a program
+    that refused batches of more than one part when run. Exports now record with the reference math: the program
+    must match the eager module on batch sizes of one part and of many (the kernels' parts hold 5,462 rows of 6
+    features, the torch backend's 10,922), within float64 rounding of another partition (1e-12 relative; counts
+    exact)."""
+    from torch.export import Dim
+
+    gen = torch.Generator().manual_seed(0)
+    eager = _Recorder(backend_name)
+    exported = copy.deepcopy(eager)
+    program = torch.export.export(exported, (torch.randn(10, 6),), dynamic_shapes=({0: Dim("B", min=2)},),
+                                  strict=strict).module()
+    for rows in (3, 7000, 12000, 5):
+        x = torch.randn(rows, 6, generator=gen) * 3 + 1
+        torch.testing.assert_close(program(x), eager(x), rtol=1e-6, atol=1e-6)
+    got = dict(program.named_buffers())
+    for name, want in eager.named_buffers():
+        if want.is_floating_point():
+            torch.testing.assert_close(got[name], want, rtol=1e-12, atol=0, msg=name)
+        else:
+            assert torch.equal(got[name], want), name
+
+
 def test_first_calls_from_two_threads_look_up_the_export_flag_once(monkeypatch):
     """The first normalize finds the ONNX export flag by importing torch.onnx's modules. Two threads doing that at
     once can get a partly initialized module (ImportError), so one thread looks it up while the other waits. Here

@@ -16,6 +16,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import reference
+
 
 class Backend:
     """Base class: subclasses override every method below."""
@@ -170,6 +172,31 @@ def eager_plain(*tensors) -> bool:
         if type(t) is not Tensor and t is not None:
             return False
     return True
+
+
+def exported(x: Tensor) -> bool:
+    """Whether torch.export is tracing this call on the batch ``x``. The kernels' number of parts depends on the
+    batch size through max(), min() and ceilings, on which the trace places guards (a non-strict trace shows the
+    batch size as a symbol and fails on them; a strict one, through Dynamo, keeps them as run-time checks): the
+    program would hold for one range of batch sizes only. The backends then take the moments with the reference
+    math below, in a single part that holds for any size, and the program records with it, portable as well: no
+    protonorm op in it."""
+    return torch.compiler.is_exporting() or not isinstance(x.shape[0], int)
+
+
+def reference_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value, out: Tensor,
+                                rows_per_part: Optional[int] = None) -> Tensor:
+    """``Backend.normalize_moments`` with the reference math (parts of ``rows_per_part`` rows, or one)."""
+    reference.normalize(x, mean, var, epsilon, clamp_value, out=out)
+    return reference.batch_moments(x, None, rows_per_part)
+
+
+def reference_reward_moments(reward: Tensor, terminated: Tensor, discounted: Tensor, gamma: float,
+                             rows_per_part: Optional[int] = None) -> Tensor:
+    """``Backend.reward_moments`` with the reference math (parts of ``rows_per_part`` rows, or one)."""
+    t = terminated.reshape(-1, *([1] * (discounted.dim() - 1)))
+    discounted.copy_(reference.discounted_return_update(discounted, reward, t, gamma))
+    return reference.batch_moments(discounted, None, rows_per_part)
 
 
 def mark_written(tensors: Tuple[Tensor, ...]) -> None:

@@ -30,10 +30,11 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import reference
 from ..reference import parts_width
 from .base import (Backend, as_reset_flags, check_elements_apart, check_in_place_or_apart, check_not_sharing,
-                   eager_plain, elements_apart, in_place_or_apart, mark_written, normalized_dtype,
-                   outside_inference_mode)
+                   eager_plain, elements_apart, exported, in_place_or_apart, mark_written, normalized_dtype,
+                   outside_inference_mode, reference_normalize_moments, reference_reward_moments)
 
 # The bindings these sources call; csrc/bindings.cpp sets the same number (INTERFACE_VERSION).
 INTERFACE_VERSION = 4
@@ -779,6 +780,8 @@ class CppBackend(Backend):
         return None if device.type == "cpu" else f"the C++ kernels run on CPU tensors only, not on {device.type}"
 
     def moments(self, x, mask, workspace):
+        if exported(x):
+            return reference.batch_moments(x, mask)
         parts = _parts_buffer(workspace, x)
         op = _moments_kernel if eager_plain(x, mask) else torch.ops.protonorm.cpp_moments
         op(x, mask, parts)
@@ -796,6 +799,8 @@ class CppBackend(Backend):
         op(x, mean, var, epsilon, clamp_value, un_norm, center, out)
 
     def normalize_moments(self, x, mean, var, epsilon, clamp_value, out, workspace):
+        if exported(x):
+            return reference_normalize_moments(x, mean, var, epsilon, clamp_value, out)
         parts = _parts_buffer(workspace, x)
         direct = eager_plain(x, mean, var, out)
         op = _normalize_moments_kernel if direct else torch.ops.protonorm.cpp_normalize_moments
@@ -803,6 +808,8 @@ class CppBackend(Backend):
         return parts
 
     def reward_moments(self, reward, terminated, discounted, gamma, workspace):
+        if exported(reward):
+            return reference_reward_moments(reward, terminated, discounted, gamma)
         parts = _parts_buffer(workspace, reward)
         direct = eager_plain(reward, terminated, discounted)
         op = _reward_moments_kernel if direct else torch.ops.protonorm.cpp_reward_moments

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import reference
-from .base import Backend
+from .base import Backend, exported, reference_normalize_moments, reference_reward_moments
 
 # On the CPU the reference's float64 temporaries for a whole large batch are tens of MB each: fresh memory whose
 # pages fault in one by one, several times over per call. Parts of 64K elements keep them in cache (4-5x faster at
@@ -15,7 +15,8 @@ _PART_ELEMENTS = 1 << 16
 
 
 def _rows_per_part(x) -> Optional[int]:
-    if x.device.type != "cpu":
+    # Not in a program torch.export traces (see base.exported; it has no memory to keep in cache either).
+    if x.device.type != "cpu" or exported(x):
         return None
     return max(1, _PART_ELEMENTS // max(x.shape[-1], 1))
 
@@ -39,13 +40,10 @@ class TorchBackend(Backend):
         reference.normalize(x, mean, var, epsilon, clamp_value, un_norm, center, out=out)
 
     def normalize_moments(self, x, mean, var, epsilon, clamp_value, out, workspace):
-        reference.normalize(x, mean, var, epsilon, clamp_value, out=out)
-        return reference.batch_moments(x, None, _rows_per_part(x))
+        return reference_normalize_moments(x, mean, var, epsilon, clamp_value, out, _rows_per_part(x))
 
     def reward_moments(self, reward, terminated, discounted, gamma, workspace):
-        t = terminated.reshape(-1, *([1] * (discounted.dim() - 1)))
-        discounted.copy_(reference.discounted_return_update(discounted, reward, t, gamma))
-        return reference.batch_moments(discounted, None, _rows_per_part(discounted))
+        return reference_reward_moments(reward, terminated, discounted, gamma, _rows_per_part(discounted))
 
 
 BACKEND = TorchBackend()

@@ -23,8 +23,9 @@ from torch import Tensor
 
 from .. import reference
 from .base import (FLAG_DTYPES, Backend, as_reset_flags, check_elements_apart, check_in_place_or_apart,
-                   check_not_sharing, eager_plain, elements_apart, in_place_or_apart, is_negated_view, mark_written,
-                   normalized_dtype, workspace_buffer)
+                   check_not_sharing, eager_plain, elements_apart, exported, in_place_or_apart, is_negated_view,
+                   mark_written, normalized_dtype, reference_normalize_moments, reference_reward_moments,
+                   workspace_buffer)
 
 try:
     import triton  # noqa: F401
@@ -353,6 +354,8 @@ class TritonBackend(Backend):
                     f"mask: expected a [{x.shape[0]}] tensor on {x.device}, got {tuple(mask.shape)} on {mask.device}"
                 )
             _check_memory("mask", mask)
+        if exported(x):
+            return reference.batch_moments(x, mask)
         parts = _parts_buffer(workspace, x)
         op = _moments_impl if eager_plain(x, mask, parts) else torch.ops.protonorm.triton_moments
         op(x, mask, parts)
@@ -387,6 +390,8 @@ class TritonBackend(Backend):
         _check_stats(mean, var, x.device, x.shape[1])
         _check_out(out, x)
         check_not_sharing("out", out, x)
+        if exported(x):
+            return reference_normalize_moments(x, mean, var, epsilon, clamp_value, out)
         parts = _parts_buffer(workspace, x)
         clamp_value = None if clamp_value is None else float(clamp_value)
         direct = eager_plain(x, mean, var, out, parts)
@@ -419,6 +424,8 @@ class TritonBackend(Backend):
             raise TypeError(f"terminated: expected bool, integer or floating-point flags, got {terminated.dtype}")
         _check_memory("terminated", terminated)
         terminated = as_reset_flags(terminated)
+        if exported(reward):
+            return reference_reward_moments(reward, terminated, discounted, gamma)
         parts = _parts_buffer(workspace, discounted, single_tile=True)
         direct = eager_plain(reward, terminated, discounted, parts)
         op = _reward_moments_impl if direct else torch.ops.protonorm.triton_reward_moments
