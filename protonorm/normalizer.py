@@ -390,7 +390,11 @@ class RunningMeanStd(nn.Module):
         returns = self.__dict__.get("discounted_reward")
         if isinstance(returns, Tensor):  # a reward normalizer's returns follow the statistics, in their dtype
             moved = outside_inference_mode(lambda: fn(returns))
-            self.discounted_reward = moved if moved.dtype == returns.dtype else returns.to(device=moved.device)
+            if moved.dtype != returns.dtype:
+                moved = returns.to(device=moved.device)
+            # Returns leaving meta (to_empty() after a dry run on meta tensors) had no values: the next step starts
+            # them afresh, as in a new module, instead of adding uninitialized memory to its reward.
+            self.discounted_reward = None if returns.is_meta and not moved.is_meta else moved
         backends.preload(self.backend, self.mean.device if self._initialized else self._lazy_device)
         return result
 
@@ -436,6 +440,11 @@ class RunningMeanStd(nn.Module):
             # non-persistent count follows them, zero when it had no values (meta).
             moved = torch.zeros_like(dropped, device=self.mean.device) if dropped.is_meta else dropped.to(self.mean.device)
             self._buffers["nonfinite_rows"] = moved
+        returns = self.__dict__.get("discounted_reward")
+        if isinstance(returns, Tensor) and returns.device != self.mean.device:
+            # So do a reward normalizer's returns (the next step would fail on every call for returns left behind),
+            # started afresh by the next step when they had no values either (see _apply).
+            self.discounted_reward = None if returns.is_meta else returns.to(self.mean.device)
         if entry is not None:
             self.shape = tuple(self.mean.shape)
         if any(prefix + key in state_dict for key in ("mean", "var", "count")):

@@ -473,6 +473,50 @@ def test_model_built_on_meta_then_loaded_counts_dropped_rows_from_zero(backend_n
     assert int(m.nonfinite_rows) == 1 and int(m.count) == int(source.count) + 4
 
 
+def _reward_model_run_on_meta(backend_name):
+    """A model holding a reward normalizer, built under torch.device("meta") and run for a step on meta tensors (a
+    dry run, as shape inference does), so that its discounted returns are a meta tensor."""
+    with torch.device("meta"):
+        model = nn.Sequential(RewardRunningMeanStd(None, (1,), 0.5, device=None, backend=backend_name))
+    model[0].backend = "torch"  # (the compiled backends do not run on meta)
+    model[0].record_reward(torch.ones(4, device="meta"), torch.zeros(4, device="meta"))
+    model[0].backend = backend_name
+    return model
+
+
+@pytest.mark.parametrize("init", ["meta_assign", "to_empty", "to_empty_assign"])
+def test_returns_of_a_dry_run_on_meta_start_afresh_where_the_statistics_are_loaded(backend_name, init):
+    """Returns recorded on meta hold no values: once the model is materialized (to_empty) or given a checkpoint that
+    moves its statistics (assign=True), the next step starts them at its reward on the statistics' device, as a
+    fresh module would, instead of adding uninitialized memory to it or failing on every step for meta returns."""
+    source = RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend="torch")
+    source.record_reward(torch.tensor([1.0, -2.0, 0.5, 3.0]), torch.zeros(4))
+    checkpoint = {f"0.{k}": v.clone() for k, v in source.state_dict().items()}
+    model = _reward_model_run_on_meta(backend_name)
+    if init != "meta_assign":
+        model.to_empty(device="cpu")
+    model.load_state_dict(checkpoint, assign=init != "to_empty")
+    r, fresh = model[0], RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend=backend_name)
+    fresh.load_state_dict({k[2:]: v for k, v in checkpoint.items()})
+    assert r.discounted_reward is None
+    reward = torch.tensor([4.0, 1.0, -1.0, 2.0])
+    for m in (r, fresh):
+        m.record_reward(reward, torch.zeros(4))
+    assert torch.equal(r.discounted_reward, reward)
+    assert_stats_equal(stats(r), stats(fresh))
+
+
+def test_returns_follow_statistics_a_checkpoint_moves():
+    """load_state_dict(assign=True) takes the checkpoint's tensors, on their device: the returns go along (in their
+    dtype, with their values), or every later step would meet returns on the old device. Meta stands in for CUDA."""
+    r = RewardRunningMeanStd(None, (1,), 0.5, device="cpu", backend="torch")
+    r.record_reward(torch.tensor([1.0, 2.0]), torch.zeros(2))
+    r.load_state_dict({k: v.to("meta") for k, v in r.state_dict().items()}, assign=True)
+    assert r.discounted_reward.device.type == "meta" and r.discounted_reward.dtype == torch.float32
+    r.record_reward(torch.ones(2, device="meta"), torch.zeros(2, device="meta"))
+    assert r.discounted_reward.shape == (2,) and r.count.device.type == "meta"
+
+
 @pytest.mark.parametrize("assign", [False, True])
 def test_load_into_a_used_module_with_swapped_buffers(backend_name, assign):
     """Under torch.__future__.set_swap_module_params_on_conversion(True) the loader swaps each buffer with the
@@ -1984,7 +2028,8 @@ def _inference_statistics(module, how):
         setattr(module, how, frozen[how])
     elif how == "load_assign":
         module.load_state_dict(frozen, assign=True)
-    else:  # moved under inference mode: to meta and back, the values put back by a load (the returns by a copy)
+    else:  # moved under inference mode: to meta and back, the values put back by a load (the returns, which
+        # leave meta without values, by an assignment)
         returns = module.__dict__.get("discounted_reward")
         returns = None if returns is None else returns.clone()
         with torch.inference_mode():
@@ -1992,7 +2037,7 @@ def _inference_statistics(module, how):
             module.to_empty(device="cpu")
         module.load_state_dict(frozen)
         if returns is not None:
-            module.discounted_reward.copy_(returns)
+            module.discounted_reward = returns
 
 
 @pytest.mark.parametrize("how", ["mean", "var", "count", "load_assign", "to_empty"])
