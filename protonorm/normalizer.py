@@ -48,6 +48,21 @@ def _resolve_default_device(device):
     return device
 
 
+def _moved_to(fn, device: Optional[torch.device]) -> Optional[torch.device]:
+    """Where ``fn`` (what ``nn.Module._apply`` maps tensors with) moves a tensor on ``device``; ``device`` itself,
+    None included, when ``fn`` moves nothing (a dtype cast, a memory format)."""
+    probe = torch.empty(0, device=device or "cpu")
+    moved = fn(probe).device
+    if device is not None or moved != probe.device:
+        return moved
+    # CPU in, CPU out: a move to the CPU or none. A tensor without data tells them apart: a cast keeps it on meta,
+    # a move to the CPU fails to copy it (or, as to_empty does, makes it there).
+    try:
+        return None if fn(torch.empty(0, device="meta")).is_meta else moved
+    except Exception:
+        return moved
+
+
 def _caller_stacklevel() -> int:
     """The ``stacklevel`` that makes a warning issued by this function's caller name the first line outside this
     module: the user's, whichever of the constructors here (one calls the other) it passed through."""
@@ -379,7 +394,7 @@ class RunningMeanStd(nn.Module):
         if not self._initialized:
             # A lazy module has no buffers yet; remember where the model was moved, so a checkpoint loaded
             # later materializes its statistics there.
-            self._lazy_device = fn(torch.empty(0, device=self._lazy_device or "cpu")).device
+            self._lazy_device = _moved_to(fn, self._lazy_device)
         self._layout_cache = None
         self._outputs.clear()  # CPU memory kept for outputs is not wanted once the module moves
         dropped = self._buffers.get("nonfinite_rows")
@@ -395,7 +410,9 @@ class RunningMeanStd(nn.Module):
             # Returns leaving meta (to_empty() after a dry run on meta tensors) had no values: the next step starts
             # them afresh, as in a new module, instead of adding uninitialized memory to its reward.
             self.discounted_reward = None if returns.is_meta and not moved.is_meta else moved
-        backends.preload(self.backend, self.mean.device if self._initialized else self._lazy_device)
+        where = self.mean.device if self._initialized else self._lazy_device
+        if where is not None:  # (None: a lazy module that was never moved)
+            backends.preload(self.backend, where)
         return result
 
     def to(self, *args, **kwargs):

@@ -506,6 +506,39 @@ def test_returns_of_a_dry_run_on_meta_start_afresh_where_the_statistics_are_load
     assert_stats_equal(stats(r), stats(fresh))
 
 
+_CASTS = {"half": lambda m: m.half(), "float": lambda m: m.float(), "double": lambda m: m.double(),
+          "bfloat16": lambda m: m.bfloat16(), "to_dtype": lambda m: m.to(torch.float16),
+          "type": lambda m: m.type(torch.float64), "memory_format": lambda m: m.to(memory_format=torch.channels_last)}
+
+
+@pytest.mark.parametrize("cast", list(_CASTS))
+@pytest.mark.parametrize("load", ["helper", "load_state_dict"])
+def test_dtype_casts_of_a_lazy_model_do_not_choose_where_a_checkpoint_goes(cast, load):
+    """A cast moves nothing: a lazy normalizer in a model that was only cast takes a checkpoint's statistics on the
+    checkpoint's device, as upstream's helper creates them and as a model never cast does (not on the CPU, which
+    the cast's probe happened to be on). Meta stands in for CUDA."""
+    model = nn.Sequential(nn.Linear(2, 2), make(None))
+    _CASTS[cast](model)
+    checkpoint = {f"1.{k}": v.to("meta") for k, v in make((3,)).state_dict().items()}
+    if load == "helper":
+        protonorm.materialize_lazy_running_stats_from_state_dict(model, checkpoint)
+    else:
+        model.load_state_dict({**checkpoint, **{f"0.{k}": v for k, v in model[0].state_dict().items()}})
+    assert model[1].mean.device.type == "meta" and model[1].count.device.type == "meta"
+
+
+@pytest.mark.parametrize("move", ["to", "cpu", "to_empty", "to_with_dtype"])
+def test_lazy_model_moved_to_the_cpu_takes_a_checkpoint_there(move):
+    """A move to the CPU is a move, even for a model already there: the statistics are created where the model was
+    moved, whatever device the checkpoint's tensors are on."""
+    model = nn.Sequential(make(None))
+    {"to": lambda: model.to("cpu"), "cpu": lambda: model.cpu(), "to_empty": lambda: model.to_empty(device="cpu"),
+     "to_with_dtype": lambda: model.to("cpu", torch.float16)}[move]()
+    checkpoint = {f"0.{k}": v.to("meta") for k, v in make((3,)).state_dict().items()}
+    protonorm.materialize_lazy_running_stats_from_state_dict(model, checkpoint)
+    assert model[0].mean.device.type == "cpu"
+
+
 def test_returns_follow_statistics_a_checkpoint_moves():
     """load_state_dict(assign=True) takes the checkpoint's tensors, on their device: the returns go along (in their
     dtype, with their values), or every later step would meet returns on the old device. Meta stands in for CUDA."""
