@@ -586,8 +586,8 @@ class RunningMeanStd(nn.Module):
         mean = self.mean
         batch_mean = _on_device(batch_mean, mean.device, torch.float64)
         batch_var = _on_device(batch_var, mean.device, torch.float64)
-        try:
-            exact = _on_device(batch_count, mean.device)
+        try:  # (a Python float is a float64 number, not one of the default dtype, as in combine_moments)
+            exact = _on_device(batch_count, mean.device, torch.float64 if isinstance(batch_count, float) else None)
         except (TypeError, ValueError, RuntimeError, OverflowError):
             raise TypeError(f"update_from_moments: expected batch_count as a number of rows (an int or a one-element "
                             f"tensor), got {batch_count!r:.80}") from None

@@ -128,6 +128,26 @@ def test_update_from_moments_adds_counts_past_float64_precision_exactly(backend_
         assert float(m.var[j]) == pytest.approx(float(m2 / n), rel=1e-15, abs=0)
 
 
+@pytest.mark.parametrize("default_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("count", [3001.0, 2.0**24 + 1, 2.5])
+def test_update_from_moments_takes_a_float_count_whatever_the_default_dtype(backend_name, default_dtype, count):
+    """A Python float batch_count is a float64 number: torch.set_default_dtype (float16 under mixed-precision
+    scripts) must not round it, as it does not in combine_moments. Fractional counts weigh the moments as given; the
+    count grows by their truncation, as combine_moments' total does (so 1 + 2.5 -> 3)."""
+    m = make((2,), backend_name)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(default_dtype)
+    try:
+        m.update_from_moments(torch.tensor([2.0, -1.0], dtype=torch.float64),
+                              torch.tensor([3.0, 0.25], dtype=torch.float64), count)
+    finally:
+        torch.set_default_dtype(previous)
+    assert int(m.count) == 1 + int(count)
+    # mean = 0 * 1/(1 + c) + batch_mean * c/(1 + c): within 2 float64 ulps of the exact value
+    torch.testing.assert_close(m.mean, torch.tensor([2.0, -1.0], dtype=torch.float64) * count / (1 + count),
+                               rtol=4.5e-16, atol=0)
+
+
 @pytest.mark.parametrize("sync", ["per_call", "deferred"])
 @pytest.mark.parametrize("count", [-1, -3, -0.5, float("nan"), float("inf"), np.int64(-2)], ids=repr)
 def test_update_from_moments_refuses_a_count_that_is_no_number_of_rows(backend_name, sync, count):
