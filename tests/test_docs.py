@@ -6,10 +6,12 @@ a real script and real options: the commands are parsed by their own argument pa
 """
 import argparse
 import ast
+import datetime
 import os
 import re
 import runpy
 import shlex
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -19,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from protonorm import backends, cli
+from protonorm.diagnostics import OpCounter
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/ARCHITECTURE.md", "docs/DISTRIBUTED.md")
@@ -117,6 +120,65 @@ def test_readme_use_block_runs_and_fuses_normalize_and_record():
     ref.record_moments(obs)
     torch.testing.assert_close(obs_norm.mean, ref.mean, rtol=1e-12, atol=0)  # float64 sums in another order
     torch.testing.assert_close(obs_norm.var, ref.var, rtol=1e-12, atol=0)
+
+
+# --------------------------------------------------------------------------------------------- DISTRIBUTED.md
+STEPS, ENVS = 3, 4
+
+
+def _rank_rewards(rank: int) -> torch.Tensor:
+    return torch.arange(ENVS, dtype=torch.float32) + 10.0 * rank
+
+
+def _distributed_rank(fabric, out_dir):
+    """One rank of the DISTRIBUTED.md block. Stand-ins: a Lightning Fabric of 2 CPU processes (gloo, ddp_spawn) for
+    ``fabric``; for the code at ``...``, ``agent`` holding the three normalizers, a rollout of 3 steps, and this rank's
+    rewards and reset flags."""
+    rank = fabric.global_rank
+    ns = {"fabric": fabric}
+    collectives = []
+
+    def elided(ns):
+        ns["agent"] = torch.nn.ModuleDict({k: ns[k] for k in ("actor_obs", "critic_obs", "reward")})
+        ns["rollout"] = range(STEPS)
+        ns["r"], ns["done"] = _rank_rewards(rank), torch.tensor([False, True, False, False])
+        counter = OpCounter(lambda name: name.startswith("c10d."))
+        counter.__enter__()  # counts what the rest of the block issues
+        collectives.append(counter)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # device="cuda:0" without CUDA
+        run_blocks("docs/DISTRIBUTED.md", ns, elided)
+    counter = collectives[0]
+    counter.__exit__(None, None, None)
+    stats = {k: (m.mean, m.var, m.count) for k, m in ns["agent"].items()}
+    torch.save({"collectives": counter.names, "stats": stats}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_distributed_block_runs_on_two_ranks(tmp_path, monkeypatch):
+    from lightning.fabric import Fabric
+    from lightning.fabric.strategies import DDPStrategy
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    strategy = DDPStrategy(start_method="spawn", timeout=datetime.timedelta(seconds=60))
+    Fabric(accelerator="cpu", devices=2, strategy=strategy).launch(_distributed_rank, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    for seen in ranks:
+        # "records stay on each rank" and "two collectives for all three": the sync's two all_gathers, nothing else.
+        assert len(seen["collectives"]) == 2 and all("allgather" in n for n in seen["collectives"])
+    for name in ("actor_obs", "critic_obs", "reward"):
+        for a, b in zip(ranks[0]["stats"][name], ranks[1]["stats"][name]):
+            assert torch.equal(a, b), name  # bitwise the same on both ranks
+    mean, var, count = ranks[0]["stats"]["reward"]
+    assert count.item() == 1 + 2 * STEPS * ENVS  # the prior and every rank's rows, each once
+    assert ranks[0]["stats"]["actor_obs"][2].item() == 1  # recorded nothing
 
 
 # --------------------------------------------------------------------------------------------- shell commands
