@@ -88,6 +88,23 @@ def is_group_handle(fabric) -> bool:
     return isinstance(fabric, types.ModuleType) or (dist is not None and isinstance(fabric, dist.ProcessGroup))
 
 
+def check_fabric(fabric):
+    """``fabric`` if it is one of the communicators the module docstring lists, else a TypeError or ValueError
+    naming what came: checked when a normalizer is built or its ``fabric`` assigned, not at the first record,
+    where a lazy module would already have taken its shape (``RunningMeanStd((342,))`` passes the shape as
+    upstream's first argument, ``fabric``)."""
+    if fabric is None or _torch_group(fabric) is not _NOT_A_GROUP:
+        return fabric
+    missing = [name for name in ("world_size", "global_rank", "all_gather") if not hasattr(fabric, name)]
+    if missing:
+        raise TypeError(
+            "fabric: expected None, a Lightning Fabric, a torch.distributed ProcessGroup, 'default', or an object "
+            f"with world_size, global_rank and all_gather; got {type(fabric).__name__} without "
+            f"{', '.join(missing)}"
+        )
+    return fabric
+
+
 def world_size(fabric) -> int:
     """Number of ranks ``fabric`` spans (1 for None or an uninitialized default group)."""
     if fabric is None:

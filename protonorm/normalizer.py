@@ -25,7 +25,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor, nn
 from torch.fx import Proxy
 
-from . import backends, reference
+from . import backends, distributed, reference
 from .backends.base import Backend, normalized_dtype, outside_inference_mode
 from .distributed import _DeferredState
 from .output_cache import OutputCache
@@ -365,7 +365,6 @@ class RunningMeanStd(nn.Module):
         # A copy made in this process is the same rank's: it keeps the rows a deferred sync still owes the other
         # ranks, which a pickle drops (loaded on every rank, it would send them once per rank). A fabric that is a
         # process-group handle cannot be copied; the copy shares it.
-        from . import distributed
 
         fabric = self.__dict__.get("fabric")
         if distributed.is_group_handle(fabric):
@@ -467,7 +466,6 @@ class RunningMeanStd(nn.Module):
         if any(prefix + key in state_dict for key in ("mean", "var", "count")):
             # New statistics: what was derived from the old ones goes. A load that leaves this module out
             # (strict=False, another part of the model) keeps it all, the records a deferred sync still owes too.
-            from . import distributed
 
             synced = self._sync_state
             if self._owes_rows():
@@ -528,7 +526,6 @@ class RunningMeanStd(nn.Module):
         """Merge recorded moments into the statistics (all ranks' when distributed)."""
         check = self._raise_if_nonfinite if self.nonfinite == "raise" else None
         if self.fabric is not None or self.sync == "deferred" or self._owes_rows():
-            from . import distributed
 
             # Deferred records are tracked whatever the fabric: callers assign the distributed one after
             # construction, and rows recorded before are owed to the other ranks at the next sync all the same.
@@ -545,7 +542,6 @@ class RunningMeanStd(nn.Module):
     def _fold_empty(self, x: Tensor) -> None:
         """A batch without rows changes nothing, but in per-call sync every rank must still join the collective."""
         if self.fabric is not None and self.sync == "per_call":
-            from . import distributed
 
             if distributed.world_size(self.fabric) > 1:
                 parts = torch.zeros((1, reference.parts_width(self.num_features)), dtype=torch.float64, device=x.device)
@@ -558,7 +554,6 @@ class RunningMeanStd(nn.Module):
             return False
         if self.fabric is None:
             return True
-        from . import distributed
 
         return distributed.world_size(self.fabric) <= 1
 
@@ -637,7 +632,6 @@ class RunningMeanStd(nn.Module):
 
         merge(parts, flat_mean, flat_var, count, dropped, self.ema_decay)
         if self._owes_rows():
-            from . import distributed
 
             # Applied alike on every rank, so it goes into the base every rank shares too; the rows this rank
             # recorded since the last sync stay owed to the others (in either mode: see fold_parts).
@@ -1249,9 +1243,10 @@ def _check_sync(sync):
     return sync
 
 
-# The hyperparameters, checked when the constructor sets them and whenever they are assigned later (upstream's
-# are plain attributes, so callers may change them): the backends rely on the checked ranges.
+# The hyperparameters and the communicator, checked when the constructor sets them and whenever they are assigned
+# later (upstream's are plain attributes, so callers may change them): the backends rely on the checked ranges.
 _HYPERPARAMETER_CHECKS = {
+    "fabric": distributed.check_fabric,
     "epsilon": _check_epsilon,
     "clamp_value": _check_clamp_value,
     "ema_decay": _check_ema_decay,

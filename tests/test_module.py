@@ -1341,6 +1341,29 @@ def test_constructor_rejects_out_of_range_arguments(kwargs, pattern):
         RunningMeanStd(None, (2,), device="cpu", **kwargs)
 
 
+@pytest.mark.parametrize("fabric,error,pattern", [
+    ((342,), TypeError, r"^fabric: expected None, a Lightning Fabric, .*got tuple without world_size, global_rank, "
+                        r"all_gather$"),
+    (object(), TypeError, r"got object without world_size"),
+    (types.SimpleNamespace(world_size=2, global_rank=0), TypeError, r"got SimpleNamespace without all_gather$"),
+    ("defualt", ValueError, r"^fabric: expected 'default'"),
+], ids=["shape-first", "object", "no-all_gather", "misspelt"])
+def test_a_fabric_of_no_accepted_kind_is_refused_when_built_or_assigned(fabric, error, pattern):
+    """``RunningMeanStd((342,))`` passes the shape as upstream's first argument, ``fabric``: refused at once, not at
+    the first record after a lazy module took its shape from the batch."""
+    for make in (lambda: RunningMeanStd(fabric), lambda: RewardRunningMeanStd(fabric, (1,), 0.9, device="cpu")):
+        with pytest.raises(error, match=pattern):
+            make()
+    m = RunningMeanStd(None, (2,), device="cpu")
+    with pytest.raises(error, match=pattern):
+        m.fabric = fabric
+    assert m.fabric is None
+    good = types.SimpleNamespace(world_size=1, global_rank=0, all_gather=lambda t: t[None])
+    m.fabric = good
+    m.record_moments(torch.ones(3, 2))
+    assert m.fabric is good and int(m.count) == 1 + 3  # upstream starts counting at 1
+
+
 @pytest.mark.parametrize("shape", ["342", "1", (2.5,), 3.0, (3, "4"), b"12"], ids=str)
 def test_constructor_refuses_a_shape_of_other_than_integer_sizes(shape):
     """A string's characters or a float are no sizes (upstream's ``torch.zeros(shape)`` refuses them); read as ints
