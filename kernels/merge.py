@@ -13,7 +13,6 @@ when several programs run, each takes a ticket from an int32 counter after its r
 program that draws the last ticket writes ``count``/``dropped`` and resets the counter to zero for the next
 launch. With ``FOLD=False`` the kernel only combines: it writes one ``[1, 2 + 2D]`` part.
 """
-from __future__ import annotations
 
 import torch
 import triton

@@ -23,7 +23,6 @@ tile already in registers and costs one multiply-add per element. With several c
 first sweeps its row block across all columns (a pre-pass that the programs of the other tiles of the same
 rows are sweeping at the same time, so it is served by L2, not DRAM), then loads its own tile again.
 """
-from __future__ import annotations
 
 import contextlib
 import functools

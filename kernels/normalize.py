@@ -10,7 +10,6 @@ does on a half tensor) before mapping back.
 The grid is ``(row blocks, column tiles)``, one tile per program; ``D = 1`` (reward buffers) is tiled over
 rows only.
 """
-from __future__ import annotations
 
 import functools
 import math

@@ -5,7 +5,6 @@ also normalized exactly as :mod:`protonorm.kernels.normalize` does and stored to
 read before the caller's merge kernel updates them (stream order), so the output uses the statistics of
 before this batch, as upstream's normalize-then-record does.
 """
-from __future__ import annotations
 
 import triton
 import triton.language as tl

@@ -9,7 +9,6 @@ Every program owns whole rows (a single column tile): the non-finite row test ne
 values, and another column tile's values are being overwritten in place by its own program. The reward
 normalizer has ``D = 1`` and ``B`` = the number of environments, so tiles run over rows only.
 """
-from __future__ import annotations
 
 import torch
 import triton

@@ -954,6 +954,23 @@ COMPILE_CHECK = textwrap.dedent(
 )
 
 
+def test_kernel_annotations_are_objects_not_strings():
+    """Triton 3.0's interpreter (the Triton torch 2.4 pins) takes a parameter as constexpr only where its annotation
+    is ``tl.constexpr`` itself. Under ``from __future__ import annotations`` it got the string ``"tl.constexpr"``,
+    made the block sizes tensors and failed in ``tl.arange`` on every launch."""
+    import triton.language as tl
+
+    from protonorm.kernels import merge, moments, normalize, normalize_moments, reward
+
+    kernels = [obj for mod in (merge, moments, normalize, normalize_moments, reward) for obj in vars(mod).values()
+               if hasattr(obj, "fn") and hasattr(obj, "arg_names")]
+    assert len(kernels) >= 7
+    for kernel in kernels:
+        annotations = kernel.fn.__annotations__
+        assert not [name for name, hint in annotations.items() if isinstance(hint, str)], kernel.fn.__qualname__
+    assert normalize_moments._normalize_moments_kernel.fn.__annotations__["BLOCK_D"] is tl.constexpr
+
+
 def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter does not type-check like the compiler: build every kernel family to a cubin for sm_90, as a
     launch would specialize it, and read ptxas's report: no spills, and at observation sizes the moments kernels
