@@ -541,9 +541,10 @@ def test_hot_calls_make_no_host_sync():
 
 
 def test_launches_per_entry_point(monkeypatch):
-    """record: 2, normalize: 1, normalize then record: 2, reward record: 2 (counted at the Triton launch)."""
+    """record: 2, normalize: 1, normalize then record: 2, reward record: 2 (counted at the Triton launch,
+    ``kernel[grid](...)``: Triton 3.0's interpreter launches there without going through ``kernel.run``)."""
     launches = []
-    for kernel in (
+    kernels = (
         moment_kernels._moments_kernel,
         moment_kernels._moments_kernel_16bit,
         merge_kernels._merge_kernel,
@@ -551,9 +552,13 @@ def test_launches_per_entry_point(monkeypatch):
         triton_backend._normalize_moments._normalize_moments_kernel,
         triton_backend._normalize_moments._normalize_moments_kernel_16bit,
         triton_backend._reward._reward_moments_kernel,
-    ):
-        original = kernel.run
-        monkeypatch.setattr(kernel, "run", lambda *a, _o=original, **k: (launches.append(1), _o(*a, **k))[1])
+    )
+    for kernel_type in {type(kernel) for kernel in kernels}:
+        def launcher(kernel, grid, _original=kernel_type.__getitem__):
+            launch = _original(kernel, grid)
+            return lambda *a, **k: (launches.append(1) if kernel in kernels else None, launch(*a, **k))[1]
+
+        monkeypatch.setattr(kernel_type, "__getitem__", launcher)
     m = protonorm.RunningMeanStd(None, (33,), device=DEVICE, backend="triton")
     r = protonorm.RewardRunningMeanStd(None, (1,), 0.99, device=DEVICE, backend="triton")
     x = batch(64, 33)
@@ -975,6 +980,15 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     """The interpreter does not type-check like the compiler: build every kernel family to a cubin for sm_90, as a
     launch would specialize it, and read ptxas's report: no spills, and at observation sizes the moments kernels
     within the registers that let two programs share an SM."""
+    import inspect
+
+    from triton.runtime.jit import create_function_from_signature
+
+    if len(inspect.signature(create_function_from_signature).parameters) != 3:
+        import triton
+
+        pytest.skip(f"the check drives Triton's compiler through internals that Triton {triton.__version__} lacks "
+                    "(create_function_from_signature with a backend)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
