@@ -64,6 +64,17 @@ def test_metadata_takes_no_deprecated_form(egg_info):
     assert (ROOT / "LICENSE").read_text(encoding="utf-8").lstrip().startswith("Apache License\n")
 
 
+def test_lightning_minimum_imports_without_pkg_resources():
+    """Lightning before 2.4 imports ``pkg_resources`` when ``lightning`` is imported; setuptools 82 removed it (and
+    the dev extra's ``setuptools>=77`` installs a newer one), so its Fabric could not even be imported there."""
+    from packaging.requirements import Requirement
+
+    extras = _pyproject()["project"]["optional-dependencies"]
+    for extra in ("fabric", "dev"):
+        (lightning,) = [Requirement(r) for r in extras[extra] if Requirement(r).name == "lightning"]
+        assert not lightning.specifier.contains("2.3.3") and lightning.specifier.contains("2.4.0"), (extra, lightning)
+
+
 def _files_under(folder):
     return {path.relative_to(ROOT).as_posix() for path in (ROOT / folder).rglob("*")
             if path.is_file() and "__pycache__" not in path.parts and path.suffix != ".pyc"}
