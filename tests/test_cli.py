@@ -99,6 +99,28 @@ def test_plot_is_a_png(tiny_run):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+def test_plot_labels_speedups_below_one(tmp_path, monkeypatch):
+    """The speedup axis is logarithmic with plain-number labels, each tick its own shortest form: 0.3 reads "0.3"
+    and 1 reads "1" (ScalarFormatter gave every tick one number of decimals: "0.0" for 0.02 and "1.00" with
+    matplotlib 3.7, where the bench's own plots labelled 0.2-0.4 "0"; "1.0" with newer ones)."""
+    from matplotlib.figure import Figure
+
+    from protonorm.benchmark import report
+
+    figures = []
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: figures.append(self))
+    records = [dict(case="record_welford", backend=backend, resolved=None, input_bytes=2**20 * size, speedup=speedup,
+                    pct_copy_bw=10.0)
+               for backend, speedup in (("auto", 6.0), ("torch", 0.3), ("baseline", 1.0)) for size in (1, 8)]
+    report.write_plot(str(tmp_path / "p.png"), records, "title")
+    speed_ax = figures[0].axes[0]
+    figures[0].canvas.draw()
+    labels = {round(tick.get_loc(), 6): tick.label1.get_text()
+              for tick in speed_ax.yaxis.get_major_ticks() + speed_ax.yaxis.get_minor_ticks()}
+    assert {0.3, 1.0, 2.0} <= set(labels), labels
+    assert all(text == f"{loc:g}" for loc, text in labels.items()), labels
+
+
 def test_cases_backends_and_dtype_select_what_runs(tmp_path):
     path = tmp_path / "r.json"
     argv = TINY + ["--cases", "reward,normalize", "--backends", "torch", "--dtype", "float64", "--shapes", "5x2",

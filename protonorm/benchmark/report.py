@@ -167,7 +167,7 @@ def write_plot(path: str, records: Sequence[dict], title: str) -> None:
         figure.savefig(path, format="png", dpi=110)
         return
 
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import StrMethodFormatter
 
     figure = Figure(figsize=(12, 4.8), layout="constrained")
     FigureCanvasAgg(figure)
@@ -193,9 +193,10 @@ def write_plot(path: str, records: Sequence[dict], title: str) -> None:
         roof_ax.plot(sizes, [r["pct_copy_bw"] for r in rs], **style)
     speed_ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     speed_ax.set(xscale="log", yscale="log", xlabel="input size (MiB)", ylabel="speedup over baseline (x)")
-    # Plain numbers (0.5, 2, 10) read better than powers of ten for ratios.
-    speed_ax.yaxis.set_major_formatter(ScalarFormatter())
-    speed_ax.yaxis.set_minor_formatter(ScalarFormatter())
+    # Plain numbers (0.5, 2, 10) read better than powers of ten for ratios; "{x:g}" gives each tick its own
+    # decimals (ScalarFormatter gives all ticks the same number: matplotlib 3.7's labelled 0.2-0.4 "0").
+    speed_ax.yaxis.set_major_formatter(StrMethodFormatter("{x:g}"))
+    speed_ax.yaxis.set_minor_formatter(StrMethodFormatter("{x:g}"))
     speed_ax.set_title("speedup (median of paired ratios)")
     roof_ax.set(xscale="log", xlabel="input size (MiB)", ylabel="% of copy bandwidth")
     roof_ax.set_title("percent of roofline (y.copy_(x) of the same tensor)")
