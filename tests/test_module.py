@@ -802,6 +802,13 @@ def test_normalize_broadcasts_leading_dims_and_unbatched_input(backend_name):
 
 
 def test_features_of_zero_width(backend_name):
+    if backend_name == "triton" and os.environ.get("TRITON_INTERPRET") == "1":
+        import triton
+
+        if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 3):
+            # Before 3.3, tl.store asks ``if not mask``, which under the interpreter is the mask's value: a mask of
+            # one false element stores unmasked, here through the null pointer of a zero-width buffer (a segfault).
+            pytest.skip(f"Triton {triton.__version__}'s interpreter ignores a one-element false store mask")
     m = make((2, 0), backend_name)
     m.record_moments(torch.randn(17, 2, 0))
     assert int(m.count) == 18  # rows without features still count, as upstream's
