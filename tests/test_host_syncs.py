@@ -255,7 +255,7 @@ _SYNCING = {
     "if": "1 if (t > 0).any() else 0",
     "int": "int(t.sum())",
     "float": "float(t.sum())",
-    "index": "[0, 1][t.long()[0]]",
+    "index": "[0, 1][(t[0] > 0).long()]",  # an index of 0 or 1 (t.long()[0] of a random t could be 2)
     "tolist": "t.tolist()",
     "cpu": "t.cpu()",
     "to cpu": "t.to('cpu')",
