@@ -2102,6 +2102,24 @@ def test_version_counters_of_inference_tensors_are_left_alone():
     assert plain._version == 1
 
 
+def test_a_torch_without_is_exporting_still_records(backend_name, monkeypatch):
+    """torch 2.4 to 2.6 have no torch.compiler.is_exporting: eager calls go on without it, with the same
+    statistics."""
+    from protonorm.backends import base
+
+    x = torch.randn(37, 5, dtype=torch.float64)
+    expected = RunningMeanStd(None, (5,), device="cpu", backend=backend_name)
+    expected.normalize(x)
+    expected.record_moments(x)
+    monkeypatch.setattr(base, "_is_exporting", None)
+    norm = RunningMeanStd(None, (5,), device="cpu", backend=backend_name)
+    norm.normalize(x)
+    norm.record_moments(x)
+    assert not base.exported(x)
+    for key, value in expected.state_dict().items():
+        assert_same(norm.state_dict()[key], value)
+
+
 def _inference_statistics(module, how):
     """Give ``module`` statistics made under torch.inference_mode() the way ``how`` names (an assignment, a load of
     a checkpoint's tensors, a move); their values stay the same."""

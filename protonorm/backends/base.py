@@ -174,6 +174,11 @@ def eager_plain(*tensors) -> bool:
     return True
 
 
+# torch.compiler.is_exporting, which torch 2.4 to 2.6 lack: there an export shows only where the batch size is a
+# symbol (a dynamic batch dimension), and a static one records with the kernels, their parts fixed by its batch size.
+_is_exporting = getattr(torch.compiler, "is_exporting", None)
+
+
 def exported(x: Tensor) -> bool:
     """Whether torch.export is tracing this call on the batch ``x``. The kernels' number of parts depends on the
     batch size through max(), min() and ceilings, on which the trace places guards (a non-strict trace shows the
@@ -181,7 +186,7 @@ def exported(x: Tensor) -> bool:
     program would hold for one range of batch sizes only. The backends then take the moments with the reference
     math below, in a single part that holds for any size, and the program records with it, portable as well: no
     protonorm op in it."""
-    return torch.compiler.is_exporting() or not isinstance(x.shape[0], int)
+    return (_is_exporting is not None and _is_exporting()) or not isinstance(x.shape[0], int)
 
 
 def reference_normalize_moments(x: Tensor, mean: Tensor, var: Tensor, epsilon: float, clamp_value, out: Tensor,
