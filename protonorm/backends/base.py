@@ -215,6 +215,26 @@ def mark_written(tensors: Tuple[Tensor, ...]) -> None:
         _increment_version(tuple(t for t in tensors if not t.is_inference()))
 
 
+def _mark_each_written(tensors: Tuple[Tensor, ...]) -> None:
+    """``mark_written`` one tensor a call, for torch 2.4, whose ``_increment_version`` takes no sequence (a newer
+    one takes a lone tensor as the sequence of its rows)."""
+    for t in tensors:
+        if not t.is_inference():
+            _increment_version(t)
+
+
+def _increments_sequences() -> bool:
+    try:
+        _increment_version((torch.empty(0),))
+    except RuntimeError:  # torch 2.4: "increment_version expect a Tensor as input"
+        return False
+    return True
+
+
+if not _increments_sequences():
+    mark_written = _mark_each_written  # noqa: F811
+
+
 def is_negated_view(t: Tensor) -> bool:
     """Whether ``t`` is a lazily negated view (its memory holds the values unnegated). Never inside a trace, which
     cannot follow ``is_neg`` and whose tensors reach the kernels materialized."""
