@@ -12,7 +12,8 @@ is therefore two launches, with no host sync and, once the workspace holds its p
 CUDA tensors always work; CPU tensors work only under the Triton interpreter (``TRITON_INTERPRET=1`` set
 before Triton is imported), which is how the kernels are tested without a GPU.
 """
-from __future__ import annotations
+# No ``from __future__ import annotations`` here: torch 2.4's ``custom_op`` reads the ops' schemas from their
+# annotations and takes only evaluated types, not their names as strings.
 
 import os
 import weakref
