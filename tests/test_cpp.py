@@ -881,10 +881,11 @@ def test_reward_moments_match_reference(b, d, reward_dtype, term_dtype, disc_dty
     if b > 10:
         discounted[10, 0] = float("nan")  # a poisoned return: dropped, then cleared by its reset below
     reward = torch.randn(b, d, generator=g, dtype=torch.float64).to(reward_dtype)
-    terminated = (torch.rand(b, generator=g) < 0.3).to(term_dtype)
+    terminated = (torch.rand(b, generator=g) < 0.3).to(torch.float64)
     if b > 10:
         terminated[10] = 1
         reward[11], terminated[11] = -0.0, 1  # restarts at 0.0 + -0.0 = +0.0, not at the reward's -0.0
+    terminated = terminated.to(term_dtype)  # set in float64 first: torch 2.4 cannot fill float8 elements
     ours, theirs = discounted.clone(), discounted.clone()
     for step in range(3):
         parts = CPP.reward_moments(reward, terminated, ours, 0.99, {})
