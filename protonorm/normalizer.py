@@ -172,8 +172,12 @@ class _Layout:
     def __init__(self, mean: Tensor, var: Tensor, count: Tensor, dropped: Tensor):
         self.mean, self.var, self.count, self.dropped = mean, var, count, dropped
         self.shape = tuple(self.mean.shape)
-        # The dims a normalized input must end with: the shape without its leading 1s, which broadcast.
-        self.trailing = self.shape[next((i for i, s in enumerate(self.shape) if s != 1), len(self.shape)):]
+        # The dims a normalized input must end with: the shape without its leading 1s, which broadcast. (A loop, not
+        # next() with a default, which the Dynamo of torch 2.4 to 2.6 cannot trace: a first call under torch.compile.)
+        lead = 0
+        while lead < len(self.shape) and self.shape[lead] == 1:
+            lead += 1
+        self.trailing = self.shape[lead:]
         self.num_features = math.prod(self.shape)
         # The backends take 1-D statistics as they are and others as flat views. A view stays on the memory it was
         # made of, which ``module.mean.data = t`` replaces under the same tensor object: see ``current``.
