@@ -35,11 +35,26 @@ _RETURNS_DTYPES = (torch.float32, torch.float64)  # what the discounted returns 
 SYNC_MODES = ("per_call", "deferred")
 
 
+def _sees_device_blocks() -> bool:
+    with torch.device("meta"):
+        return torch.get_default_device().type == "meta"
+
+
+if _sees_device_blocks():
+    _default_device = torch.get_default_device
+else:
+
+    def _default_device() -> torch.device:
+        """Where ``torch.zeros(..., device=None)`` puts a tensor. torch.get_default_device() of torch 2.4 to 2.6
+        does not see a ``with torch.device(...)`` block, whose factory calls still make their tensors there."""
+        return torch.empty(0).device
+
+
 def _resolve_default_device(device):
     """Upstream defaults to ``cuda:0``; on a machine without CUDA fall back to the CPU instead of failing. None is
     torch's default device, as upstream's ``torch.zeros(..., device=None)`` takes it."""
     if device is None:
-        return torch.get_default_device()
+        return _default_device()
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         warnings.warn(f"protonorm: device {device!r} requested but CUDA is not available; using the CPU",
@@ -249,7 +264,7 @@ class RunningMeanStd(nn.Module):
         self.shape = shape
         self.device = device
         self.backend = backends.check_choice(backend)
-        backends.preload(self.backend, torch.get_default_device() if device is None else device)
+        backends.preload(self.backend, _default_device() if device is None else device)
         self.nonfinite = nonfinite
         self.sync = sync
         self._initialized = False
