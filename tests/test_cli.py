@@ -378,7 +378,9 @@ def test_compiled_reference_stays_compiled_past_dynamos_recompile_limit(monkeypa
         return normalize(*args, **kwargs)
 
     monkeypatch.setattr(reference, "normalize", spy)
-    with torch._dynamo.config.patch(recompile_limit=2):  # (monkeypatch would delete the setting when undone)
+    # (monkeypatch would delete the setting when undone; torch before 2.6 names it cache_size_limit)
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    with torch._dynamo.config.patch(**{limit: 2}):
         contender = cases.compile_contender(torch.device("cpu"))
         for rows in (3, 4, 5):
             contender.obs(2, cases.EMA_DECAY).normalize(torch.ones(rows, 2))
