@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -784,6 +785,31 @@ def test_torch_compile_fullgraph_traces_through_the_ops():
 
 
 # ------------------------------------------------------------------------------------------ misc
+@pytest.mark.parametrize("triton_version,numpy_version,refused", [
+    ("3.0.0", "2.4.6", True), ("3.1.0", "2.0.0rc1", True), ("3.1.0+git1a2b", "2.2.6", True),
+    ("3.2.0", "2.4.6", False), ("3.9.0", "2.4.6", False), ("3.0.0", "1.26.4", False), ("unknown", "2.0", False),
+])
+def test_an_interpreter_that_would_write_nothing_is_refused(monkeypatch, triton_version, numpy_version, refused):
+    """Triton 3.0 and 3.1 (torch 2.4 and 2.5 pin them) interpret nothing beside numpy 2: every load and store is a
+    no-op, so records left the statistics as they were and outputs unwritten, without an error. The backend then
+    says why it cannot run, and only under the interpreter."""
+    problem = triton_backend.interpreter_problem(triton_version, numpy_version)
+    assert (problem is not None) == refused
+    if not refused:
+        return
+    assert f"Triton {triton_version}" in problem and f"numpy {numpy_version}" in problem and "numpy<2" in problem
+    monkeypatch.setattr(triton_backend, "INTERPRETER_PROBLEM", problem)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for device in ("cpu", "cuda"):
+        assert TB.supports(torch.device(device)) == problem
+    m = protonorm.RunningMeanStd(None, (3,), device="cpu", backend="triton")
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        m.record_moments(batch(4, 3).cpu())
+    assert int(m.count) == 1
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert "TRITON_INTERPRET" in TB.supports(torch.device("cpu"))
+
+
 def test_supports_and_bad_input(monkeypatch):
     assert TB.supports(torch.device(DEVICE)) is None
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -16,6 +16,7 @@ before Triton is imported), which is how the kernels are tested without a GPU.
 # annotations and takes only evaluated types, not their names as strings.
 
 import os
+import re
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -43,6 +44,26 @@ except Exception as exc:  # triton missing or broken
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 PARTS_KEY = "triton_parts"
+
+
+def interpreter_problem(triton_version: str, numpy_version: str) -> Optional[str]:
+    """Why the Triton interpreter of ``triton_version`` cannot run the kernels beside numpy ``numpy_version``, or
+    None: before Triton 3.2 its loads and stores do nothing with numpy 2 (no error; the outputs stay unwritten)."""
+    def major_minor(version: str) -> Tuple[int, ...]:
+        found = re.match(r"(\d+)\.(\d+)", version)  # "3.0.0", "3.1.0+git1a2b", "2.0.0rc1"
+        return (int(found[1]), int(found[2])) if found else ()
+
+    triton_release, numpy_release = major_minor(triton_version), major_minor(numpy_version)
+    if triton_release and numpy_release and triton_release < (3, 2) and numpy_release >= (2,):
+        return (f"the interpreter of Triton {triton_version} reads and writes nothing with numpy {numpy_version} "
+                "(fixed in Triton 3.2): install numpy<2 or triton>=3.2")
+    return None
+
+
+if UNAVAILABLE_REASON is None:
+    import numpy
+
+    INTERPRETER_PROBLEM = interpreter_problem(triton.__version__, numpy.__version__)
 
 # The multi-program merge needs an int32 counter that is zero between launches. One per set of statistics, keyed by
 # device and the address of its ``count``, created on first use, with a weak reference to the memory of that count:
@@ -339,6 +360,8 @@ class TritonBackend(Backend):
             return UNAVAILABLE_REASON
         device = torch.device(device)
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if interpreted and INTERPRETER_PROBLEM is not None and device.type in ("cuda", "cpu"):
+            return INTERPRETER_PROBLEM
         if device.type == "cuda":
             return None if interpreted else _gpu_problem(device)
         if device.type == "cpu" and interpreted:
