@@ -684,6 +684,7 @@ class RunningMeanStd(nn.Module):
         layout = self._layout_cache
         if (
             layout is None
+            or _is_compiling()  # first: the Dynamo of torch 2.4 cannot trace the tests after it
             or layout.choice != self.backend
             or not layout.backend.direct
             or type(arr) is not Tensor
@@ -691,7 +692,6 @@ class RunningMeanStd(nn.Module):
             or arr.dim() != 2
             or len(layout.shape) != 1
             or not layout.current(self._buffers)
-            or _is_compiling()
             or _is_exporting(False)
             or _is_transformed()
             or (self.clamp_value is not None and self.clamp_value > _FLOAT32_MAX)  # checked the general way
@@ -867,6 +867,7 @@ class RewardRunningMeanStd(RunningMeanStd):
         if (
             layout is not None
             and previous is not None
+            and not _is_compiling()  # (the backend would decline; the Dynamo of torch 2.4 cannot trace its tests)
             and self.fabric is None
             and self.nonfinite == "drop"
             and self.sync == "per_call"
