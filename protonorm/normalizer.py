@@ -35,19 +35,18 @@ _RETURNS_DTYPES = (torch.float32, torch.float64)  # what the discounted returns 
 SYNC_MODES = ("per_call", "deferred")
 
 
+def _factory_device() -> torch.device:
+    """Where ``torch.zeros(..., device=None)`` puts a tensor. torch.get_default_device() of torch 2.4 to 2.6 does
+    not see a ``with torch.device(...)`` block, whose factory calls still make their tensors there."""
+    return torch.empty(0).device
+
+
 def _sees_device_blocks() -> bool:
     with torch.device("meta"):
         return torch.get_default_device().type == "meta"
 
 
-if _sees_device_blocks():
-    _default_device = torch.get_default_device
-else:
-
-    def _default_device() -> torch.device:
-        """Where ``torch.zeros(..., device=None)`` puts a tensor. torch.get_default_device() of torch 2.4 to 2.6
-        does not see a ``with torch.device(...)`` block, whose factory calls still make their tensors there."""
-        return torch.empty(0).device
+_default_device = torch.get_default_device if _sees_device_blocks() else _factory_device
 
 
 def _resolve_default_device(device):
