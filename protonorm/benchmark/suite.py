@@ -43,7 +43,7 @@ def run_case(
         timing.warm_up(fn, device, max(warmup, COMPILE_WARMUP_CALLS) if name == COMPILE else warmup)
         # Counted once warm (a first call may take a different path, e.g. the reward normalizer's first step);
         # the probe call doubles as one more warm-up call.
-        host_syncs[name] = timing.count_host_syncs(fn, device, calls=1)
+        host_syncs[name] = timing.count_host_syncs(fn, device, calls=1, compiled=name == COMPILE)
         inner[name], per_call[name] = timing.calibrate_inner(fn, device)
     if repetitions is None:
         per_repetition = sum(inner[n] * per_call[n] for n in fns)

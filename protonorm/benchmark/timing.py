@@ -177,6 +177,11 @@ def interleaved(
     return {name: Samples([read() / inner[name] for read in readings[name]]) for name in names}
 
 
+# Whether a dispatch mode can say that compiled code may run under it (torch 2.4 and 2.6 have no such hook: probed
+# under any mode, a compiled function ran eagerly from then on).
+PROBES_LEAVE_COMPILED_CODE = hasattr(HostSyncCounter, "ignore_compile_internals")
+
+
 class _CompiledCodeSyncCounter(HostSyncCounter):
     """HostSyncCounter that leaves torch.compile-d code compiled: under any other dispatch mode dynamo runs a
     function eagerly and marks its code to be run eagerly from then on, which would leave a compiled contender
@@ -187,10 +192,14 @@ class _CompiledCodeSyncCounter(HostSyncCounter):
         return True
 
 
-def count_host_syncs(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float:
+def count_host_syncs(fn: Callable[[], object], device: torch.device, calls: int = 3,
+                     compiled: bool = False) -> Optional[float]:
     """Host syncs per call: host reads of tensor values seen by the dispatcher and, on CUDA, every
     synchronizing CUDA operation (which also catches reads the dispatcher never sees, such as
-    ``torch.tensor([cuda_scalar, ...])``). The larger of the two counts is reported."""
+    ``torch.tensor([cuda_scalar, ...])``). The larger of the two counts is reported. None for a ``compiled``
+    function where probing it would leave it running eagerly (``PROBES_LEAVE_COMPILED_CODE``): not counted."""
+    if compiled and not PROBES_LEAVE_COMPILED_CODE:
+        return None
     synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
