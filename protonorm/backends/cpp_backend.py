@@ -138,14 +138,10 @@ def _unit_columns(x: Tensor) -> Tensor:
     return x if x.stride(1) == 1 or x.shape[1] <= 1 else x.contiguous()
 
 
-def _is_separate(t: Tensor) -> bool:
-    """What the kernels write holds its values in memory (no lazy negation) and no two of its elements share it."""
-    return not t.is_neg() and elements_apart(t)
-
-
 def _is_writable_rows(t: Tensor, shape, dtype: torch.dtype) -> bool:
     """``t`` of that shape and dtype on the CPU, with unit column stride where it has two dimensions, and
-    separate elements (``_is_separate``, written out for rows: the hot calls test their output or returns so)."""
+    separate elements: it holds its values in memory (no lazy negation) and no two of its elements share it
+    (``_check_separate``'s conditions, written out for rows: the hot calls test their output or returns so)."""
     if not (t.dtype is dtype and t.is_cpu and t.shape == shape and not t.is_neg()):
         return False
     if len(shape) != 2:
@@ -173,8 +169,8 @@ def _check_writable_rows(name: str, t: Tensor, shape, dtype: torch.dtype) -> Non
 
 
 def _is_stat(t: Tensor, cols: int) -> bool:
-    """A float64 ``[cols]`` CPU tensor holding its values, no two elements in one place (``_is_separate`` for 1-D,
-    written out: every hot call tests two of these)."""
+    """A float64 ``[cols]`` CPU tensor holding its values, no two elements in one place (``_check_separate``'s
+    conditions for 1-D, written out: every hot call tests two of these)."""
     return (t.dtype is _F64 and t.is_cpu and t.shape == (cols,) and not t.is_neg()
             and (t.is_contiguous() or cols <= 1 or t.stride()[0] >= 1))
 
