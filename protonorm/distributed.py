@@ -395,7 +395,7 @@ def sync(module_tree, fabric=None) -> None:
     for _, module in live:
         state = _deferred_state(module)
         states.append(state)
-        rows.append(_outgoing_row(module, state).reshape(-1).to(device))
+        rows.append(_outgoing_row(state).reshape(-1).to(device))
     gathered = _all_gather(fabric, torch.cat(rows), world)
     offset = 0
     for (_, module), state in zip(live, states):
@@ -422,7 +422,7 @@ def _sync_device(fabric, module_tree, entries, live) -> torch.device:
     return torch.device("cpu")
 
 
-def _outgoing_row(module, state: _DeferredState) -> Tensor:
+def _outgoing_row(state: _DeferredState) -> Tensor:
     """Welford: the parts recorded since the last sync. EMA: ``[rows, dropped, mean - base mean, var - base
     var]``, this rank's EMA movement since the last sync."""
     if state.own is None:
