@@ -165,7 +165,8 @@ def eager_plain(*tensors) -> bool:
     """True when calling an op's Python implementation directly is what the op would do anyway: not tracing or
     compiling, no dispatch mode to notify, and plain tensors (no FakeTensor or other subclass). Backends then skip
     the dispatcher, whose way to a Python kernel costs 2.5 us for a plainly registered op and 23-30 us for a
-    ``torch.library.custom_op`` on the CPUs measured (bench/RESULTS.md)."""
+    ``torch.library.custom_op`` on the CPUs measured (the latter in bench/RESULTS.md, the Triton backend's eager
+    calls)."""
     if torch.compiler.is_compiling() or dispatch_stack_depth is None or dispatch_stack_depth():
         return False
     for t in tensors:
