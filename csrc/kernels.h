@@ -388,7 +388,7 @@ inline __m256 load8_f32(const BFloat16* p) {
 // does not vectorize the float16 decoding on AVX2. Here each subtraction is a fused multiply-subtract by one, run
 // on the multiply pipes; x * 1 - s rounds once, exactly as x - s, and the loaders are exact, so the sums are
 // bitwise those of the generic loop. Measured on a Zen 4 (bench/RESULTS.md): the moments of cached float32 rows
-// 15-25% faster, the fused kernel 10% faster with the rows in cache; float16 rows on AVX2 several times faster.
+// 6% faster, the fused kernel 10% faster with the rows in cache; float16 rows on AVX2 several times faster.
 static volatile double kOpaqueOne = 1.0;
 
 template <class T>
@@ -443,8 +443,8 @@ inline void accumulate4_step(__m256 x0, __m256 x1, __m256 x2, __m256 x3, __m512d
 }
 
 // accumulate4_x86 in 512-bit vectors, the last columns under a mask instead of a scalar loop: the same operations
-// per column, so the same bits. Measured on a Zen 5, whose vector units are 512 bits wide (bench/RESULTS.md): the
-// fused kernel 5-8% faster at 342 and 1024 features.
+// per column, so the same bits. Measured on a Zen 5, whose vector units are 512 bits wide (bench/RESULTS.md): a
+// standalone loop of the sums took 1.27-1.39 ns per 16 elements against 1.51-1.93 ns in 256-bit vectors.
 template <class T>
 inline void accumulate4_avx512(const T* __restrict r0, const T* __restrict r1, const T* __restrict r2,
                                const T* __restrict r3, const double* __restrict shift, double* __restrict s1,
