@@ -20,7 +20,8 @@ from .. import reference
 
 
 class Backend:
-    """Base class: subclasses override every method below."""
+    """Base class: subclasses override every method below that raises ``NotImplementedError``; ``reward_record``
+    composes two of them and the ``try_`` methods decline every call unless a subclass overrides them."""
 
     name: str = "?"
 
