@@ -1,6 +1,6 @@
 // Python bindings of protonorm._C. Tensors arrive as data pointers with shapes, strides (in elements) and dtype
 // codes, so the module needs no torch headers and one build serves every torch version; the Python side
-// (protonorm/backends/cpp_backend.py) validates them. Every entry point releases the GIL.
+// (protonorm/backends/cpp_backend.py) validates them. Every kernel entry point releases the GIL.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
