@@ -100,8 +100,9 @@ def _cached_parts_layout(rows: int, cols: int) -> Tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------------------ checks
-# Each condition is written once, as a predicate (``_is_*``), which the direct calls below use as it is; the op's
-# check (``_check_*``) runs the predicate and, only when it fails, finds which part failed and raises saying so.
+# Each condition is a predicate (``_is_*``); the op's check (``_check_*``) runs the predicate and, only when it
+# fails, finds which part failed and raises saying so. The direct calls below use the predicates of the statistics,
+# counters, parts and written rows as they are, and write the others out, reading each attribute of the batch once.
 _F32, _F64, _I64 = torch.float32, torch.float64, torch.int64
 
 
