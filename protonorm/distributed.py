@@ -116,10 +116,8 @@ def world_size(fabric) -> int:
     try:
         return int(fabric.world_size)
     except AttributeError:
-        raise TypeError(
-            "fabric: expected None, a Lightning Fabric, a torch.distributed ProcessGroup, 'default', or an object "
-            f"with world_size, global_rank and all_gather; got {type(fabric).__name__}"
-        ) from None
+        check_fabric(fabric)  # raises, naming what the object lacks (a fabric passed to sync() comes unchecked)
+        raise
 
 
 def rank(fabric) -> int:
@@ -360,6 +358,7 @@ def sync(module_tree, fabric=None) -> None:
     hold no deferred normalizer). This reads one value on the host (the layout check); it is meant for boundaries,
     not the hot path. A no-op on a single process.
     """
+    check_fabric(fabric)
     entries = _deferred_normalizers(module_tree)
     if fabric is None:
         fabrics = {id(m.fabric): m.fabric for _, m in entries if m.fabric is not None}

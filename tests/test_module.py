@@ -1365,6 +1365,8 @@ def test_a_fabric_of_no_accepted_kind_is_refused_when_built_or_assigned(fabric, 
     with pytest.raises(error, match=pattern):
         m.fabric = fabric
     assert m.fabric is None
+    with pytest.raises(error, match=pattern):
+        protonorm.sync(RunningMeanStd(None, (2,), device="cpu", sync="deferred"), fabric=fabric)
     good = types.SimpleNamespace(world_size=1, global_rank=0, all_gather=lambda t: t[None])
     m.fabric = good
     m.record_moments(torch.ones(3, 2))
