@@ -22,6 +22,14 @@
 #include <immintrin.h>  // for the x86-64-v3 specializations and the MXCSR access in kernels.h
 #endif
 
+// For the lambdas inside the row loops: g++ calls some of them out of line once their function has grown past its
+// inlining limits, a call for every eight columns.
+#if defined(__GNUC__)
+#define PROTONORM_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define PROTONORM_ALWAYS_INLINE
+#endif
+
 #define PROTONORM_KERNEL_TABLE(isa, table)                                                                  \
   namespace protonorm {                                                                                    \
   extern const KernelTable table;                                                                          \

@@ -293,6 +293,36 @@ def test_streamed_outputs_are_the_same_bits(isa, stream_everything, dtype, b, d)
         assert_same(parts, plain)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_every_width_up_to_100_columns(isa, stream, dtype):
+    """The row loops load columns ahead of the stores (16 at a time, two steps ahead) and finish with shorter
+    steps: every width from 1 to 100 columns, with the output 64 bytes after the input modulo 4 KB (where torch
+    puts it) and 68 bytes after it (off a 64-byte line), gives the reference's bits, and the fused moments see a
+    NaN or inf in any one column."""
+    previous = _C.set_stream_threshold(0 if stream else -1)
+    try:
+        for d in range(1, 101):
+            x = data(3, d, dtype, seed=d)
+            x[1, (5 * d) // 7] = float("inf")
+            x[2, d - 1] = float("nan")
+            mean, var = stats(d)
+            want = torch.empty(3, d)
+            TORCH.normalize(x, mean, var, 1e-5, 2.0, False, True, want)
+            buffer = torch.empty(3 * d + 2048)
+            for lead in (64, 68):  # bytes between the input and the output modulo 4 KB
+                start = ((x.data_ptr() + lead - buffer.data_ptr()) % 4096) // 4
+                out = buffer[start: start + 3 * d].view(3, d)
+                CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, out)
+                assert_same(out, want)
+                out.fill_(7.0)
+                parts = CPP.normalize_moments(x, mean, var, 1e-5, 2.0, out, {})
+                assert_same(out, want)
+                assert_parts_close(parts, reference.batch_moments(x))
+    finally:
+        _C.set_stream_threshold(previous)
+
+
 def test_stream_threshold_is_the_last_level_cache():
     """By default outputs stream once input plus output exceed the last-level cache; the setter restores it."""
     default = _C.stream_threshold()
