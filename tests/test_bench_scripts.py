@@ -78,3 +78,24 @@ def test_cpu_kernel_breakdown_prints_every_kernel():
 def test_cpu_kernel_breakdown_compares_plain_stores_when_outputs_stream():
     out = run_script("cpu_kernel_breakdown.py", "--rounds", "4", "--shapes", "96x7", "--stream-threshold", "0")
     assert out.count("    normalize, plain ") == 2 and out.count("    fused, plain ") == 2
+
+
+@pytest.mark.parametrize("dtype, cache", [("float32", []), ("bfloat16", ["--in-cache"])])
+def test_cpu_build_ab_compares_this_build_with_another(tmp_path, dtype, cache):
+    # A copy of this build's own shared object stands in for the other build: a separate file, loaded beside it.
+    import protonorm._C as _C
+
+    other = tmp_path / Path(_C.__file__).name
+    other.write_bytes(Path(_C.__file__).read_bytes())
+    out = run_script("cpu_build_ab.py", str(other), "--rounds", "3", "--shapes", "40x37,5x3", "--offsets", "64,2048",
+                     "--dtype", dtype, *cache)
+    assert f"{dtype}; this build:" in out and f"other: {other}" in out
+    for shape in ("40x37", "5x3"):
+        assert f"{shape}, " in out
+    for kernel in ("fused", "normalize"):
+        for build in ("this", "other"):
+            for offset in (64, 2048):
+                assert out.count(f"    {kernel} {build} @{offset} ") == 2, (kernel, build, offset)
+        for offset in (64, 2048):
+            assert out.count(f"    {kernel} this / other @{offset}: ") == 2
+    assert out.count("    copy ") == 2
