@@ -297,9 +297,9 @@ def test_streamed_outputs_are_the_same_bits(isa, stream_everything, dtype, b, d)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_every_width_up_to_100_columns(isa, stream, dtype):
     """The row loops load columns ahead of the stores (16 at a time, two steps ahead) and finish with shorter
-    steps: every width from 1 to 100 columns, with the output 64 bytes after the input modulo 4 KB (where torch
-    puts it) and 68 bytes after it (off a 64-byte line), gives the reference's bits, and the fused moments see a
-    NaN or inf in any one column."""
+    steps where the output starts a few lines after the input modulo 4 KB: every width from 1 to 100 columns, with
+    the output 64 bytes after the input (where torch puts it), 68 bytes (off a 64-byte line) and 2 KB (loaded in
+    step), gives the reference's bits, and the fused moments see a NaN or inf in any one column."""
     previous = _C.set_stream_threshold(0 if stream else -1)
     try:
         for d in range(1, 101):
@@ -310,7 +310,7 @@ def test_every_width_up_to_100_columns(isa, stream, dtype):
             want = torch.empty(3, d)
             TORCH.normalize(x, mean, var, 1e-5, 2.0, False, True, want)
             buffer = torch.empty(3 * d + 2048)
-            for lead in (64, 68):  # bytes between the input and the output modulo 4 KB
+            for lead in (64, 68, 2048):  # bytes from the input to the output modulo 4 KB
                 start = ((x.data_ptr() + lead - buffer.data_ptr()) % 4096) // 4
                 out = buffer[start: start + 3 * d].view(3, d)
                 CPP.normalize(x, mean, var, 1e-5, 2.0, False, True, out)
