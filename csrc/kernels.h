@@ -763,13 +763,13 @@ inline bool normalize_columns(const T* __restrict x, typename OutOf<T>::type* __
 // kStream writes the row's whole 64-byte lines with non-temporal stores, which go to memory without first reading
 // each line into the cache; the caller ends its thread's work with stream_fence().
 //
-// The main loops load each 16 columns two steps before they store them. An output allocated by torch usually
-// starts 64 or 128 bytes after its input modulo 4 KB (both are mmap'd blocks with the same header), and a load
-// whose address matches a pending earlier store in its low 12 bits waits for that store (4K aliasing): loaded in
-// step with the stores, nearly every load would follow the store it aliases with. Measured on a Zen 3 with the
-// caches emptied before each call (bench/RESULTS.md): with the output 64 bytes after the input, normalize 5-9%
-// faster and the fused kernel 2-7%; with it 2 KB away, where nothing aliases, normalize as before and the fused
-// kernel between 2% faster and 6% slower from run to run.
+// A load whose address matches a pending earlier store in its low 12 bits waits for that store (4K aliasing). An
+// output allocated by torch often starts 64 or 128 bytes after its float32 input modulo 4 KB (both mmap'd blocks
+// with the same header): loaded in step with the stores, nearly every load would then follow the store it aliases
+// with. For such outputs the main loops load each 16 columns two steps before they store them. Measured on a Zen 3
+// with the caches emptied before each call (bench/RESULTS.md), 64 bytes apart: normalize 8-13% faster, the fused
+// kernel 2-6%. Where nothing aliases, loading ahead gained nothing and cost the fused kernel 2-3% (from run to
+// run within the noise of this VM), so there the loops load in step as before.
 template <class T, bool kCenter, bool kClamp, bool kCheck, bool kStream>
 inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, const float* __restrict mean,
                                   const float* __restrict stddev, float hi, int64_t cols) {
@@ -799,9 +799,11 @@ inline bool normalize_columns_x86(const T* __restrict x, float* __restrict y, co
   };
 #endif
   // Columns from j in steps of 16 while 32 or more are left, each step's `store(k, v)` after the loads of the next
-  // two steps.
+  // two steps; only for float32 rows whose output starts 1-256 bytes after them modulo 4 KB (see above).
+  const uintptr_t lead = (reinterpret_cast<uintptr_t>(y) - reinterpret_cast<uintptr_t>(x)) & 4095;
+  const bool aliasing = sizeof(T) == sizeof(float) && lead > 0 && lead <= 256;
   const auto sweep = [&](const auto& store) PROTONORM_ALWAYS_INLINE {
-    if (j + 32 > cols) return;
+    if (!aliasing || j + 32 > cols) return;
     __m256 a0 = load8_f32(x + j), a1 = load8_f32(x + j + 8);
     __m256 b0 = load8_f32(x + j + 16), b1 = load8_f32(x + j + 24);
     for (; j + 48 <= cols; j += 16) {
