@@ -32,8 +32,9 @@ def _placed_output(x: torch.Tensor) -> torch.Tensor:
     """An output buffer 2 KB away from ``x`` modulo 4 KB. Loads that share their address's low 12 bits with a
     pending store wait for it (4K aliasing), so where torch happens to place the output could show up as a kernel
     cost. With the compiler-vectorized normalize loop, an output 64-448 bytes after the input measured up to 1.4x
-    slower with the rows in cache; the hand-written loops now load two steps ahead of their stores, and at 64 bytes
-    (where torch's allocator puts an output of the same size) they measure as at 2 KB (bench/RESULTS.md)."""
+    slower with the rows in cache; the hand-written loops now load two steps ahead of their stores for outputs
+    1-256 bytes after the input, where torch's allocator often puts them (bench/cpu_build_ab.py compares builds at
+    chosen offsets)."""
     spare = 1024  # floats: 4 KB
     buffer = torch.empty(x.numel() + spare, dtype=x.dtype)
     offset = ((x.data_ptr() + 2048 - buffer.data_ptr()) % 4096) // x.element_size()
