@@ -1558,11 +1558,16 @@ def test_jit_trace_of_normalize():
     torch.testing.assert_close(traced(obs * 2), actor(obs * 2))
 
 
-def test_onnx_export_of_normalize(tmp_path):
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript-exporter", "dynamo-exporter"])
+def test_onnx_export_of_normalize(tmp_path, backend_name, dynamo):
+    """Both of torch.onnx's exporters (the TorchScript-based one, and torch.export + onnxscript, the default since
+    torch 2.9) see the normalize of every backend as plain torch ops."""
     onnx = pytest.importorskip("onnx")
-    actor = _Actor().eval()
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    actor = _Actor(backend_name).eval()
     path = tmp_path / "actor.onnx"
-    torch.onnx.export(actor, (torch.randn(6, 4),), str(path), dynamo=False, input_names=["obs"])
+    torch.onnx.export(actor, (torch.randn(6, 4),), str(path), dynamo=dynamo, input_names=["obs"])
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
     assert any(node.op_type in ("Sqrt", "Div") for node in model.graph.node)
