@@ -414,6 +414,10 @@ class RunningMeanStd(nn.Module):
             self._lazy_device = _moved_to(fn, self._lazy_device)
         self._layout_cache = None
         self._outputs.clear()  # CPU memory kept for outputs is not wanted once the module moves
+        # Scratch buffers and the stash belong to the old device, whichever call moved the module (.to, .cuda,
+        # .cpu, a parent's move); the deferred-sync state (rows recorded since the last sync) must survive the
+        # move, and distributed.py moves its tensors on next use.
+        self._workspace_record, self._stash = {}, _Stash()
         dropped = self._buffers.get("nonfinite_rows")
         result = super()._apply(keep_dtype, recurse)
         if dropped is not None and dropped.is_meta and not self.nonfinite_rows.is_meta:
@@ -439,9 +443,6 @@ class RunningMeanStd(nn.Module):
             super().to(device=device, non_blocking=non_blocking)
             given = kwargs.get("device", args[0] if args else None)
             self.device = given if isinstance(given, (str, torch.device)) else device  # as upstream keeps it
-            # Scratch buffers and the stash belong to the old device; the deferred-sync state (rows recorded since
-            # the last sync) must survive the move, and distributed.py moves its tensors on next use.
-            self._workspace_record, self._stash = {}, _Stash()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -1,5 +1,6 @@
 """The public modules on every backend that runs here: accuracy, API behaviour, bad input, host syncs."""
 import copy
+import gc
 import io
 import os
 import pickle
@@ -9,6 +10,7 @@ import sys
 import textwrap
 import types
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -367,6 +369,31 @@ def test_to_returns_self_and_records_device():
     assert m.to(torch.device("cpu")).device == torch.device("cpu")
     assert m.to(device="cpu", non_blocking=True).device == "cpu"
     assert m.to(torch.zeros(1)).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("move", ["to", "cpu", "parent_to", "parent_cpu", "parent_half"])
+def test_a_moved_module_lets_go_of_its_scratch_buffers(move):
+    """Scratch buffers (the record's workspace, a training-mode normalize's stash) belong to the device they were
+    made on: whichever call moves the module (its own .to/.cpu/.cuda, or a model's), it lets go of them instead of
+    holding device memory it no longer uses."""
+    m = make((5,), "cpp")
+    parent = nn.Sequential(m)
+    x = torch.randn(64, 5)
+    m.normalize(x)  # training mode: the fused kernel, its parts stashed for the record
+    m.record_moments(x)
+    m.record_moments(x)  # the separate record: its own workspace
+    entries = list(m._workspace_record.values()) + list(m._stash.workspace.values())
+    scratch = [t for e in entries for t in (e if isinstance(e, tuple) else (e,)) if isinstance(t, torch.Tensor)]
+    assert scratch, "the calls above used no scratch buffer"
+    kept = [weakref.ref(t) for t in scratch]
+    del entries, scratch
+    {"to": lambda: m.to("cpu"), "cpu": lambda: m.cpu(), "parent_to": lambda: parent.to("cpu"),
+     "parent_cpu": lambda: parent.cpu(), "parent_half": lambda: parent.half()}[move]()
+    gc.collect()
+    assert all(ref() is None for ref in kept)
+    before = m.mean.clone()
+    m.record_moments(x)  # and records as before, in fresh scratch
+    assert not torch.equal(m.mean, before) and int(m.count) == 1 + 3 * 64
 
 
 @pytest.mark.parametrize("move", ["module", "parent", "parent_to_empty"])
