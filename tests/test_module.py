@@ -371,12 +371,13 @@ def test_to_returns_self_and_records_device():
     assert m.to(torch.zeros(1)).device == torch.device("cpu")
 
 
+@pytest.mark.parametrize("backend", [name for name in CPU_BACKENDS if name != "torch"])  # (torch keeps no scratch)
 @pytest.mark.parametrize("move", ["to", "cpu", "parent_to", "parent_cpu", "parent_half"])
-def test_a_moved_module_lets_go_of_its_scratch_buffers(move):
+def test_a_moved_module_lets_go_of_its_scratch_buffers(move, backend):
     """Scratch buffers (the record's workspace, a training-mode normalize's stash) belong to the device they were
     made on: whichever call moves the module (its own .to/.cpu/.cuda, or a model's), it lets go of them instead of
     holding device memory it no longer uses."""
-    m = make((5,), "cpp")
+    m = make((5,), backend)
     parent = nn.Sequential(m)
     x = torch.randn(64, 5)
     m.normalize(x)  # training mode: the fused kernel, its parts stashed for the record
