@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -37,6 +38,7 @@ from hard_data import (EXTREME_BATCHES, LONG_STREAMS, OUTLIER_FIRST_BATCHES, TWO
                        assert_long_stream_accurate, assert_moments_exact, extreme_batch, outlier_first_batch)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BENCH = Path(__file__).resolve().parent.parent / "bench"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("the Triton kernels need a CUDA device or TRITON_INTERPRET=1 set before import", allow_module_level=True)
 
@@ -928,10 +930,8 @@ def test_returns_the_kernel_cannot_update_in_place_are_refused():
 
 COMPILE_CHECK = textwrap.dedent(
     """
-    import contextlib, io, re, torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    import torch
+    from triton_sass import compile_kernel, resources
     from protonorm.kernels import merge, moments, normalize, normalize_moments, reward
 
     for mod in (moments, merge, normalize):
@@ -942,28 +942,19 @@ COMPILE_CHECK = textwrap.dedent(
     def check(kernel, grid, args, meta, max_registers=None):
         # Specialized as a launch would be (16-byte aligned pointers and sizes divisible by 16 are what let Triton
         # vectorize, and vectorized layouts need the most registers).
-        backend = make_backend(TARGET)
-        bound, spec, options = create_function_from_signature(kernel.signature, kernel.params, backend)(*args, **meta)
-        options, sig, consts, attrs = kernel._pack_args(backend, meta, bound, spec, options)
-        log = io.StringIO()
-        with contextlib.redirect_stdout(log):
-            compiled = triton.compile(ASTSource(kernel, sig, consts, attrs), target=TARGET, options=options.__dict__)
+        compiled, report, key = compile_kernel(kernel, args, meta, 90)
         # No contraction anywhere: a fused multiply-add rounds differently from the reference's two roundings,
         # and from the same helpers compiled without it (moments and normalize_moments must give equal parts).
         assert "fma." not in compiled.asm["ptx"], f"{kernel.__name__} contracts multiply-adds into FMA"
-        report = log.getvalue()
-        regs = re.search(r"Used (\\d+) registers", report)
-        spills = re.search(r"(\\d+) bytes spill stores, (\\d+) bytes spill loads", report)
-        key = (kernel.__name__, str(sig), str(consts), str(attrs), str(options))
-        if regs is None or spills is None:
+        regs, spilled = resources(report)
+        if regs < 0 or spilled < 0:
             assert key in built, f"{kernel.__name__} {meta}: no ptxas report: {report[-500:]}"
             return  # built earlier in this run, so taken from the cache
         built.add(key)
-        assert spills.groups() == ("0", "0"), f"{kernel.__name__} {meta}: ptxas spills ({spills.group(0)})"
+        assert spilled == 0, f"{kernel.__name__} {meta}: ptxas spills {spilled} bytes"
         if max_registers is not None:
-            assert int(regs.group(1)) <= max_registers, f"{kernel.__name__} {meta}: {regs.group(0)}"
+            assert regs <= max_registers, f"{kernel.__name__} {meta}: {regs} registers"
 
-    TARGET = GPUTarget("cuda", 90, 32)
     built = set()
     e = torch.empty
     f64 = torch.float64
@@ -1017,5 +1008,27 @@ def test_kernels_compile_for_sm90_without_a_gpu(tmp_path):
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # so that ptxas runs and reports
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH), env.get("PYTHONPATH", "")])  # bench/triton_sass.py
     result = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]
+
+
+def test_sass_count_script_reports_both_kernels(tmp_path):
+    """bench/triton_sass.py (the static counts of bench/RESULTS.md) builds both moment kernels for a GPU without one
+    and prints their registers, spills and float64 instruction counts."""
+    import triton
+
+    if tuple(int(n) for n in re.findall(r"\d+", triton.__version__)[:2]) < (3, 8):
+        pytest.skip(f"the script drives Triton's compiler through internals of Triton 3.8 and newer, not "
+                    f"{triton.__version__}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    result = subprocess.run([sys.executable, str(BENCH / "triton_sass.py"), "--archs", "90", "--shapes",
+                             "64x7:float32"], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("sm_90 ")]
+    assert [line.split(":")[0] for line in lines] == ["sm_90 moments 64x7 float32",
+                                                      "sm_90 normalize_moments 64x7 float32"], result.stdout
+    for line in lines:
+        counts = dict(re.findall(r"([A-Z0-9]+) (\d+)", line.split("instructions:")[1]))
+        assert re.search(r"registers \d+, spilled 0 bytes", line) and int(counts["DADD"]) > 0, line
