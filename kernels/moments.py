@@ -13,13 +13,16 @@ per-program reference row (the split's first valid row: considered by the mask a
 deviations about it), folded into per-program float64 accumulators with Chan's formula, and the shift is
 added back once, when the part is stored. Running means of the order of the offset never enter the
 accumulation, so a small spread on a large offset keeps float64 precision; parts are merged in float64 by
-:mod:`protonorm.kernels.merge`. The cost is about four float64 operations per element, well inside the float64 throughput of
-data-centre GPUs at memory speed (on consumer GPUs, with 1/64-rate float64, it is close to the limit).
+:mod:`protonorm.kernels.merge`. The cost is five float64 operations per element (shift, block sum, deviation,
+square, sum of squares) and a float64 division per column per row block: at half the float32 rate on data-centre GPUs
+that is within memory speed, while consumer GPUs run float64 at 1/64 of it (1/32 on some), where it bounds the
+kernels' speed (``bench/triton_sass.py`` counts the instructions).
 
 Non-finite rows. A row holding a NaN or an inf anywhere must be left out of every column. The test is
-``sum(x * 0) == 0`` over the row (``inf * 0`` and ``NaN * 0`` are NaN, any finite value gives an exact zero).
-When ``D`` fits one column tile (``D <= 2048``: every observation size in practice) the test runs on the
-tile already in registers and costs one multiply-add per element. With several column tiles, each program
+``sum(x * 0) == 0`` over the row (``inf * 0`` and ``NaN * 0`` are NaN, any finite value gives an exact zero),
+taken in float32 for 16- and 32-bit rows (:func:`zero_probe`). When ``D`` fits one column tile (``D <= 2048``:
+every observation size in practice) the test runs on the tile already in registers and costs a float32 multiply
+and add per element. With several column tiles, each program
 first sweeps its row block across all columns (a pre-pass that the programs of the other tiles of the same
 rows are sweeping at the same time, so it is served by L2, not DRAM), then loads its own tile again.
 """
@@ -136,9 +139,22 @@ def from_f64_bits(bits):
 
 
 @triton.jit
+def zero_probe(v):
+    """``v * 0``: NaN where ``v`` is NaN or inf, else an exact (signed) zero. In float32 unless ``v`` is float64
+    (float32 holds every 16- and 32-bit value exactly; float64's finite values past its range would become inf): a
+    row's sum of these is then a float32 sum and a float32 reduction across threads. Taken in float64, the test was
+    two of the seven float64 operations per element of the moments, and half of their shuffles (bench/RESULTS.md)."""
+    if v.dtype == tl.float64:
+        probe = v * 0.0
+    else:
+        probe = v.to(tl.float32) * 0.0
+    return probe
+
+
+@triton.jit
 def rows_all_finite(x_ptr, rows, row_ok, stride_x, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Per-row flag: no NaN/inf in any of the ``D`` columns of ``rows`` (the multi-tile pre-pass)."""
-    probe = tl.zeros([BLOCK_R], dtype=tl.float64)
+    probe = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, D, BLOCK_D):
         cols = c0 + tl.arange(0, BLOCK_D)
         v = tl.load(
@@ -146,7 +162,7 @@ def rows_all_finite(x_ptr, rows, row_ok, stride_x, D, BLOCK_R: tl.constexpr, BLO
             mask=row_ok[:, None] & (cols < D)[None, :],
             other=0.0,
         )
-        probe += tl.sum(v.to(tl.float64) * 0.0, axis=1)
+        probe += tl.sum(zero_probe(v), axis=1)
     return probe == 0.0
 
 
@@ -188,12 +204,12 @@ def chan_update(n, mean, m2, n_b, mean_b, m2_b):
 
 
 @triton.jit
-def rows_finite(x, x_ptr, rows, row_ok, stride_x, D, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr,
+def rows_finite(raw, x_ptr, rows, row_ok, stride_x, D, ONE_TILE: tl.constexpr, BLOCK_R: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """Per-row flag of the float64 tile ``x``: no NaN/inf in the row, tested on the tile itself when it holds
+    """Per-row flag of the tile ``raw`` as loaded: no NaN/inf in the row, tested on the tile itself when it holds
     all ``D`` columns, else by the pre-pass over the whole rows."""
     if ONE_TILE:
-        finite = tl.sum(x * 0.0, axis=1) == 0.0
+        finite = tl.sum(zero_probe(raw), axis=1) == 0.0
     else:
         finite = rows_all_finite(x_ptr, rows, row_ok, stride_x, D, BLOCK_R, BLOCK_D)
     return finite
@@ -242,13 +258,14 @@ def _moments(
     for i in range(0, blocks_per_split):
         rows = first_row + i * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < B
-        x = tl.load(
+        raw = tl.load(
             x_ptr + rows[:, None] * stride_x + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0
-        ).to(tl.float64)
+        )
+        x = raw.to(tl.float64)
         considered = row_ok
         if HAS_MASK:
             considered = considered & (tl.load(mask_ptr + rows * stride_mask, mask=row_ok, other=0) != 0)
-        finite = rows_finite(x, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
+        finite = rows_finite(raw, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
         shift, have_shift = take_shift(x, considered & finite, rows, shift, have_shift)
         n, mean, m2, dropped = fold_block(x, considered, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift)

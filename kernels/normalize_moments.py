@@ -52,7 +52,7 @@ def _normalize_moments(
         y = normalize_values(raw, mu, std, clamp_bits, F64, HAS_CLAMP, False, True)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=ok)
         x = raw.to(tl.float64)
-        finite = rows_finite(x, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
+        finite = rows_finite(raw, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
         shift, have_shift = take_shift(x, row_ok & finite, rows, shift, have_shift)
         n, mean, m2, dropped = fold_block(x, row_ok, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift)

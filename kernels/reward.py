@@ -24,6 +24,7 @@ from .moments import (
     store_part,
     take_shift,
     tile_plan,
+    zero_probe,
 )
 
 
@@ -73,7 +74,7 @@ def _reward_moments_kernel(
         )
         tl.store(discounted_ptr + rows[:, None] * stride_d + cols[None, :], new, mask=row_ok[:, None] & col_ok[None, :])
         x = new.to(tl.float64)
-        finite = tl.sum(x * 0.0, axis=1) == 0.0
+        finite = tl.sum(zero_probe(new), axis=1) == 0.0
         shift, have_shift = take_shift(x, row_ok & finite, rows, shift, have_shift)
         n, mean, m2, dropped = fold_block(x, row_ok, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, 0, D, cols, col_ok, n, dropped, mean, m2, shift)

@@ -109,6 +109,8 @@ EXTREME_BATCHES = {
     "fp32_subnormal": ([[1e-45, -1e-44], [3e-42, 1e-40], [0.0, 1e-39]], torch.float32),
     "fp16_subnormal": ([[6e-8, -6e-8], [3e-6, 1e-5], [0.0, 5e-5]], torch.float16),
     "fp64_subnormal": ([[5e-324, -5e-324], [1e-310, 2e-308], [0.0, 1e-320]], torch.float64),
+    # Finite float64 values past float32's range, which a test for NaN/inf in float32 would take for infinities.
+    "fp64_beyond_fp32": ([[1e100, -1e100], [4e39, 1e50], [-3e99, -7e40]], torch.float64),
     "negative_zero": ([[-0.0, -0.0], [-0.0, 0.0], [-0.0, 1.0]], torch.float32),
 }
 
