@@ -162,7 +162,7 @@ def rows_all_finite(x_ptr, rows, row_ok, stride_x, D, BLOCK_R: tl.constexpr, BLO
             mask=row_ok[:, None] & (cols < D)[None, :],
             other=0.0,
         )
-        probe += tl.sum(zero_probe(v), axis=1)
+        probe += tl.sum(zero_probe(v), axis=1).to(tl.float32)  # 0 or NaN, either way; the loop keeps one type
     return probe == 0.0
 
 
