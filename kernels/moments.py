@@ -141,7 +141,7 @@ def from_f64_bits(bits):
 @triton.jit
 def zero_probe(v):
     """``v * 0``: NaN where ``v`` is NaN or inf, else an exact (signed) zero. In float32 unless ``v`` is float64
-    (float32 holds every 16- and 32-bit value exactly; float64's finite values past its range would become inf): a
+    (float32 holds every 16- and 32-bit value exactly; float64's finite values past float32's range would be inf): a
     row's sum of these is then a float32 sum and a float32 reduction across threads. Taken in float64, the test was
     two of the seven float64 operations per element of the moments, and half of their shuffles (bench/RESULTS.md)."""
     if v.dtype == tl.float64:
