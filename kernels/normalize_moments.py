@@ -49,10 +49,10 @@ def _normalize_moments(
         row_ok = rows < B
         ok = row_ok[:, None] & col_ok[None, :]
         raw = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        finite = rows_finite(raw, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
         y = normalize_values(raw, mu, std, clamp_bits, F64, HAS_CLAMP, False, True)
         tl.store(out_ptr + rows[:, None] * stride_out + cols[None, :], y, mask=ok)
         x = raw.to(tl.float64)
-        finite = rows_finite(raw, x_ptr, rows, row_ok, stride_x, D, ONE_TILE, BLOCK_R, BLOCK_D)
         shift, have_shift = take_shift(x, row_ok & finite, rows, shift, have_shift)
         n, mean, m2, dropped = fold_block(x, row_ok, finite, shift, n, mean, m2, dropped)
     store_part(parts_ptr, stride_p, split, tile, D, cols, col_ok, n, dropped, mean, m2, shift)

@@ -959,9 +959,10 @@ COMPILE_CHECK = textwrap.dedent(
     e = torch.empty
     f64 = torch.float64
     # At observation sizes, two 8-warp programs per SM (moments.PROGRAMS_PER_SM) must fit its 64K registers: 128 each.
-    # float64 rows both in one column tile and in several (whose non-finite pre-pass sums float64 probes).
+    # float64 rows both in one column tile and in several (whose non-finite pre-pass sums float64 probes); narrow
+    # 16-bit rows (64 rows of 8 columns per tile on one warp: where normalize_moments once spilled).
     shapes = ((8192, 342, torch.float32, 128), (16384, 512, torch.bfloat16, 128), (4096, 4096, torch.bfloat16, None),
-              (64, 7, torch.float64, None), (64, 2049, torch.float64, None))
+              (64, 7, torch.float64, None), (64, 2049, torch.float64, None), (64, 7, torch.bfloat16, None))
     for b, d, dt, max_registers in shapes:
         x = e(b, d, dtype=dt)
         parts = e(moments.tile_plan(b, d, x.device).splits, 2 + 2 * d, dtype=f64)
