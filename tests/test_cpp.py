@@ -612,6 +612,7 @@ def test_scratch_first_made_in_inference_mode_serves_calls_outside_it():
     assert_parts_close(parts, reference.batch_moments(x))
 
 
+@pytest.mark.sanitize_once
 def test_concurrent_callers_share_the_pool():
     """The kernels release the GIL; calls from several Python threads at once share the helper threads, and each
     call still gets exactly its single-threaded result."""
@@ -648,6 +649,7 @@ def _moments_in_child(x, queue):
     queue.put(CPP.moments(x, None, {}).numpy().copy())  # by value: a shared tensor would die with the child
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_kernels_run_in_a_forked_child():
     """A child forked after the parent ran the kernels on several threads gets the same results on one thread."""
@@ -707,6 +709,7 @@ def _in_forked_child(target, inputs):
         torch.set_num_threads(before)
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 def test_kernels_run_in_a_forked_child_with_several_threads():
     """GNU OpenMP's workers do not survive fork(): in a child forked after the parent ran parallel regions, the
@@ -723,6 +726,7 @@ def _normalize_new_stats(a):
     return a["out"].numpy().copy()
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
 @pytest.mark.parametrize("cols", [1, 342, 5000])
 def test_new_statistics_in_a_forked_child_with_several_threads(cols):
@@ -1212,6 +1216,7 @@ def test_tensors_without_strided_memory_get_the_general_ways_error(layout, d, mo
     assert errors() == direct
 
 
+@pytest.mark.sanitize_once
 def test_direct_calls_read_no_tensor_value(direct_calls):
     """No host read on the direct way either. A dispatch mode would make it decline, so this watches with the
     profiler (which records every aten op without one) and checks that the direct way was the one taken."""
@@ -1343,6 +1348,7 @@ def test_direct_reward_record_declines_what_it_does_not_take():
     assert int(column.count) == 1 + 2 * 64
 
 
+@pytest.mark.sanitize_once
 def test_compiled_reward_record_matches_eager():
     steps = _reward_stream((), torch.float32, torch.bool, steps=4, seed=5)
     eager, traced = (protonorm.RewardRunningMeanStd(None, (1,), gamma=0.99, device="cpu", backend="cpp")
@@ -1401,6 +1407,7 @@ def test_moments_of_a_batch_whose_first_row_is_an_outlier(name):
     assert_moments_exact(CPP.combine(parts), x, one_pass_outlier_rtol(rows_per_part))
 
 
+@pytest.mark.unsanitized
 @pytest.mark.parametrize("offset,spread,dtype", LONG_STREAMS)
 def test_long_stream_of_small_records(offset, spread, dtype):
     """100,000 records of 1-4 rows, as a long training run makes them (the bounds in hard_data)."""
@@ -1458,6 +1465,7 @@ def test_in_place_change_between_normalize_and_record_is_noticed():
         assert_same(s, t)
 
 
+@pytest.mark.sanitize_once
 def test_no_host_sync_on_hot_path():
     x = data(1023, 342, torch.float32)
     m = protonorm.RunningMeanStd(None, (342,), device="cpu", clamp_value=5.0, backend="cpp")
@@ -1514,6 +1522,7 @@ def _stat_vectors(d, seed, strided):
     return mean, var
 
 
+@pytest.mark.sanitize_once
 @settings(max_examples=150, deadline=None, derandomize=True, database=None)
 @given(rows=st.integers(0, 300), cols=st.one_of(st.sampled_from(_EDGE_COLS), st.integers(0, 2100)),
        dtype=st.sampled_from(DTYPES), isa=st.sampled_from(ISAS or ["none"]), stream=st.booleans(),
@@ -1815,12 +1824,14 @@ def _op_samples():
     ]
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.parametrize("index", range(11))
 def test_opcheck(index):
     op, args = _op_samples()[index]
     torch.library.opcheck(op, args)
 
 
+@pytest.mark.sanitize_once
 def test_torch_compile_fullgraph():
     ops = torch.ops.protonorm
 
@@ -1908,6 +1919,7 @@ print("then ran")
 """
 
 
+@pytest.mark.unsanitized  # the address-space limit leaves no room for the sanitizer's shadow memory
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="address-space limits and /proc are Linux's")
 @pytest.mark.skipif(CPP is None or not _C.openmp(), reason="the extension was built without OpenMP")
 @pytest.mark.parametrize("kind", ["moments", "normalize_moments", "reward_moments", "reward_record"])
@@ -1945,6 +1957,7 @@ sys.modules["protonorm._C"] = stale
 """
 
 
+@pytest.mark.unsanitized
 @pytest.mark.parametrize("simulation,phrase", [(_MISSING, "simulated: extension not built"),
                                                (_STALE, "built from other sources (interface 1")],
                          ids=["missing", "stale"])
@@ -2013,6 +2026,7 @@ def _extension_under(**settings) -> str:
     return proc.stdout.strip()
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.parametrize("value", ["baseline", "AVX2", " avx2\n", "\tAvx512 ", "", "  "])
 def test_cpu_isa_variable_takes_any_case_and_white_space(value):
     wanted = value.strip().lower() or ISAS[-1]  # unset or empty: the widest the CPU runs
@@ -2021,6 +2035,7 @@ def test_cpu_isa_variable_takes_any_case_and_white_space(value):
     assert _extension_under(PROTONORM_CPU_ISA=value).split()[0] == wanted
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.parametrize("value", ["bogus", "avx", "sse4", "avx2,avx512", "0"])
 def test_unknown_cpu_isa_fails_the_import_naming_the_variable_and_the_choices(value):
     said = _extension_under(PROTONORM_CPU_ISA=value)
@@ -2033,16 +2048,19 @@ def test_set_isa_lists_the_choices():
         _C.set_isa("AVX2")
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.parametrize("value", ["0", "false", "FALSE", " off ", "No"])
 def test_stream_stores_off_in_any_usual_spelling(value):
     assert _extension_under(PROTONORM_STREAM_STORES=value).split()[1] == str(_NEVER_STREAM)
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.parametrize("value", ["1", "true", "Yes", " ON", ""])
 def test_stream_stores_on_in_any_usual_spelling(value):
     assert _extension_under(PROTONORM_STREAM_STORES=value) == _extension_under()
 
 
+@pytest.mark.sanitize_once
 @pytest.mark.parametrize("value", ["2", "disable", "0 0", "-1"])
 def test_bad_stream_stores_fails_the_import_naming_the_variable(value):
     said = _extension_under(PROTONORM_STREAM_STORES=value)
@@ -2050,6 +2068,7 @@ def test_bad_stream_stores_fails_the_import_naming_the_variable(value):
                     f"default) or 0, false, no, off, got {value!r}"), said
 
 
+@pytest.mark.sanitize_once
 def test_bad_cpu_isa_is_announced_and_refused_by_name():
     """Through protonorm: ``auto`` says in its one line why the extension is missing; ``backend="cpp"`` raises
     saying it."""

@@ -2,9 +2,16 @@
 
 A copy of the sources is built with both sanitizers and with PROTONORM_EXACT_SCRATCH (every per-thread scratch
 buffer sized to the call's request, so that an overrun leaves the buffer), then tests/test_cpp.py runs against it
-in a child process with the sanitizer runtimes preloaded (the interpreter itself is not instrumented). Any report
-fails the child, and so this test. The tests that do not run every instruction set's kernels themselves run
-again with each of the others. About three minutes of one core.
+in a child process with the sanitizer runtimes preloaded (the interpreter itself is not instrumented), less the
+tests marked ``unsanitized``. Any report fails the child, and so this test. The tests that do not run every
+instruction set's kernels themselves run again with each of the others, less those marked ``sanitize_once``.
+About two minutes of one core.
+
+``unsanitized``: tests whose address-space limit leaves no room for the sanitizer's shadow memory, that run none
+of the extension's code in their own process, or that only repeat calls other tests make. ``sanitize_once``:
+tests that pick the kernels themselves, run the extension only in processes of their own (which read the
+instruction set from their own environment), or check what surrounds kernel calls that other tests make
+directly (torch.compile, opcheck, fork, concurrent threads, host reads).
 """
 from __future__ import annotations
 
@@ -102,15 +109,16 @@ def test_cpp_tests_pass_under_address_and_undefined_behavior_sanitizers(tmp_path
     lines = probe.stdout.splitlines()
     assert lines and lines[0] == str(built[0]), probe.stdout + probe.stderr[-3000:]
     isas = lines[1].split()
-    # The whole file with the kernels this CPU prefers; then, for each other instruction set, the tests that do
-    # not already run every one (those parametrized by the `isa` fixture carry its name in their ids). The
-    # out-of-memory tests set an address-space limit, which the sanitizer's shadow memory does not fit in.
-    runs = [(None, "not out_of_memory")]
-    runs += [(isa, "not out_of_memory and " + " and ".join(f"not {name}" for name in isas)) for isa in isas[:-1]]
+    # The file with the kernels this CPU prefers, less the tests marked `unsanitized`; then, for each other
+    # instruction set, those that do not already run every one (tests parametrized by the `isa` fixture carry its
+    # name in their ids) and are not marked `sanitize_once`.
+    runs = [(None, ["-m", "not unsanitized"])]
+    runs += [(isa, ["-m", "not unsanitized and not sanitize_once",
+                    "-k", " and ".join(f"not {name}" for name in isas)]) for isa in isas[:-1]]
     for isa, selection in runs:
         run_env = env if isa is None else dict(env, PROTONORM_CPU_ISA=isa)
         run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-x", "-p", "no:cacheprovider",
-                              "tests/test_cpp.py", "-k", selection], cwd=copy, env=run_env, capture_output=True,
+                              "tests/test_cpp.py", *selection], cwd=copy, env=run_env, capture_output=True,
                              text=True, timeout=1800)
         reports = "".join(path.read_text(errors="replace")[:6000] for path in sorted(logs.iterdir()))
         message = f"kernels: {isa or 'default'}\n" + reports + run.stdout[-3000:] + run.stderr[-3000:]
