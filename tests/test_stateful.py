@@ -107,7 +107,7 @@ class NormalizerParity(RuleBasedStateMachine):
     max_rows = 65
     features = [1, 3, 5, 17]
 
-    up_module = None  # upstream's module, loaded once per test: loading it again for each example took a fifth
+    up_module = None  # upstream's module, set once per test (_machine) rather than loaded again for each example
 
     def __init__(self):
         super().__init__()
